@@ -1,0 +1,201 @@
+/* Shared declarations of the ppldelta C core.
+ *
+ * Every translation unit includes this header.  Only module.c imports the NumPy C API table
+ * (PY_ARRAY_UNIQUE_SYMBOL); the others see it through NO_IMPORT_ARRAY.  We compile against
+ * NumPy 2.x headers and target the 1.x ABI (NPY_TARGET_VERSION), so one binary runs with
+ * NumPy 1.23+ and 2.x.
+ */
+#ifndef PPLDELTA_COMMON_H
+#define PPLDELTA_COMMON_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define NPY_NO_DEPRECATED_API NPY_1_23_API_VERSION
+#define NPY_TARGET_VERSION NPY_1_23_API_VERSION
+#define PY_ARRAY_UNIQUE_SYMBOL ppldelta_ARRAY_API
+#ifndef PPLDELTA_IMPORT_ARRAY
+#define NO_IMPORT_ARRAY
+#endif
+#include <numpy/arrayobject.h>
+#include <numpy/npy_2_compat.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------------------------------
+ * Element types the kernels read natively.  Anything else (byte-swapped, integer, bool,
+ * long double) is cast on the fly to float64 in small buffers by NpyIter and fed to the
+ * float64 kernel.
+ */
+typedef enum { PD_F64 = 0, PD_F32 = 1, PD_F16 = 2, PD_BF16 = 3, PD_NDTYPES = 4 } pd_dtype;
+
+/* Compensated float64 accumulator of a sum of log-probabilities: hi + lo + lolo.
+ * hi is the running sum, lo collects the exact Neumaier errors of hi, and lolo the exact TwoSum
+ * errors of lo, so terms that even lo cannot hold (a 1e-47 next to 64.7) still decide how the
+ * final value rounds (see pd_acc_value).  A -inf term (or an overflow of the running sum, which
+ * implies a mean so negative that exp(-mean) overflows anyway) is recorded in `neginf`, so that
+ * the compensation never sees inf - inf. */
+typedef struct {
+    double hi;
+    double lo;
+    double lolo;
+    int neginf;
+    int inexact; /* an exact kernel's lane error terms were summed with rounding */
+} pd_acc;
+
+#define PD_ACC_ZERO {0.0, 0.0, 0.0, 0, 0}
+
+/* Knuth's TwoSum: s + e == a + b exactly. */
+static inline void pd_two_sum(double a, double b, double *s, double *e)
+{
+    double t = a + b, bp = t - a;
+    *e = (a - (t - bp)) + (b - bp);
+    *s = t;
+}
+
+static inline void pd_acc_add(pd_acc *a, double x)
+{
+    double t = a->hi + x, err, e2;
+    if (isinf(t)) { /* x == -inf, or the sum overflowed towards -inf */
+        a->neginf = 1;
+        return;
+    }
+    err = fabs(a->hi) >= fabs(x) ? (a->hi - t) + x : (x - t) + a->hi;
+    a->hi = t;
+    pd_two_sum(a->lo, err, &a->lo, &e2);
+    a->lolo += e2;
+}
+
+/* hi + lo + lolo rounded once: renormalise the tail, add it to hi with TwoSum, and when the
+ * remainder is exactly half an ulp, let the sign of what is left decide (as math.fsum does). */
+static inline double pd_acc_value(const pd_acc *a)
+{
+    double lo, lolo, s, e;
+    if (a->neginf)
+        return -INFINITY;
+    pd_two_sum(a->lo, a->lolo, &lo, &lolo);
+    pd_two_sum(a->hi, lo, &s, &e);
+    if ((e < 0.0 && lolo < 0.0) || (e > 0.0 && lolo > 0.0)) {
+        double y = 2.0 * e, x = s + y;
+        if (x - s == y)
+            s = x;
+    }
+    return s;
+}
+
+/* Merge b into a (for partial sums computed separately). */
+static inline void pd_acc_merge(pd_acc *a, const pd_acc *b)
+{
+    if (b->neginf) {
+        a->neginf = 1;
+        return;
+    }
+    pd_acc_add(a, b->hi);
+    pd_acc_add(a, b->lo);
+    pd_acc_add(a, b->lolo);
+    a->inexact |= b->inexact;
+}
+
+/* A reduction kernel sums n values at p (stride in bytes; contiguous kernels are only called
+ * with stride == itemsize) into acc and checks them on the way: it returns -1 when every value
+ * is a number <= tol, or else the index of the first NaN or value > tol, leaving acc undefined.
+ * Kernels add plain float64 lane sums over blocks of PD_BLOCK elements and fold each block sum
+ * into acc with Neumaier compensation: a block's partial sums of float32 inputs are exact in
+ * practice (24-bit mantissas in a 53-bit accumulator), and the error of the whole reduction is
+ * O(eps * sum|x|) independent of n. */
+typedef npy_intp (*pd_reduce_fn)(const char *p, npy_intp n, npy_intp stride, double tol,
+                                 pd_acc *acc);
+
+#define PD_BLOCK 1024
+
+/* Error bound of the fast kernels: |sum - exact| <= PD_FAST_ERR * sum|x|.  A lane adds at most
+ * PD_BLOCK/4 values (the scalar kernel: 4 one-value lanes), the horizontal sum and the tail add
+ * fewer than 16 more, and the Neumaier fold and final hi + lo cost 2 ulps: gamma_{256+16+2}. */
+#define PD_FAST_ERR ((PD_BLOCK / 4 + 18) * 1.1102230246251565e-16)
+
+/* Error bound of the exact kernels when acc.inexact is set: a lane's TwoSum error terms (each
+ * <= eps * sum|x| of the lane) are added with rounding, PD_BLOCK/4 of them: gamma^2, doubled
+ * for margin.  When acc.inexact is clear, hi + lo + lolo is the exact sum. */
+#define PD_EXACT_ERR (2.0 * PD_FAST_ERR * PD_FAST_ERR)
+
+/* Element loads shared by the kernels (memcpy: unaligned and strict-aliasing safe). */
+static inline double pd_load_f64(const char *p) { double v; memcpy(&v, p, sizeof v); return v; }
+static inline double pd_load_f32(const char *p) { float v; memcpy(&v, p, sizeof v); return v; }
+
+/* IEEE binary16 -> double, exact (normals, subnormals, inf, NaN). */
+static inline double pd_half_to_double(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h >> 15), exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    double v;
+    if (exp == 0)
+        v = ldexp((double)man, -24);
+    else if (exp == 31)
+        v = man ? NAN : INFINITY;
+    else
+        v = ldexp((double)(man | 0x400), (int)exp - 25);
+    return sign ? -v : v;
+}
+static inline double pd_load_f16(const char *p) { uint16_t h; memcpy(&h, p, 2); return pd_half_to_double(h); }
+
+/* bfloat16 -> double, exact: the upper half of a float32. */
+static inline double pd_bf16_to_double(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static inline double pd_load_bf16(const char *p) { uint16_t h; memcpy(&h, p, 2); return pd_bf16_to_double(h); }
+
+/* True when a value fails validation: NaN or above the tolerance. */
+static inline int pd_is_bad(double x, double tol) { return !(x <= tol); }
+
+/* ---------------------------------------------------------------------------------------------
+ * Instruction sets and the dispatch table (dispatch.c is the only place that chooses).
+ */
+typedef enum {
+    PD_ISA_SCALAR = 0,
+    PD_ISA_SSE2 = 1,
+    PD_ISA_AVX2 = 2,
+    PD_ISA_AVX512 = 3,
+    PD_ISA_NEON = 4,
+    PD_NISA = 5
+} pd_isa;
+
+typedef struct {
+    pd_isa isa;
+    const char *name;
+    pd_reduce_fn reduce[PD_NDTYPES];       /* contiguous input, plain lane sums */
+    pd_reduce_fn reduce_exact[PD_NDTYPES]; /* contiguous input, TwoSum lanes (double-double) */
+} pd_kernels;
+
+extern const char *const pd_isa_names[PD_NISA];
+
+/* Per-ISA kernel tables; an entry is NULL where that ISA has no kernel for the dtype (the
+ * dispatcher then falls back to the next lower ISA). */
+extern const pd_kernels pd_kernels_scalar;
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
+#define PD_X86 1
+extern const pd_kernels pd_kernels_sse2;
+extern const pd_kernels pd_kernels_avx2;
+extern const pd_kernels pd_kernels_avx512;
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#define PD_NEON 1
+extern const pd_kernels pd_kernels_neon;
+#endif
+
+/* The portable strided kernel (any stride, including 0 and negative). */
+npy_intp pd_reduce_strided(pd_dtype dt, int exact, const char *p, npy_intp n, npy_intp stride,
+                           double tol, pd_acc *acc);
+
+/* dispatch.c */
+int pd_isa_supported(pd_isa isa);      /* CPU (and OS) support */
+int pd_dispatch_init(void);            /* reads PPLDELTA_SIMD; 0 or -1 with an exception */
+int pd_dispatch_set(pd_isa isa);       /* 0, or -1 with ValueError if unsupported */
+pd_isa pd_dispatch_current(void);
+pd_reduce_fn pd_reduce_kernel(pd_dtype dt, int exact); /* contiguous kernel, active ISA */
+
+#endif

@@ -1,0 +1,594 @@
+/* ppldelta._core: module definition, argument parsing and the reference-compatible results.
+ *
+ * Multi-phase init with module state.  The functions use METH_FASTCALL and build their results
+ * in C, so a call on ten-element lists costs about as much as the pure-Python reference.
+ */
+#define PPLDELTA_IMPORT_ARRAY
+#include "common.h"
+#include "input.h"
+
+#define PD_DEFAULT_TOL 1e-3
+#include <float.h>
+
+/* How often perplexity_delta needed the exact pass (testing hook; GIL-protected). */
+static Py_ssize_t pd_n_fast, pd_n_exact;
+static Py_ssize_t pd_n_fsum;
+
+typedef struct {
+    PyObject *adapter;     /* ppldelta._adapt.as_array, imported on first use */
+    PyObject *fsum;        /* ppldelta._adapt.exact_sum, likewise */
+    PyObject *float_round; /* float.__round__ */
+    PyObject *four;        /* 4 */
+    PyObject *k_orig, *k_quant, *k_abs, *k_rel, *k_quality;
+    PyObject *q_excellent, *q_good, *q_acceptable, *q_poor;
+} pd_state;
+
+static pd_state *pd_get_state(PyObject *module) { return (pd_state *)PyModule_GetState(module); }
+
+static PyObject *pd_adapter(pd_state *st)
+{
+    if (st->adapter == NULL) {
+        PyObject *mod = PyImport_ImportModule("ppldelta._adapt");
+        if (mod == NULL)
+            return NULL;
+        st->adapter = PyObject_GetAttrString(mod, "as_array");
+        st->fsum = st->adapter ? PyObject_GetAttrString(mod, "exact_sum") : NULL;
+        Py_DECREF(mod);
+        if (st->fsum == NULL)
+            Py_CLEAR(st->adapter);
+    }
+    return st->adapter;
+}
+
+/* ----------------------------------------------------------------------------- exact sums */
+
+/* Is v = round(hi + lo + lolo) certainly the exactly rounded sum?  Without acc.inexact the
+ * triple is the exact sum and pd_acc_value rounds it correctly.  Otherwise the exact sum is
+ * within PD_EXACT_ERR * sum|x| of the triple (sum|x| <= -v + 2 n tol, every x <= tol), and v is
+ * certain when the remainder stays that far from the midpoints to v's neighbours. */
+static int pd_acc_certain(const pd_acc *a, double v, npy_intp n, double tol)
+{
+    pd_acc rest = *a;
+    double err, r, up, down;
+    if (a->neginf)
+        return 1;
+    if (!a->inexact)
+        return 1;
+    if (!isfinite(v) || !isfinite(tol))
+        return 0;
+    err = PD_EXACT_ERR * fabs(-v + 2.0 * (double)n * tol) * 1.01;
+    pd_acc_add(&rest, -v);
+    r = rest.hi + rest.lo + rest.lolo;
+    err += 4 * DBL_EPSILON * fabs(r);
+    up = nextafter(v, INFINITY) - v;
+    down = v - nextafter(v, -INFINITY);
+    return r < up / 2 - err && r > -down / 2 + err;
+}
+
+/* The exactly rounded sum of an opened, non-empty source: exact kernels, and math.fsum on the
+ * raw values when the certificate above fails. */
+static int pd_exact_sum(pd_state *st, pd_src *src, const char *name, double tol, double *out)
+{
+    pd_acc acc = PD_ACC_ZERO;
+    PyObject *r;
+    if (pd_src_sum(src, name, tol, 1, &acc) < 0)
+        return -1;
+    *out = pd_acc_value(&acc);
+    if (pd_acc_certain(&acc, *out, src->n, tol))
+        return 0;
+    pd_n_fsum++;
+    r = PyObject_CallOneArg(st->fsum, src->obj);
+    if (r == NULL)
+        return -1;
+    *out = PyFloat_AsDouble(r);
+    Py_DECREF(r);
+    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* ----------------------------------------------------------------------------- arguments */
+
+/* Parse (positional-or-keyword names[0..npos), keyword-only names[npos..nnames)).
+ * out[] must be pre-filled with NULL; required arguments are the first nreq. */
+static int pd_parse(const char *fname, PyObject *const *args, Py_ssize_t nargs,
+                    PyObject *kwnames, const char *const *names, int npos, int nnames, int nreq,
+                    PyObject **out)
+{
+    Py_ssize_t i, nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    int k;
+    if (nargs > npos) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %d positional arguments but %zd were given",
+                     fname, npos, nargs);
+        return -1;
+    }
+    for (i = 0; i < nargs; i++)
+        out[i] = args[i];
+    for (i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i);
+        for (k = 0; k < nnames; k++)
+            if (PyUnicode_CompareWithASCIIString(key, names[k]) == 0)
+                break;
+        if (k == nnames) {
+            PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fname,
+                         key);
+            return -1;
+        }
+        if (out[k] != NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname,
+                         names[k]);
+            return -1;
+        }
+        out[k] = args[nargs + i];
+    }
+    for (k = 0; k < nreq; k++)
+        if (out[k] == NULL) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname,
+                         names[k]);
+            return -1;
+        }
+    return 0;
+}
+
+static int pd_parse_tol(PyObject *obj, double *tol)
+{
+    if (obj == NULL) {
+        *tol = PD_DEFAULT_TOL;
+        return 0;
+    }
+    *tol = PyFloat_AsDouble(obj);
+    if (*tol == -1.0 && PyErr_Occurred())
+        return -1;
+    if (!(*tol >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "positive_tolerance must be a number >= 0");
+        return -1;
+    }
+    return 0;
+}
+
+/* Exactly rounded sum of one input, which must not be empty. */
+static int pd_sum_one(pd_state *st, PyObject *obj, const char *name, double tol, npy_intp *n,
+                      double *sum)
+{
+    pd_src src;
+    PyObject *adapter = pd_adapter(st);
+    int rc;
+    if (adapter == NULL || pd_src_open(adapter, obj, name, &src) < 0)
+        return -1;
+    *n = src.n;
+    if (src.n == 0) {
+        PyErr_Format(PyExc_ValueError, "%s is empty", name);
+        pd_src_close(&src);
+        return -1;
+    }
+    rc = pd_exact_sum(st, &src, name, tol, sum);
+    pd_src_close(&src);
+    return rc;
+}
+
+/* ----------------------------------------------------------------------------- rounding */
+
+/* round(x, 4) bit-for-bit as Python's float.__round__ (correctly rounded decimal, ties to
+ * even on the exact binary value), without its dtoa round trip (~0.5 us a call).
+ * For a = |x| with p = fl(a * 1e4) < 2^52: e = fma(a, 1e4, -p) is the exact rounding error, so
+ * the exact product is p + e; k = floor(p) and d = p - k are exact, d - 0.5 is exact whenever it
+ * can be near 0 (Sterbenz), and |e| < ulp(p) <= 0.5 decides the side of a half.  R / 1e4 is
+ * then the double nearest R * 10^-4, which is what Python's strtod returns.  Anything outside
+ * that range (huge values) goes to float.__round__ itself. */
+static double pd_round4_fast(double x, int *exact)
+{
+    double a = fabs(x), p, e, k, t, r;
+    *exact = 1;
+    if (!isfinite(x) || x == 0.0)
+        return x;
+    p = a * 1e4;
+    if (!(p < 4503599627370496.0)) { /* 2^52 */
+        *exact = 0;
+        return x;
+    }
+    e = fma(a, 1e4, -p);
+    k = floor(p);
+    t = (p - k) - 0.5;
+    if (t < 0.0 || (t == 0.0 && e < 0.0))
+        r = k;
+    else if (t > 0.0 || e > 0.0)
+        r = k + 1.0;
+    else
+        r = fmod(k, 2.0) == 0.0 ? k : k + 1.0; /* exact tie: to even */
+    return copysign(r / 1e4, x);
+}
+
+static PyObject *pd_round4(pd_state *st, double x)
+{
+    PyObject *f, *args[2], *r;
+    int exact;
+    double v = pd_round4_fast(x, &exact);
+    if (exact)
+        return PyFloat_FromDouble(v);
+    if ((f = PyFloat_FromDouble(x)) == NULL)
+        return NULL;
+    args[0] = f;
+    args[1] = st->four;
+    r = PyObject_Vectorcall(st->float_round, args, 2, NULL);
+    Py_DECREF(f);
+    return r;
+}
+
+static PyObject *pd_round4_py(PyObject *module, PyObject *arg)
+{
+    double x = PyFloat_AsDouble(arg);
+    if (x == -1.0 && PyErr_Occurred())
+        return NULL;
+    return pd_round4(pd_get_state(module), x);
+}
+
+static int pd_dict_set_round(pd_state *st, PyObject *d, PyObject *key, double x)
+{
+    PyObject *v = pd_round4(st, x);
+    int rc;
+    if (v == NULL)
+        return -1;
+    rc = PyDict_SetItem(d, key, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+/* ----------------------------------------------------------------------------- certificate */
+
+/* The reference's formulas, in its order. */
+typedef struct {
+    double avg_o, ppl_o, ppl_q, abs, rel;
+} pd_fields;
+
+static void pd_fields_eval(double so, double sq, npy_intp n, pd_fields *f)
+{
+    double avg_q = sq / (double)n;
+    f->avg_o = so / (double)n;
+    f->ppl_o = exp(-f->avg_o);
+    f->ppl_q = exp(-avg_q);
+    f->abs = f->ppl_q - f->ppl_o;
+    f->rel = f->ppl_o > 0 ? (f->abs / f->ppl_o) * 100 : 0.0;
+}
+
+/* Could round(v', 4) differ from round(v, 4) for some |v' - v| <= d? */
+static int pd_near_round4(double v, double d)
+{
+    double y = fabs(v) * 1e4, fr;
+    if (!isfinite(v) || !isfinite(d) || y >= 1e15)
+        return 1;
+    fr = y - floor(y);
+    return fabs(fr - 0.5) * 1e-4 <= d + fabs(v) * 8 * DBL_EPSILON;
+}
+
+/* The fast kernels' sums so, sq are within PD_FAST_ERR * sum|x| of the exact ones, and
+ * sum|x| <= -s + 2 n tol because every x <= tol.  Propagate that through the reference's
+ * formulas (mean: e/n plus one rounding of the quotient; exp: relative error = absolute error
+ * of its argument, plus its own ulps; then the subtraction and the division) and report
+ * whether any rounded field or the quality band could change.  When it could, the caller
+ * recomputes with the exact kernels; otherwise the fast result is provably the exact one. */
+static int pd_fields_fragile(const pd_fields *f, double so, double sq, npy_intp n, double tol)
+{
+    const double eps = DBL_EPSILON;
+    double nn = (double)n, eo, eq, dmo, dmq, d_o, d_q, d_abs, d_rel;
+    if (!isfinite(tol) || !isfinite(so) || !isfinite(sq))
+        return 1;
+    eo = PD_FAST_ERR * (-so + 2.0 * nn * tol);
+    eq = PD_FAST_ERR * (-sq + 2.0 * nn * tol);
+    dmo = eo / nn + 2 * eps * fabs(so / nn);
+    dmq = eq / nn + 2 * eps * fabs(sq / nn);
+    d_o = f->ppl_o * (1.01 * dmo + 4 * eps);
+    d_q = f->ppl_q * (1.01 * dmq + 4 * eps);
+    d_abs = d_o + d_q + 4 * eps * (f->ppl_o + f->ppl_q);
+    d_rel = 1.01 * 100 * (d_abs / f->ppl_o + fabs(f->abs) * d_o / (f->ppl_o * f->ppl_o)) +
+            8 * eps * fabs(f->rel);
+    return pd_near_round4(f->ppl_o, d_o) || pd_near_round4(f->ppl_q, d_q) ||
+           pd_near_round4(f->abs, d_abs) || pd_near_round4(f->rel, d_rel) ||
+           fabs(f->rel - 1.0) <= d_rel || fabs(f->rel - 5.0) <= d_rel ||
+           fabs(f->rel - 10.0) <= d_rel;
+}
+
+/* ----------------------------------------------------------------------------- functions */
+
+static const char *const pd_delta_kw[] = {"original_log_probs", "quantized_log_probs",
+                                          "positive_tolerance"};
+
+PyDoc_STRVAR(pd_perplexity_delta_doc,
+"perplexity_delta(original_log_probs, quantized_log_probs, *, positive_tolerance=1e-3)\n--\n\n"
+"Perplexity of each model and the change, exactly as the reference computes them.\n\n"
+"Returns {'original_perplexity', 'quantized_perplexity', 'absolute_delta',\n"
+"'relative_delta_pct', 'quality'}: floats rounded with round(x, 4); quality from the\n"
+"unrounded relative delta: < 1 excellent, < 5 good, < 10 acceptable, else poor.\n"
+"Inputs: sequences or arrays of natural-log token probabilities (<= 0), same size.\n");
+
+static PyObject *pd_perplexity_delta(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                     PyObject *kwnames)
+{
+    pd_state *st = pd_get_state(module);
+    PyObject *a[3] = {NULL, NULL, NULL}, *d = NULL, *quality;
+    pd_src so, sq;
+    pd_acc ao = PD_ACC_ZERO, aq = PD_ACC_ZERO;
+    PyObject *adapter;
+    pd_fields f;
+    double tol, ppl_orig, ppl_quant, absolute, relative;
+    int rc;
+
+    if (pd_parse("perplexity_delta", args, nargs, kwnames, pd_delta_kw, 2, 3, 2, a) < 0 ||
+        pd_parse_tol(a[2], &tol) < 0)
+        return NULL;
+    adapter = pd_adapter(st);
+    if (adapter == NULL || pd_src_open(adapter, a[0], pd_delta_kw[0], &so) < 0)
+        return NULL;
+    if (pd_src_open(adapter, a[1], pd_delta_kw[1], &sq) < 0) {
+        pd_src_close(&so);
+        return NULL;
+    }
+    if (so.n == 0 || sq.n == 0) {
+        PyErr_Format(PyExc_ValueError, "%s is empty", so.n == 0 ? pd_delta_kw[0] : pd_delta_kw[1]);
+        rc = -1;
+    }
+    else if (so.n != sq.n) {
+        PyErr_Format(PyExc_ValueError,
+                     "length mismatch: original_log_probs has %zd values, quantized_log_probs "
+                     "has %zd (both models must be scored on the same tokens)",
+                     (Py_ssize_t)so.n, (Py_ssize_t)sq.n);
+        rc = -1;
+    }
+    else {
+        /* Fast pass (memory bandwidth); the exact pass only when the certificate fails. */
+        rc = (pd_src_sum(&so, pd_delta_kw[0], tol, 0, &ao) < 0 ||
+              pd_src_sum(&sq, pd_delta_kw[1], tol, 0, &aq) < 0) ? -1 : 0;
+        if (rc == 0) {
+            pd_fields_eval(pd_acc_value(&ao), pd_acc_value(&aq), so.n, &f);
+            if (pd_fields_fragile(&f, pd_acc_value(&ao), pd_acc_value(&aq), so.n, tol)) {
+                double xo, xq;
+                rc = (pd_exact_sum(st, &so, pd_delta_kw[0], tol, &xo) < 0 ||
+                      pd_exact_sum(st, &sq, pd_delta_kw[1], tol, &xq) < 0) ? -1 : 0;
+                pd_fields_eval(xo, xq, so.n, &f);
+                pd_n_exact++;
+            }
+            else
+                pd_n_fast++;
+        }
+    }
+    pd_src_close(&so);
+    pd_src_close(&sq);
+    if (rc < 0)
+        return NULL;
+
+    if (isinf(f.ppl_o)) {
+        char buf[40];
+        PyOS_snprintf(buf, sizeof buf, "%.17g", f.avg_o);
+        PyErr_Format(PyExc_ValueError,
+                     "the original model's perplexity overflows a float (mean log-prob %s): "
+                     "original_log_probs contains -inf or its mean is below -709.78, so a "
+                     "relative delta is undefined",
+                     buf);
+        return NULL;
+    }
+    ppl_orig = f.ppl_o;
+    ppl_quant = f.ppl_q;
+    absolute = f.abs;
+    relative = f.rel;
+    if (relative < 1.0)
+        quality = st->q_excellent;
+    else if (relative < 5.0)
+        quality = st->q_good;
+    else if (relative < 10.0)
+        quality = st->q_acceptable;
+    else
+        quality = st->q_poor;
+
+    d = PyDict_New();
+    if (d == NULL || pd_dict_set_round(st, d, st->k_orig, ppl_orig) < 0 ||
+        pd_dict_set_round(st, d, st->k_quant, ppl_quant) < 0 ||
+        pd_dict_set_round(st, d, st->k_abs, absolute) < 0 ||
+        pd_dict_set_round(st, d, st->k_rel, relative) < 0 ||
+        PyDict_SetItem(d, st->k_quality, quality) < 0) {
+        Py_XDECREF(d);
+        return NULL;
+    }
+    return d;
+}
+
+static const char *const pd_ppl_kw[] = {"log_probs", "positive_tolerance"};
+
+PyDoc_STRVAR(pd_perplexity_doc,
+"perplexity(log_probs, *, positive_tolerance=1e-3)\n--\n\n"
+"exp(-mean(log_probs)) with a compensated float64 sum (unrounded; inf when it overflows).\n");
+
+static PyObject *pd_perplexity(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    PyObject *a[2] = {NULL, NULL};
+    npy_intp n;
+    double tol, sum;
+    if (pd_parse("perplexity", args, nargs, kwnames, pd_ppl_kw, 1, 2, 1, a) < 0 ||
+        pd_parse_tol(a[1], &tol) < 0 ||
+        pd_sum_one(pd_get_state(module), a[0], pd_ppl_kw[0], tol, &n, &sum) < 0)
+        return NULL;
+    return PyFloat_FromDouble(exp(-(sum / (double)n)));
+}
+
+PyDoc_STRVAR(pd_sum_log_probs_doc,
+"sum_log_probs(log_probs, *, positive_tolerance=1e-3) -> (n, total)\n--\n\n"
+"Count and exactly rounded sum (as math.fsum), with validation; -inf when a term is -inf.\n"
+"Empty input is allowed here and gives (0, 0.0, 0.0).\n");
+
+static PyObject *pd_sum_log_probs(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames)
+{
+    pd_state *st = pd_get_state(module);
+    PyObject *a[2] = {NULL, NULL}, *adapter;
+    pd_src src;
+    double tol, sum = 0.0;
+    int rc;
+    if (pd_parse("sum_log_probs", args, nargs, kwnames, pd_ppl_kw, 1, 2, 1, a) < 0 ||
+        pd_parse_tol(a[1], &tol) < 0)
+        return NULL;
+    adapter = pd_adapter(st);
+    if (adapter == NULL || pd_src_open(adapter, a[0], pd_ppl_kw[0], &src) < 0)
+        return NULL;
+    rc = src.n > 0 ? pd_exact_sum(st, &src, pd_ppl_kw[0], tol, &sum) : 0;
+    pd_src_close(&src);
+    if (rc < 0)
+        return NULL;
+    return Py_BuildValue("nd", (Py_ssize_t)src.n, sum);
+}
+
+static PyObject *pd_path_counts(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("nnn", pd_n_fast, pd_n_exact, pd_n_fsum);
+}
+
+static PyObject *pd_simd(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return PyUnicode_FromString(pd_isa_names[pd_dispatch_current()]);
+}
+
+static PyObject *pd_supported_simd(PyObject *module, PyObject *unused)
+{
+    PyObject *lst = PyList_New(0);
+    int i;
+    (void)module;
+    (void)unused;
+    if (lst == NULL)
+        return NULL;
+    for (i = 0; i < PD_NISA; i++) {
+        if (pd_isa_supported((pd_isa)i)) {
+            PyObject *s = PyUnicode_FromString(pd_isa_names[i]);
+            if (s == NULL || PyList_Append(lst, s) < 0) {
+                Py_XDECREF(s);
+                Py_DECREF(lst);
+                return NULL;
+            }
+            Py_DECREF(s);
+        }
+    }
+    return lst;
+}
+
+static PyObject *pd_set_simd(PyObject *module, PyObject *name)
+{
+    int i;
+    (void)module;
+    if (!PyUnicode_Check(name)) {
+        PyErr_SetString(PyExc_TypeError, "_set_simd() takes an ISA name");
+        return NULL;
+    }
+    for (i = 0; i < PD_NISA; i++)
+        if (PyUnicode_CompareWithASCIIString(name, pd_isa_names[i]) == 0) {
+            if (pd_dispatch_set((pd_isa)i) < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+    PyErr_Format(PyExc_ValueError, "unknown SIMD path %R", name);
+    return NULL;
+}
+
+static PyMethodDef pd_methods[] = {
+    {"perplexity_delta", (PyCFunction)(void (*)(void))pd_perplexity_delta,
+     METH_FASTCALL | METH_KEYWORDS, pd_perplexity_delta_doc},
+    {"perplexity", (PyCFunction)(void (*)(void))pd_perplexity, METH_FASTCALL | METH_KEYWORDS,
+     pd_perplexity_doc},
+    {"sum_log_probs", (PyCFunction)(void (*)(void))pd_sum_log_probs,
+     METH_FASTCALL | METH_KEYWORDS, pd_sum_log_probs_doc},
+    {"_round4", pd_round4_py, METH_O,
+     "_round4(x)\n--\n\nround(x, 4) as the core computes it (testing hook)."},
+    {"_path_counts", pd_path_counts, METH_NOARGS,
+     "_path_counts()\n--\n\n(fast, exact, fsum): certified fast results of perplexity_delta, exact\n"
+     "passes, and math.fsum fallbacks (testing hook)."},
+    {"simd", pd_simd, METH_NOARGS, "simd()\n--\n\nName of the active SIMD path."},
+    {"supported_simd", pd_supported_simd, METH_NOARGS,
+     "supported_simd()\n--\n\nSIMD paths this CPU and build can run."},
+    {"_set_simd", pd_set_simd, METH_O,
+     "_set_simd(name)\n--\n\nPin the SIMD path (testing hook; process-wide)."},
+    {NULL, NULL, 0, NULL}};
+
+/* ----------------------------------------------------------------------------- module */
+
+static int pd_exec(PyObject *module)
+{
+    pd_state *st = pd_get_state(module);
+    if (PyArray_ImportNumPyAPI() < 0)
+        return -1;
+    if (pd_dispatch_init() < 0)
+        return -1;
+#define PD_STR(field, text)                                   \
+    if ((st->field = PyUnicode_InternFromString(text)) == NULL) \
+        return -1;
+    PD_STR(k_orig, "original_perplexity")
+    PD_STR(k_quant, "quantized_perplexity")
+    PD_STR(k_abs, "absolute_delta")
+    PD_STR(k_rel, "relative_delta_pct")
+    PD_STR(k_quality, "quality")
+    PD_STR(q_excellent, "excellent")
+    PD_STR(q_good, "good")
+    PD_STR(q_acceptable, "acceptable")
+    PD_STR(q_poor, "poor")
+#undef PD_STR
+    if ((st->four = PyLong_FromLong(4)) == NULL)
+        return -1;
+    if ((st->float_round = PyObject_GetAttrString((PyObject *)&PyFloat_Type, "__round__")) == NULL)
+        return -1;
+    {
+        PyObject *tol = PyFloat_FromDouble(PD_DEFAULT_TOL);
+        int rc = tol ? PyModule_AddObjectRef(module, "POSITIVE_TOLERANCE", tol) : -1;
+        Py_XDECREF(tol);
+        if (rc < 0)
+            return -1;
+    }
+    if (PyModule_AddIntConstant(module, "BLOCK", PD_BLOCK) < 0)
+        return -1;
+    return 0;
+}
+
+static int pd_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    pd_state *st = pd_get_state(module);
+    if (st == NULL)
+        return 0;
+    Py_VISIT(st->adapter);
+    Py_VISIT(st->fsum);
+    Py_VISIT(st->float_round);
+    return 0;
+}
+
+static int pd_clear(PyObject *module)
+{
+    pd_state *st = pd_get_state(module);
+    if (st == NULL)
+        return 0;
+    Py_CLEAR(st->adapter);
+    Py_CLEAR(st->fsum);
+    Py_CLEAR(st->float_round);
+    Py_CLEAR(st->four);
+    Py_CLEAR(st->k_orig);
+    Py_CLEAR(st->k_quant);
+    Py_CLEAR(st->k_abs);
+    Py_CLEAR(st->k_rel);
+    Py_CLEAR(st->k_quality);
+    Py_CLEAR(st->q_excellent);
+    Py_CLEAR(st->q_good);
+    Py_CLEAR(st->q_acceptable);
+    Py_CLEAR(st->q_poor);
+    return 0;
+}
+
+static void pd_free(void *module) { pd_clear((PyObject *)module); }
+
+static PyModuleDef_Slot pd_slots[] = {{Py_mod_exec, (void *)pd_exec}, {0, NULL}};
+
+static struct PyModuleDef pd_module = {
+    PyModuleDef_HEAD_INIT,
+    "ppldelta._core",
+    "C core of ppldelta: validated, compensated, SIMD reductions over log-probabilities.",
+    sizeof(pd_state),
+    pd_methods,
+    pd_slots,
+    pd_traverse,
+    pd_clear,
+    pd_free};
+
+PyMODINIT_FUNC PyInit__core(void) { return PyModuleDef_Init(&pd_module); }

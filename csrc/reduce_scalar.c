@@ -1,0 +1,35 @@
+/* Portable C reduction kernels: the reference every SIMD path is tested against, the strided
+ * path of every ISA (any stride: negative, zero, unaligned), and the contiguous path where no
+ * SIMD kernel exists.  The same template as the SIMD kernels, with a one-lane "vector" and the
+ * stride as the element step.  Memory traffic: one read of the input.
+ */
+#include "common.h"
+
+#define PD_TARGET
+typedef double pd_v;
+#define PD_W 1
+#define pd_v_zero() 0.0
+#define pd_v_set1(x) (x)
+#define pd_v_add(a, b) ((a) + (b))
+#define pd_v_sub(a, b) ((a) - (b))
+#define pd_v_max(a, b) ((a) > (b) ? (a) : (b)) /* a NaN `a` yields b, as the x86 max does */
+#define pd_v_store(d, v) (*(d) = (v))
+#define pd_v_hsum(v) (v)
+#define pd_v_hmax(v) (v)
+
+#include "reduce_template.h"
+PD_DEFINE_REDUCE(reduce_f64, pd_load_f64, pd_load_f64, stride)
+PD_DEFINE_REDUCE(reduce_f32, pd_load_f32, pd_load_f32, stride)
+PD_DEFINE_REDUCE(reduce_f16, pd_load_f16, pd_load_f16, stride)
+PD_DEFINE_REDUCE(reduce_bf16, pd_load_bf16, pd_load_bf16, stride)
+
+npy_intp pd_reduce_strided(pd_dtype dt, int exact, const char *p, npy_intp n, npy_intp stride,
+                           double tol, pd_acc *acc)
+{
+    return (exact ? pd_kernels_scalar.reduce_exact : pd_kernels_scalar.reduce)[dt](p, n, stride,
+                                                                                   tol, acc);
+}
+
+const pd_kernels pd_kernels_scalar = {
+    PD_ISA_SCALAR, "scalar", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, reduce_bf16_fast},
+    {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, reduce_bf16_exact}};
