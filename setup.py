@@ -16,7 +16,8 @@ from setuptools import Extension, setup
 compile_args = []
 link_args = []
 if sys.platform != "win32":
-    compile_args = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing"]
+    compile_args = ["-std=c11", "-O3", "-Wall", "-Wextra", "-fno-strict-aliasing", "-pthread"]
+    link_args = ["-pthread"]
     if os.environ.get("PPLDELTA_WERROR"):
         compile_args.append("-Werror")
     if os.environ.get("PPLDELTA_SANITIZE"):

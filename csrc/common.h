@@ -191,11 +191,44 @@ extern const pd_kernels pd_kernels_neon;
 npy_intp pd_reduce_strided(pd_dtype dt, int exact, const char *p, npy_intp n, npy_intp stride,
                            double tol, pd_acc *acc);
 
+/* ---------------------------------------------------------------------------------------------
+ * Logits row kernels (logits_template.h): log-sum-exp and argmax of a row; KL divergence both
+ * ways between two rows; how many values of a row exceed a threshold (top-k membership).
+ * They return -1 when a row holds NaN or +inf.
+ */
+typedef struct {
+    double lse_a, lse_b, kld, kld_rev;
+    npy_intp argmax_a, argmax_b;
+} pd_kl_row;
+
+typedef int (*pd_lse_fn)(const char *row, npy_intp V, double *lse, npy_intp *argmax);
+typedef int (*pd_kl_fn)(const char *ra, const char *rb, npy_intp V, pd_kl_row *r);
+typedef npy_intp (*pd_count_gt_fn)(const char *row, npy_intp V, double thr);
+
+typedef struct {
+    pd_lse_fn lse;
+    pd_kl_fn kl;
+    pd_count_gt_fn count_gt;
+} pd_logits_fns;
+
+typedef struct {
+    pd_isa isa;
+    pd_logits_fns fns[PD_NDTYPES]; /* contiguous rows; {NULL} where the ISA has none */
+} pd_logits_kernels;
+
+extern const pd_logits_kernels pd_logits_scalar;
+#ifdef PD_X86
+extern const pd_logits_kernels pd_logits_sse2;
+extern const pd_logits_kernels pd_logits_avx2;
+extern const pd_logits_kernels pd_logits_avx512;
+#endif
+
 /* dispatch.c */
 int pd_isa_supported(pd_isa isa);      /* CPU (and OS) support */
 int pd_dispatch_init(void);            /* reads PPLDELTA_SIMD; 0 or -1 with an exception */
 int pd_dispatch_set(pd_isa isa);       /* 0, or -1 with ValueError if unsupported */
 pd_isa pd_dispatch_current(void);
 pd_reduce_fn pd_reduce_kernel(pd_dtype dt, int exact); /* contiguous kernel, active ISA */
+const pd_logits_fns *pd_logits_kernel(pd_dtype dt);    /* row kernels, active ISA */
 
 #endif

@@ -61,6 +61,8 @@ int pd_isa_supported(pd_isa isa)
         xcr0 = pd_xgetbv0();
         if ((xcr0 & 0x6) != 0x6) /* XMM and YMM state */
             return 0;
+        if (!(c & (1u << 12))) /* FMA, used by the AVX2 and AVX-512 exp */
+            return 0;
         if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
             return 0;
         if (isa == PD_ISA_AVX2)
@@ -121,6 +123,30 @@ int pd_dispatch_init(void)
     PyErr_Format(PyExc_ValueError,
                  "PPLDELTA_SIMD=%s is not one of scalar, sse2, avx2, avx512, neon", env);
     return -1;
+}
+
+static const pd_logits_kernels *pd_logits_table(pd_isa isa)
+{
+    switch (isa) {
+    case PD_ISA_SCALAR: return &pd_logits_scalar;
+#ifdef PD_X86
+    case PD_ISA_SSE2: return &pd_logits_sse2;
+    case PD_ISA_AVX2: return &pd_logits_avx2;
+    case PD_ISA_AVX512: return &pd_logits_avx512;
+#endif
+    default: return NULL;
+    }
+}
+
+const pd_logits_fns *pd_logits_kernel(pd_dtype dt)
+{
+    int i;
+    for (i = (int)pd_active; i > 0; i--) {
+        const pd_logits_kernels *k = pd_logits_table((pd_isa)i);
+        if (k && k->fns[dt].lse)
+            return &k->fns[dt];
+    }
+    return &pd_logits_scalar.fns[dt];
 }
 
 pd_reduce_fn pd_reduce_kernel(pd_dtype dt, int exact)

@@ -6,6 +6,8 @@
 #define PPLDELTA_IMPORT_ARRAY
 #include "common.h"
 #include "input.h"
+#include "stats.h"
+#include "logits.h"
 
 #define PD_DEFAULT_TOL 1e-3
 #include <float.h>
@@ -487,7 +489,252 @@ static PyObject *pd_set_simd(PyObject *module, PyObject *name)
     return NULL;
 }
 
+/* ----------------------------------------------------------------------------- analysis kernels */
+
+static PyObject *pd_block_bootstrap_py(PyObject *module, PyObject *args)
+{
+    PyObject *onum, *oden, *res = NULL;
+    PyArrayObject *num = NULL, *den = NULL, *out = NULL;
+    Py_ssize_t n_boot;
+    unsigned long long seed;
+    npy_intp nb, dims[1];
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OOnK:block_bootstrap", &onum, &oden, &n_boot, &seed))
+        return NULL;
+    num = (PyArrayObject *)PyArray_FROMANY(onum, NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY);
+    den = num ? (PyArrayObject *)PyArray_FROMANY(oden, NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY) : NULL;
+    if (den == NULL)
+        goto done;
+    nb = PyArray_SIZE(num);
+    if (nb != PyArray_SIZE(den) || nb < 1 || nb >= ((npy_intp)1 << 31) || n_boot < 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "block_bootstrap: need 1 <= blocks < 2^31 with matching lengths (got %zd and "
+                     "%zd) and n_boot >= 0",
+                     (Py_ssize_t)nb, (Py_ssize_t)PyArray_SIZE(den));
+        goto done;
+    }
+    dims[0] = n_boot;
+    out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_DOUBLE);
+    if (out == NULL)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    pd_block_bootstrap((const double *)PyArray_DATA(num), (const double *)PyArray_DATA(den), nb,
+                       n_boot, (uint64_t)seed, (double *)PyArray_DATA(out));
+    Py_END_ALLOW_THREADS
+    res = (PyObject *)out;
+    out = NULL;
+done:
+    Py_XDECREF(num);
+    Py_XDECREF(den);
+    Py_XDECREF(out);
+    return res;
+}
+
+static PyObject *pd_segment_sums_py(PyObject *module, PyObject *args)
+{
+    PyObject *ocodes, *ovals, *res = NULL;
+    PyArrayObject *codes = NULL, *vals = NULL, *counts = NULL, *sums = NULL;
+    Py_ssize_t n_groups;
+    pd_acc *acc = NULL;
+    npy_intp n, i, dims[1];
+    const npy_intp *c;
+    (void)module;
+    if (!PyArg_ParseTuple(args, "OnO:segment_sums", &ocodes, &n_groups, &ovals))
+        return NULL;
+    codes = (PyArrayObject *)PyArray_FROMANY(ocodes, NPY_INTP, 1, 1, NPY_ARRAY_IN_ARRAY);
+    vals = codes ? (PyArrayObject *)PyArray_FROMANY(ovals, NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY) : NULL;
+    if (vals == NULL)
+        goto done;
+    n = PyArray_SIZE(codes);
+    if (n != PyArray_SIZE(vals) || n_groups < 0) {
+        PyErr_Format(PyExc_ValueError, "segment_sums: %zd codes for %zd values",
+                     (Py_ssize_t)n, (Py_ssize_t)PyArray_SIZE(vals));
+        goto done;
+    }
+    c = (const npy_intp *)PyArray_DATA(codes);
+    for (i = 0; i < n; i++)
+        if (c[i] < 0 || c[i] >= n_groups) {
+            PyErr_Format(PyExc_ValueError, "segment_sums: code %zd at index %zd outside [0, %zd)",
+                         (Py_ssize_t)c[i], (Py_ssize_t)i, n_groups);
+            goto done;
+        }
+    dims[0] = n_groups;
+    counts = (PyArrayObject *)PyArray_ZEROS(1, dims, NPY_INTP, 0);
+    sums = counts ? (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_DOUBLE) : NULL;
+    acc = sums ? PyMem_Calloc((size_t)(n_groups ? n_groups : 1), sizeof(pd_acc)) : NULL;
+    if (acc == NULL) {
+        if (sums)
+            PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    pd_segment_sums(c, (const double *)PyArray_DATA(vals), n, n_groups, acc,
+                    (npy_intp *)PyArray_DATA(counts));
+    for (i = 0; i < n_groups; i++)
+        ((double *)PyArray_DATA(sums))[i] = pd_acc_value(&acc[i]);
+    Py_END_ALLOW_THREADS
+    res = Py_BuildValue("OO", counts, sums);
+done:
+    PyMem_Free(acc);
+    Py_XDECREF(codes);
+    Py_XDECREF(vals);
+    Py_XDECREF(counts);
+    Py_XDECREF(sums);
+    return res;
+}
+
+/* A logits matrix argument: 2-D ndarray with contiguous rows, float64/32/16 or, with bf16
+ * set, 16-bit integers holding bfloat16 bits. */
+static int pd_mat_from(PyObject *obj, const char *name, int bf16, pd_mat *m)
+{
+    PyArrayObject *arr;
+    int tn;
+    if (!PyArray_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an ndarray", name);
+        return -1;
+    }
+    arr = (PyArrayObject *)obj;
+    tn = PyArray_TYPE(arr);
+    if (PyArray_NDIM(arr) != 2) {
+        PyErr_Format(PyExc_ValueError, "%s must be 2-D (rows, vocab)", name);
+        return -1;
+    }
+    if (!PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s must be in native byte order", name);
+        return -1;
+    }
+    if (bf16 && (tn == NPY_UINT16 || tn == NPY_INT16))
+        m->dt = PD_BF16;
+    else if (!bf16 && tn == NPY_DOUBLE)
+        m->dt = PD_F64;
+    else if (!bf16 && tn == NPY_FLOAT)
+        m->dt = PD_F32;
+    else if (!bf16 && tn == NPY_HALF)
+        m->dt = PD_F16;
+    else {
+        PyErr_Format(PyExc_TypeError, "%s has dtype %S: logits must be float64, float32, float16 "
+                     "or bfloat16", name, (PyObject *)PyArray_DESCR(arr));
+        return -1;
+    }
+    m->rows = PyArray_DIM(arr, 0);
+    m->V = PyArray_DIM(arr, 1);
+    m->rstride = PyArray_STRIDE(arr, 0);
+    if (m->V > 1 && PyArray_STRIDE(arr, 1) != PyArray_ITEMSIZE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: rows must be contiguous", name);
+        return -1;
+    }
+    if (m->V < 1) {
+        PyErr_Format(PyExc_ValueError, "%s has an empty vocabulary axis", name);
+        return -1;
+    }
+    m->base = PyArray_BYTES(arr);
+    return 0;
+}
+
+static PyObject *pd_new_vec(npy_intp n, int type)
+{
+    npy_intp dims[1] = {n};
+    return PyArray_SimpleNew(1, dims, type);
+}
+
+static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"a", "b", "targets", "ignore_index", "bf16", "topk", "threads", NULL};
+    PyObject *oa, *ob = Py_None, *ot = Py_None, *res = NULL;
+    PyObject *lp_a = NULL, *lp_b = NULL, *kld = NULL, *kld_rev = NULL, *same = NULL, *rank = NULL;
+    long long ignore = -100;
+    int bf16 = 0, topk = 1, threads = 1, kind = 0, rc;
+    pd_mat a, b;
+    pd_logits_out out = {NULL, NULL, NULL, NULL, NULL, NULL};
+    const npy_int64 *tg = NULL;
+    npy_intp bad = -1;
+    (void)module;
+    memset(&b, 0, sizeof b);
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOLppi:logits_stats", kwlist, &oa, &ob, &ot,
+                                     &ignore, &bf16, &topk, &threads))
+        return NULL;
+    if (pd_mat_from(oa, "original_logits", bf16, &a) < 0)
+        return NULL;
+    if (ob != Py_None) {
+        if (pd_mat_from(ob, "quantized_logits", bf16, &b) < 0)
+            return NULL;
+        if (b.rows != a.rows || b.V != a.V || b.dt != a.dt) {
+            PyErr_Format(PyExc_ValueError,
+                         "shape/dtype mismatch: original_logits is (%zd, %zd), quantized_logits is "
+                         "(%zd, %zd)%s",
+                         (Py_ssize_t)a.rows, (Py_ssize_t)a.V, (Py_ssize_t)b.rows, (Py_ssize_t)b.V,
+                         b.dt != a.dt ? " with a different dtype" : "");
+            return NULL;
+        }
+    }
+    if (ot != Py_None) {
+        if (!PyArray_Check(ot) || PyArray_TYPE((PyArrayObject *)ot) != NPY_INT64 ||
+            PyArray_NDIM((PyArrayObject *)ot) != 1 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)ot) ||
+            PyArray_DIM((PyArrayObject *)ot, 0) != a.rows) {
+            PyErr_Format(PyExc_ValueError, "targets must be a contiguous int64 vector of %zd rows",
+                         (Py_ssize_t)a.rows);
+            return NULL;
+        }
+        tg = (const npy_int64 *)PyArray_DATA((PyArrayObject *)ot);
+        if (!(lp_a = pd_new_vec(a.rows, NPY_DOUBLE)))
+            goto done;
+        out.lp_a = (double *)PyArray_DATA((PyArrayObject *)lp_a);
+        if (b.base) {
+            if (!(lp_b = pd_new_vec(a.rows, NPY_DOUBLE)))
+                goto done;
+            out.lp_b = (double *)PyArray_DATA((PyArrayObject *)lp_b);
+        }
+    }
+    if (b.base) {
+        if (!(kld = pd_new_vec(a.rows, NPY_DOUBLE)) || !(kld_rev = pd_new_vec(a.rows, NPY_DOUBLE)) ||
+            !(same = pd_new_vec(a.rows, NPY_BOOL)))
+            goto done;
+        out.kld = (double *)PyArray_DATA((PyArrayObject *)kld);
+        out.kld_rev = (double *)PyArray_DATA((PyArrayObject *)kld_rev);
+        out.same_top1 = (npy_bool *)PyArray_DATA((PyArrayObject *)same);
+        if (topk) {
+            if (!(rank = pd_new_vec(a.rows, NPY_INT64)))
+                goto done;
+            out.rank_b = (npy_int64 *)PyArray_DATA((PyArrayObject *)rank);
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = pd_logits_run(&a, &b, tg, (npy_int64)ignore, threads, &out, &bad, &kind);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        if (kind == 1)
+            PyErr_Format(PyExc_ValueError, "targets[%zd] = %lld is outside the vocabulary [0, %zd)",
+                         (Py_ssize_t)bad, (long long)tg[bad], (Py_ssize_t)a.V);
+        else
+            PyErr_Format(PyExc_ValueError,
+                         "logits row %zd contains NaN or +inf, or is entirely -inf%s",
+                         (Py_ssize_t)bad, b.base ? " (in original_logits or quantized_logits)" : "");
+        goto done;
+    }
+#define PD_OR_NONE(x) ((x) ? (x) : Py_None)
+    res = Py_BuildValue("OOOOOO", PD_OR_NONE(lp_a), PD_OR_NONE(lp_b), PD_OR_NONE(kld),
+                        PD_OR_NONE(kld_rev), PD_OR_NONE(same), PD_OR_NONE(rank));
+#undef PD_OR_NONE
+done:
+    Py_XDECREF(lp_a);
+    Py_XDECREF(lp_b);
+    Py_XDECREF(kld);
+    Py_XDECREF(kld_rev);
+    Py_XDECREF(same);
+    Py_XDECREF(rank);
+    return res;
+}
+
 static PyMethodDef pd_methods[] = {
+    {"logits_stats", (PyCFunction)(void (*)(void))pd_logits_stats, METH_VARARGS | METH_KEYWORDS,
+     "logits_stats(a, b=None, targets=None, ignore_index=-100, bf16=False, topk=True, threads=1)\n"
+     "--\n\n(lp_a, lp_b, kld, kld_rev, same_top1, rank_b) per row; None where not computed."},
+    {"block_bootstrap", pd_block_bootstrap_py, METH_VARARGS,
+     "block_bootstrap(num, den, n_boot, seed)\n--\n\n"
+     "Replicates sum(num[idx]) / sum(den[idx]) over blocks drawn with replacement."},
+    {"segment_sums", pd_segment_sums_py, METH_VARARGS,
+     "segment_sums(codes, n_groups, values)\n--\n\n"
+     "(counts, sums): per-group counts and exactly rounded sums in one pass."},
     {"perplexity_delta", (PyCFunction)(void (*)(void))pd_perplexity_delta,
      METH_FASTCALL | METH_KEYWORDS, pd_perplexity_delta_doc},
     {"perplexity", (PyCFunction)(void (*)(void))pd_perplexity, METH_FASTCALL | METH_KEYWORDS,

@@ -1,0 +1,126 @@
+/* The logits row loop: validation, targets, outputs, threads.  The per-row arithmetic lives in
+ * logits_template.h; this file only decides which rows go where.  Memory: the outputs, O(rows);
+ * no temporary of (rows x vocab).  Runs without the GIL. */
+#include "logits.h"
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#define PD_HAVE_PTHREADS 1
+#endif
+
+typedef struct {
+    const pd_mat *a, *b;
+    const npy_int64 *targets;
+    npy_int64 ignore;
+    const pd_logits_out *out;
+    const pd_logits_fns *fn;
+    npy_intp r0, r1;
+    npy_intp bad_row;
+    int bad_kind;
+} pd_job;
+
+static double pd_load_any(pd_dtype dt, const char *p)
+{
+    switch (dt) {
+    case PD_F64: return pd_load_f64(p);
+    case PD_F32: return pd_load_f32(p);
+    case PD_F16: return pd_load_f16(p);
+    default: return pd_load_bf16(p);
+    }
+}
+
+static void pd_job_run(pd_job *j)
+{
+    const pd_mat *a = j->a, *b = j->b;
+    const pd_logits_out *o = j->out;
+    npy_intp isz = a->dt == PD_F64 ? 8 : a->dt == PD_F32 ? 4 : 2, r;
+    int pair = b != NULL && b->base != NULL;
+    j->bad_row = -1;
+    for (r = j->r0; r < j->r1; r++) {
+        const char *ra = a->base + r * a->rstride;
+        const char *rb = pair ? b->base + r * b->rstride : NULL;
+        npy_int64 t = j->targets ? j->targets[r] : -1;
+        int scored = j->targets != NULL && t != j->ignore;
+        pd_kl_row k;
+        if (scored && (t < 0 || t >= a->V)) {
+            j->bad_row = r;
+            j->bad_kind = 1;
+            return;
+        }
+        if (pair) {
+            if (j->fn->kl(ra, rb, a->V, &k) < 0 || !isfinite(k.lse_a) || !isfinite(k.lse_b)) {
+                j->bad_row = r;
+                j->bad_kind = 2;
+                return;
+            }
+            /* KL >= 0: tiny negatives are float rounding of near-identical rows */
+            if (o->kld)
+                o->kld[r] = k.kld > 0 ? k.kld : 0.0;
+            if (o->kld_rev)
+                o->kld_rev[r] = k.kld_rev > 0 ? k.kld_rev : 0.0;
+            if (o->same_top1)
+                o->same_top1[r] = k.argmax_a == k.argmax_b;
+            if (o->rank_b)
+                o->rank_b[r] = j->fn->count_gt(rb, a->V, pd_load_any(b->dt, rb + k.argmax_a * isz));
+        }
+        else if (j->fn->lse(ra, a->V, &k.lse_a, &k.argmax_a) < 0 || !isfinite(k.lse_a)) {
+            j->bad_row = r;
+            j->bad_kind = 2;
+            return;
+        }
+        if (o->lp_a)
+            o->lp_a[r] = scored ? pd_load_any(a->dt, ra + t * isz) - k.lse_a : NAN;
+        if (o->lp_b && pair)
+            o->lp_b[r] = scored ? pd_load_any(b->dt, rb + t * isz) - k.lse_b : NAN;
+    }
+}
+
+#ifdef PD_HAVE_PTHREADS
+static void *pd_job_thread(void *arg)
+{
+    pd_job_run((pd_job *)arg);
+    return NULL;
+}
+#endif
+
+#define PD_MAX_THREADS 256
+
+int pd_logits_run(const pd_mat *a, const pd_mat *b, const npy_int64 *targets, npy_int64 ignore,
+                  int threads, const pd_logits_out *out, npy_intp *bad_row, int *bad_kind)
+{
+    pd_job jobs[PD_MAX_THREADS];
+    const pd_logits_fns *fn = pd_logits_kernel(a->dt);
+    int t, nt = threads < 1 ? 1 : threads > PD_MAX_THREADS ? PD_MAX_THREADS : threads, rc = 0;
+#ifdef PD_HAVE_PTHREADS
+    pthread_t tid[PD_MAX_THREADS];
+    int started[PD_MAX_THREADS] = {0};
+#endif
+    if (nt > a->rows)
+        nt = a->rows > 0 ? (int)a->rows : 1;
+    for (t = 0; t < nt; t++) {
+        jobs[t] = (pd_job){a, b, targets, ignore, out, fn, a->rows * t / nt, a->rows * (t + 1) / nt, -1, 0};
+    }
+#ifdef PD_HAVE_PTHREADS
+    for (t = 1; t < nt; t++)
+        started[t] = pthread_create(&tid[t], NULL, pd_job_thread, &jobs[t]) == 0;
+    pd_job_run(&jobs[0]);
+    for (t = 1; t < nt; t++) {
+        if (started[t])
+            pthread_join(tid[t], NULL);
+        else
+            pd_job_run(&jobs[t]); /* could not start a thread: do its rows here */
+    }
+#else
+    for (t = 0; t < nt; t++)
+        pd_job_run(&jobs[t]);
+#endif
+    /* report the first bad row in row order */
+    for (t = 0; t < nt; t++)
+        if (jobs[t].bad_row >= 0) {
+            *bad_row = jobs[t].bad_row;
+            *bad_kind = jobs[t].bad_kind;
+            rc = -1;
+            break;
+        }
+    return rc;
+}

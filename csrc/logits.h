@@ -1,0 +1,25 @@
+#ifndef PPLDELTA_LOGITS_H
+#define PPLDELTA_LOGITS_H
+#include "common.h"
+
+/* A (rows x V) matrix whose rows are contiguous (row stride in bytes), of one pd_dtype. */
+typedef struct {
+    const char *base;
+    npy_intp rows, V, rstride;
+    pd_dtype dt;
+} pd_mat;
+
+/* Per-row outputs of pd_logits_run (NULL where not wanted). */
+typedef struct {
+    double *lp_a, *lp_b;     /* log-softmax at the target (needs targets), NaN where ignored */
+    double *kld, *kld_rev;   /* KL(P||Q), KL(Q||P) in nats (needs b) */
+    npy_bool *same_top1;     /* argmax a == argmax b (needs b) */
+    npy_int64 *rank_b;       /* #{j : b_j > b[argmax a]}: P's top-1 is in Q's top-k iff < k */
+} pd_logits_out;
+
+/* Runs the row kernels over a (and b, when b->base != NULL) on `threads` threads.
+ * Returns 0, or -1 with *bad_row set and *bad_kind = 1 (target out of range) or 2 (row has
+ * NaN or +inf, or is all -inf). */
+int pd_logits_run(const pd_mat *a, const pd_mat *b, const npy_int64 *targets, npy_int64 ignore,
+                  int threads, const pd_logits_out *out, npy_intp *bad_row, int *bad_kind);
+#endif

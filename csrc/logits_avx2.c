@@ -1,0 +1,75 @@
+/* AVX2 + FMA (+F16C) logits row kernels: 8 float32 lanes, see logits_template.h.
+ * exp: Cephes-style range reduction x = n ln2 + r (ln2 split in two), degree-6 polynomial,
+ * 2^n through the exponent bits; inputs are x - max <= 0, clamped at -87.3 (exp -> ~1e-38,
+ * negligible against the max term, which is 1). About 1 ulp. */
+#include "common.h"
+#ifdef PD_X86
+#include <immintrin.h>
+
+#define PD_TARGET __attribute__((target("avx2,fma,f16c")))
+#define PD_FT float
+typedef __m256 pd_f;
+#define PD_FW 8
+#define pd_f_set1(x) _mm256_set1_ps(x)
+#define pd_f_zero() _mm256_setzero_ps()
+#define pd_f_add(a, b) _mm256_add_ps(a, b)
+#define pd_f_sub(a, b) _mm256_sub_ps(a, b)
+#define pd_f_mul(a, b) _mm256_mul_ps(a, b)
+#define pd_f_max(a, b) _mm256_max_ps(a, b)
+#define pd_f_nanmask_or(acc, x) _mm256_or_ps(acc, _mm256_cmp_ps(x, x, _CMP_UNORD_Q))
+#define pd_f_anynan(acc) (_mm256_movemask_ps(acc) != 0)
+#define pd_f_gt_count(x, t) __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_GT_OQ)))
+#define pd_f_pos(x) _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)
+#define pd_f_and(a, m) _mm256_and_ps(a, m)
+
+PD_TARGET static inline float pd_f_hmax(__m256 v)
+{
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+PD_TARGET static inline double pd_f_hsum(__m256 v)
+{
+    __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                              _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+PD_TARGET static inline __m256 pd_f_exp(__m256 x)
+{
+    __m256 n, r, p;
+    __m256i e;
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+PD_TARGET static inline __m256 ld_f32(const char *p) { return _mm256_loadu_ps((const float *)p); }
+PD_TARGET static inline __m256 ld_f16(const char *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+PD_TARGET static inline __m256 ld_bf16(const char *p)
+{
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+#include "logits_template.h"
+PD_DEFINE_LOGITS(lg_f32, ld_f32, pd_load_f32, 4)
+PD_DEFINE_LOGITS(lg_f16, ld_f16, pd_load_f16, 2)
+PD_DEFINE_LOGITS(lg_bf16, ld_bf16, pd_load_bf16, 2)
+
+const pd_logits_kernels pd_logits_avx2 = {
+    PD_ISA_AVX2,
+    {{NULL, NULL, NULL}, PD_LOGITS_TABLE_ENTRY(lg_f32), PD_LOGITS_TABLE_ENTRY(lg_f16),
+     PD_LOGITS_TABLE_ENTRY(lg_bf16)}};
+#endif

@@ -1,0 +1,66 @@
+/* AVX-512F logits row kernels: 16 float32 lanes, see logits_template.h and logits_avx2.c for
+ * the exp (same reduction and polynomial; 2^n by vscalefps). */
+#include "common.h"
+#ifdef PD_X86
+#include <immintrin.h>
+
+#define PD_TARGET __attribute__((target("avx512f,avx2,fma,f16c")))
+#define PD_FT float
+typedef __m512 pd_f;
+#define PD_FW 16
+#define pd_f_set1(x) _mm512_set1_ps(x)
+#define pd_f_zero() _mm512_setzero_ps()
+#define pd_f_add(a, b) _mm512_add_ps(a, b)
+#define pd_f_sub(a, b) _mm512_sub_ps(a, b)
+#define pd_f_mul(a, b) _mm512_mul_ps(a, b)
+#define pd_f_max(a, b) _mm512_max_ps(a, b)
+/* NaN mask accumulated as 0/1 floats in a vector (AVX-512F has no ps logic ops) */
+#define pd_f_nanmask_or(acc, x) _mm512_mask_mov_ps(acc, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_ps(1.0f))
+#define pd_f_anynan(acc) (_mm512_cmp_ps_mask(acc, _mm512_setzero_ps(), _CMP_NEQ_OQ) != 0)
+#define pd_f_gt_count(x, t) __builtin_popcount((unsigned)_mm512_cmp_ps_mask(x, t, _CMP_GT_OQ))
+/* pd_f_and(a, pd_f_pos(e)): zero the lanes where e == 0 */
+#define pd_f_pos(x) _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ)
+#define pd_f_and(a, m) _mm512_maskz_mov_ps(m, a)
+
+PD_TARGET static inline float pd_f_hmax(__m512 v) { return _mm512_reduce_max_ps(v); }
+PD_TARGET static inline double pd_f_hsum(__m512 v)
+{
+    __m512d d = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                              _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    return _mm512_reduce_add_pd(d);
+}
+PD_TARGET static inline __m512 pd_f_exp(__m512 x)
+{
+    __m512 n, r, p;
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+PD_TARGET static inline __m512 ld_f32(const char *p) { return _mm512_loadu_ps((const float *)p); }
+PD_TARGET static inline __m512 ld_f16(const char *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+PD_TARGET static inline __m512 ld_bf16(const char *p)
+{
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+#include "logits_template.h"
+PD_DEFINE_LOGITS(lg_f32, ld_f32, pd_load_f32, 4)
+PD_DEFINE_LOGITS(lg_f16, ld_f16, pd_load_f16, 2)
+PD_DEFINE_LOGITS(lg_bf16, ld_bf16, pd_load_bf16, 2)
+
+const pd_logits_kernels pd_logits_avx512 = {
+    PD_ISA_AVX512,
+    {{NULL, NULL, NULL}, PD_LOGITS_TABLE_ENTRY(lg_f32), PD_LOGITS_TABLE_ENTRY(lg_f16),
+     PD_LOGITS_TABLE_ENTRY(lg_bf16)}};
+#endif

@@ -1,0 +1,383 @@
+"""ppldelta.analyze: the reference dict plus what perplexity alone hides.
+
+Statistics follow llama.cpp's ``--kl-divergence`` final block (same names, same meaning: a "±"
+is the standard error of the mean, sqrt(var / (n - 1)); the ratio's and difference's errors
+subtract the covariance of the paired per-token values; Δp is p_Q(target) - p_base(target) in
+percentage points; percentiles interpolate linearly), plus a paired block bootstrap of
+ln(PPL_Q / PPL_O) (blocks of consecutive tokens, resampling loop in C) that gives a confidence
+interval which does not assume independent tokens, per-group results, and the expected band.
+"""
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _core
+from .bands import expected_band
+
+PCTS_KLD = [("max", 100), ("p99.9", 99.9), ("p99", 99), ("p95", 95), ("p90", 90), ("median", 50),
+            ("p10", 10), ("p5", 5), ("p1", 1), ("p0.1", 0.1), ("min", 0)]
+PCTS_DP = [("max", 100), ("p99.9", 99.9), ("p99", 99), ("p95", 95), ("p90", 90), ("p75", 75),
+           ("median", 50), ("p25", 25), ("p10", 10), ("p5", 5), ("p1", 1), ("p0.1", 0.1), ("min", 0)]
+
+
+def _mean_unc(x):
+    """llama.cpp's mean_and_uncertainty: mean and sqrt(var / (n - 1)) (None when n < 2)."""
+    n = x.size
+    m = float(np.mean(x))
+    if n < 2:
+        return m, None
+    var = float(np.mean(x * x)) - m * m
+    return m, math.sqrt(max(var, 0.0) / (n - 1))
+
+
+def _dist(x, pcts, scale=1.0):
+    m, u = _mean_unc(x)
+    out = {"mean": m * scale, "stderr": None if u is None else u * scale}
+    vals = np.percentile(x, [p for _, p in pcts]) * scale
+    out.update({k: float(v) for (k, _), v in zip(pcts, vals)})
+    return out
+
+
+def _default_block(n):
+    return int(min(512, max(1, round(math.sqrt(n)))))
+
+
+def _bootstrap(d, block_size, n_boot, seed, confidence):
+    """Paired block bootstrap of mean(d), d = nll_Q - nll_O per token, in token order."""
+    n = d.size
+    starts = np.arange(0, n, block_size)
+    num = np.add.reduceat(d, starts)
+    den = np.diff(np.append(starts, n)).astype(np.float64)
+    mean = float(d.mean())
+    if starts.size < 2 or n_boot < 1:
+        return {"ci": [None, None], "stderr": None, "p_value": None, "n_blocks": int(starts.size)}
+    reps = _core.block_bootstrap(num, den, int(n_boot), int(seed) & (2 ** 64 - 1))
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(reps, [a, 1 - a])
+    # two-sided bootstrap test of mean(d) = 0: replicates re-centred on the null
+    p = (np.count_nonzero(np.abs(reps - mean) >= abs(mean)) + 1) / (reps.size + 1)
+    return {"ci": [float(lo), float(hi)], "stderr": float(np.std(reps, ddof=1)), "p_value": float(p),
+            "n_blocks": int(starts.size)}
+
+
+def _verdict(ci):
+    lo, hi = ci
+    if lo is None:
+        return "undetermined (too few tokens for a confidence interval)"
+    if lo > 0:
+        return "significant degradation"
+    if hi < 0:
+        return "significant improvement"
+    return "no significant change"
+
+
+def _group_codes(groups, n):
+    """(names, codes) from per-token labels or {name: slice | (start, stop) | indices | mask}."""
+    if isinstance(groups, dict):
+        codes = np.full(n, -1, dtype=np.intp)
+        names = []
+        for i, (name, sel) in enumerate(groups.items()):
+            if isinstance(sel, tuple) and len(sel) == 2:
+                sel = slice(*sel)
+            idx = np.arange(n)[sel]
+            if np.any(codes[idx] >= 0):
+                raise ValueError(f"group {name!r} overlaps another group")
+            codes[idx] = i
+            names.append(str(name))
+        if np.any(codes < 0):
+            raise ValueError(f"{int(np.count_nonzero(codes < 0))} tokens belong to no group")
+        return names, codes
+    labels = np.asarray(groups).reshape(-1)
+    if labels.size != n:
+        raise ValueError(f"groups has {labels.size} labels for {n} tokens (one label per token, "
+                         "or a dict of name -> slice/(start, stop)/indices)")
+    uniq, first, inv = np.unique(labels, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # names in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return [str(u) for u in uniq[order]], rank[inv.reshape(-1)].astype(np.intp)
+
+
+@dataclass
+class Report:
+    """Everything ppldelta.analyze measured.  ``to_dict()`` is JSON-ready; ``str()`` reads
+    like llama.cpp's final block; ``_repr_html_`` renders in notebooks."""
+
+    data: dict = field(repr=False)
+
+    @property
+    def reference(self) -> dict:
+        """The reference's five fields, unchanged (ppldelta.perplexity_delta)."""
+        return self.data["reference"]
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def to_dict(self) -> dict:
+        return self.data
+
+    # ------------------------------------------------------------------ rendering
+    def _lines(self):
+        d = self.data
+        r = d["reference"]
+        pm = "\u00b1"
+
+        def f(v, u=None, fmt="{:10.6f}"):
+            s = fmt.format(v)
+            return s + (f" {pm} " + fmt.format(u).strip() if u is not None else "")
+
+        yield ("Perplexity delta", None)
+        for k in ("original_perplexity", "quantized_perplexity", "absolute_delta", "relative_delta_pct"):
+            yield (k, f"{r[k]}")
+        yield ("quality", r["quality"])
+        yield ("tokens", f"{d['n_tokens']:,}")
+        c = d["confidence"]
+        rb = d["ppl_ratio"]
+        ci = rb["ci"]
+        if ci[0] is not None:
+            yield (f"PPL ratio {c:.0%} CI (block bootstrap)",
+                   f"[{ci[0]:.6f}, {ci[1]:.6f}]  ({d['significance']['verdict']}, p = {d['significance']['p_value']:.3g})")
+        if d.get("expected"):
+            e = d["expected"]
+            yield (f"expected band ({e['format']})", f"{e['band'][0]:.2f}-{e['band'][1]:.2f}{'+' if e['open_ended'] else ''}: {e['verdict']}")
+        yield ("llama.cpp statistics", None)
+        yield ("Mean PPL(Q)", f(d["ppl"]["quantized"]["value"], d["ppl"]["quantized"]["stderr"]))
+        yield ("Mean PPL(base)", f(d["ppl"]["original"]["value"], d["ppl"]["original"]["stderr"]))
+        if d["correlation"] is not None:
+            yield ("Cor(ln(PPL(Q)), ln(PPL(base)))", f"{100 * d['correlation']:6.2f}%")
+        yield ("Mean ln(PPL(Q)/PPL(base))", f(d["ln_ppl_ratio"]["value"], d["ln_ppl_ratio"]["stderr"]))
+        yield ("Mean PPL(Q)/PPL(base)", f(rb["value"], rb["stderr"]))
+        yield ("Mean PPL(Q)-PPL(base)", f(d["ppl_diff"]["value"], d["ppl_diff"]["stderr"]))
+        if d.get("kld"):
+            k = d["kld"]
+            yield ("Mean    KLD", f(k["mean"], k["stderr"]))
+            for key, _ in PCTS_KLD:
+                yield (f"{key:<6}  KLD", f(k[key]))
+        if d.get("kld_reverse"):
+            yield ("Mean KLD(Q||base)", f(d["kld_reverse"]["mean"], d["kld_reverse"]["stderr"]))
+        dp = d["delta_p"]
+        yield ("Mean    \u0394p", f(dp["mean"], dp["stderr"], "{:8.3f}") + " %")
+        for key, _ in PCTS_DP:
+            yield (f"{key:<6}  \u0394p", f(dp[key], None, "{:8.3f}") + " %")
+        yield ("RMS \u0394p", f(dp["rms"], dp["rms_stderr"], "{:8.3f}") + " %")
+        if d.get("same_top1"):
+            s = d["same_top1"]
+            yield ("Same top p", f(s["pct"], s["stderr"], "{:6.3f}") + " %")
+        for key in ("top1_in_top5", "top1_in_top10"):
+            if d.get(key) is not None:
+                yield (f"base top-1 in Q {key.split('_in_')[1].replace('top', 'top-')}", f"{d[key]:6.3f} %")
+        if d.get("groups"):
+            yield ("per group", None)
+            for g, gd in d["groups"].items():
+                gr = gd["reference"]
+                gci = gd["ppl_ratio"]["ci"]
+                cis = f" CI [{gci[0]:.4f}, {gci[1]:.4f}]" if gci[0] is not None else ""
+                kl = f", KLD {gd['kld_mean']:.4f}" if gd.get("kld_mean") is not None else ""
+                yield (f"{g} ({gd['n_tokens']:,} tokens)",
+                       f"PPL {gr['original_perplexity']} -> {gr['quantized_perplexity']} "
+                       f"({gr['relative_delta_pct']:+.2f} %, {gr['quality']}){cis}{kl}")
+            yield ("suffers most", d["suffers_most"])
+
+    def __str__(self):
+        out = []
+        for k, v in self._lines():
+            out.append(f"\n== {k} ==" if v is None else f"{k:<34}: {v}")
+        return "\n".join(out).lstrip("\n")
+
+    def to_markdown(self) -> str:
+        out = []
+        for k, v in self._lines():
+            if v is None:
+                out.append(f"\n**{k}**\n\n| statistic | value |\n|---|---|")
+            else:
+                out.append(f"| {k} | {v} |")
+        return "\n".join(out).lstrip("\n")
+
+    def _repr_html_(self):
+        rows = []
+        for k, v in self._lines():
+            if v is None:
+                rows.append(f"<tr><th colspan='2' style='text-align:left'>{html.escape(k)}</th></tr>")
+            else:
+                rows.append(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>")
+        return "<table>" + "".join(rows) + "</table>"
+
+
+def _as_f64(x, name):
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    return a
+
+
+def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_logits=None,
+            quantized_logits=None, targets=None, kld=None, kld_reverse=None, same_top1=None,
+            top1_in_top5=None, top1_in_top10=None, reverse_kld=False, confidence=0.95,
+            n_bootstrap=1000, block_size=None, seed=0, expected=None, protocol=None) -> Report:
+    """Analyse paired per-token log-probs of an original and a quantized model.
+
+    Per-token KL divergence and top-token agreement come either precomputed (``kld``,
+    ``same_top1``, ``top1_in_top5``, ``top1_in_top10``: one value per token) or from the two
+    models' logits (``original_logits``, ``quantized_logits``, shape (tokens, vocab), with
+    ``targets``; then the log-probs may be None and are taken from the logits).
+    ``groups``: one label per token, or {name: slice | (start, stop) | indices}.
+    ``expected``: a format name for seed 001's band (see ppldelta.expected_band).
+    ``block_size``: bootstrap block length in tokens (default sqrt(n), at most 512).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError("confidence must be in (0, 1)")
+    if original_logits is not None or quantized_logits is not None:
+        if original_logits is None or quantized_logits is None:
+            raise ValueError("pass both original_logits and quantized_logits")
+        from .logits import kl_divergence
+
+        kl = kl_divergence(original_logits, quantized_logits, targets=targets, reverse=reverse_kld)
+        kld, same_top1 = kl["kld"], kl["same_top1"]
+        top1_in_top5, top1_in_top10 = kl["top1_in_top5"], kl["top1_in_top10"]
+        kld_reverse = kl.get("kld_reverse")
+        if targets is not None:
+            if original_log_probs is None:
+                original_log_probs = kl["original_log_probs"]
+            if quantized_log_probs is None:
+                quantized_log_probs = kl["quantized_log_probs"]
+    if original_log_probs is None or quantized_log_probs is None:
+        raise ValueError("log-probs are required (or logits together with targets)")
+
+    reference = _core.perplexity_delta(original_log_probs, quantized_log_probs)  # validates
+    lo = _as_f64(original_log_probs, "original_log_probs")
+    lq = _as_f64(quantized_log_probs, "quantized_log_probs")
+    n = lo.size
+    extras = {}
+    for name, arr in (("kld", kld), ("kld_reverse", kld_reverse), ("same_top1", same_top1),
+                      ("top1_in_top5", top1_in_top5), ("top1_in_top10", top1_in_top10)):
+        if arr is not None:
+            a = _as_f64(arr, name)
+            if a.size != n:
+                raise ValueError(f"{name} has {a.size} values for {n} tokens")
+            if np.isnan(a).any():
+                raise ValueError(f"{name} contains NaN at index {int(np.flatnonzero(np.isnan(a))[0])}")
+            extras[name] = a
+
+    nll_o, nll_q = -lo, -lq
+    with np.errstate(all="ignore"):
+        d = nll_q - nll_o
+    bs = block_size or _default_block(n)
+    data = {"reference": reference, "n_tokens": int(n), "confidence": confidence,
+            "protocol": protocol}
+    data.update(_paired_stats(nll_o, nll_q, d, bs, n_bootstrap, seed, confidence))
+    data["bootstrap"] = {"n_bootstrap": int(n_bootstrap), "block_size": int(bs),
+                         "n_blocks": data.pop("_n_blocks"), "seed": seed}
+    data["kld"] = _dist(extras["kld"], PCTS_KLD) if "kld" in extras else None
+    if "kld_reverse" in extras:
+        data["kld_reverse"] = _dist(extras["kld_reverse"], PCTS_KLD)
+    with np.errstate(all="ignore"):
+        dp = np.exp(lq) - np.exp(lo)
+    data["delta_p"] = _dist(dp, PCTS_DP, 100.0)
+    mse, mse_unc = _mean_unc(dp * dp)
+    rms = math.sqrt(mse)
+    data["delta_p"]["rms"] = 100 * rms
+    data["delta_p"]["rms_stderr"] = (100 * 0.5 / rms * mse_unc) if (mse_unc is not None and rms > 0) else None
+    if "same_top1" in extras:
+        p = float(extras["same_top1"].mean())
+        data["same_top1"] = {"pct": 100 * p,
+                             "stderr": 100 * math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None}
+    else:
+        data["same_top1"] = None
+    for key in ("top1_in_top5", "top1_in_top10"):
+        data[key] = 100 * float(extras[key].mean()) if key in extras else None
+
+    data["groups"] = None
+    data["suffers_most"] = None
+    if groups is not None:
+        names, codes = _group_codes(groups, n)
+        counts, sums_o = _core.segment_sums(codes, len(names), lo)
+        _, sums_q = _core.segment_sums(codes, len(names), lq)
+        gout = {}
+        for g, name in enumerate(names):
+            sel = codes == g
+            gd = {"n_tokens": int(counts[g]),
+                  "reference": _reference_from_sums(float(sums_o[g]), float(sums_q[g]), int(counts[g]))}
+            b = _bootstrap(d[sel], min(bs, max(1, int(counts[g]) // 2)), n_bootstrap, seed + g + 1, confidence)
+            mean_d = float(d[sel].mean())
+            gd["ln_ppl_ratio"] = {"value": mean_d, "ci": b["ci"]}
+            gd["ppl_ratio"] = {"value": math.exp(mean_d),
+                               "ci": [math.exp(c) if c is not None else None for c in b["ci"]]}
+            gd["significance"] = _verdict(b["ci"])
+            gd["kld_mean"] = float(extras["kld"][sel].mean()) if "kld" in extras else None
+            gd["same_top1_pct"] = 100 * float(extras["same_top1"][sel].mean()) if "same_top1" in extras else None
+            gout[name] = gd
+        data["groups"] = gout
+        data["suffers_most"] = max(gout, key=lambda k: gout[k]["reference"]["relative_delta_pct"])
+
+    data["expected"] = None
+    if expected is not None:
+        band = expected_band(expected)
+        ratio = data["ppl_ratio"]["value"]
+        ci = data["ppl_ratio"]["ci"]
+        data["expected"] = {"format": expected, "band": [band.low, band.high], "open_ended": band.open_ended,
+                            "acceptable": band.acceptable, "ratio": ratio, "verdict": band.verdict(ratio),
+                            "ci_verdict": None if ci[0] is None else
+                            ("worse than expected" if band.verdict(ci[0]) == "worse than expected" else
+                             "better than expected" if band.verdict(ci[1]) == "better than expected" else
+                             "consistent with the band")}
+    return Report(data)
+
+
+def _reference_from_sums(so: float, sq: float, n: int) -> dict:
+    """The reference's formulas on exactly rounded sums (so a group's dict equals
+    perplexity_delta run on that group alone)."""
+    ppl_orig = math.exp(-(so / n))
+    try:
+        ppl_quant = math.exp(-(sq / n))
+    except OverflowError:
+        ppl_quant = math.inf
+    absolute = ppl_quant - ppl_orig
+    relative = (absolute / ppl_orig) * 100 if ppl_orig > 0 else 0.0
+    quality = ("excellent" if relative < 1.0 else "good" if relative < 5.0
+               else "acceptable" if relative < 10.0 else "poor")
+    return {"original_perplexity": round(ppl_orig, 4), "quantized_perplexity": round(ppl_quant, 4),
+            "absolute_delta": round(absolute, 4), "relative_delta_pct": round(relative, 4),
+            "quality": quality}
+
+
+def _paired_stats(nll_o, nll_q, d, block_size, n_boot, seed, confidence):
+    n = nll_o.size
+    mo, uo = _mean_unc(nll_o)
+    mq, uq = _mean_unc(nll_q)
+    cov = None
+    if n > 1:
+        cov = (float(np.mean(nll_o * nll_q)) - mo * mq) / (n - 1)
+    with np.errstate(over="ignore"):
+        ppl_o, ppl_q = math.exp(min(mo, 709.0)) if mo <= 709 else math.inf, math.exp(mq) if mq <= 709 else math.inf
+    ppl_o_unc = ppl_o * uo if uo is not None else None
+    ppl_q_unc = ppl_q * uq if uq is not None else None
+    cor = cov / (uo * uq) if (cov is not None and uo and uq) else None
+    ln_ratio = mq - mo
+    ln_ratio_unc = (math.sqrt(max(uq * uq + uo * uo - 2 * cov, 0.0)) if cov is not None else None)
+    ratio = math.exp(ln_ratio) if ln_ratio < 709 else math.inf
+    ratio_unc = ratio * ln_ratio_unc if ln_ratio_unc is not None else None
+    diff_unc = None
+    if cov is not None and math.isfinite(ppl_o * ppl_q):
+        ppl_cov = ppl_o * ppl_q * cov
+        diff_unc = math.sqrt(max(ppl_q_unc ** 2 + ppl_o_unc ** 2 - 2 * ppl_cov, 0.0))
+    b = _bootstrap(d, block_size, n_boot, seed, confidence) if np.isfinite(d).all() else \
+        {"ci": [None, None], "stderr": None, "p_value": None, "n_blocks": 0}
+    z_p = None
+    if ln_ratio_unc:
+        z_p = math.erfc(abs(ln_ratio) / ln_ratio_unc / math.sqrt(2))
+    return {
+        "ppl": {"original": {"value": ppl_o, "stderr": ppl_o_unc},
+                "quantized": {"value": ppl_q, "stderr": ppl_q_unc}},
+        "correlation": cor,
+        "ln_ppl_ratio": {"value": ln_ratio, "stderr": ln_ratio_unc, "ci": b["ci"],
+                         "bootstrap_stderr": b["stderr"]},
+        "ppl_ratio": {"value": ratio, "stderr": ratio_unc,
+                      "ci": [math.exp(c) if c is not None else None for c in b["ci"]]},
+        "ppl_diff": {"value": ppl_q - ppl_o, "stderr": diff_unc},
+        "significance": {"verdict": _verdict(b["ci"]), "p_value": b["p_value"], "z_p_value": z_p},
+        "_n_blocks": b["n_blocks"],
+    }

@@ -1,0 +1,106 @@
+"""Paired task outcomes: accuracy deltas, flips (Dutta et al. 2024) and McNemar's exact test."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+def _mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: binomial test of b successes in b + c at p = 1/2."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    # P(X <= k) for X ~ Bin(n, 1/2), in log space for large n
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+            for i in range(k + 1)]
+    m = max(logs)
+    tail = math.exp(m) * sum(math.exp(v - m) for v in logs)
+    return min(1.0, 2.0 * tail)
+
+
+@dataclass(frozen=True)
+class FlipReport:
+    n: int
+    original_accuracy: float
+    quantized_accuracy: float
+    accuracy_delta: float          # quantized - original, in accuracy units (0..1)
+    flips: int                     # items whose outcome (or chosen answer) changed
+    flip_pct: float
+    right_to_wrong: int
+    wrong_to_right: int
+    mcnemar_p: float               # exact two-sided p-value of the accuracy change
+    significant: bool              # mcnemar_p < alpha
+    alpha: float = 0.05
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"acc {self.original_accuracy:.1%} -> {self.quantized_accuracy:.1%} "
+                f"({self.accuracy_delta * 100:+.1f} pts), flips {self.flips}/{self.n} "
+                f"({self.flip_pct:.1f} %: {self.right_to_wrong} right->wrong, "
+                f"{self.wrong_to_right} wrong->right), McNemar p = {self.mcnemar_p:.3g}"
+                + (" (significant)" if self.significant else ""))
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _report(co, cq, changed, alpha) -> FlipReport:
+    n = int(co.size)
+    if n == 0:
+        raise ValueError("no items")
+    b = int(np.count_nonzero(co & ~cq))
+    c = int(np.count_nonzero(~co & cq))
+    p = _mcnemar_exact(b, c)
+    flips = int(np.count_nonzero(changed))
+    return FlipReport(n, float(co.mean()), float(cq.mean()), float(cq.mean() - co.mean()), flips,
+                      100.0 * flips / n, b, c, p, bool(p < alpha), alpha)
+
+
+def paired_outcomes(original_correct, quantized_correct, *, alpha=0.05) -> FlipReport:
+    """Pass/fail of each item under both models (HumanEval problems, exact-match answers,
+    instruction checks): accuracy of each, the delta, flips and McNemar's exact test."""
+    co = np.asarray(original_correct).astype(bool).reshape(-1)
+    cq = np.asarray(quantized_correct).astype(bool).reshape(-1)
+    if co.shape != cq.shape:
+        raise ValueError(f"length mismatch: {co.size} original outcomes, {cq.size} quantized")
+    return _report(co, cq, co != cq, alpha)
+
+
+def choice_flips(original_scores, quantized_scores, answers, *, alpha=0.05) -> FlipReport:
+    """Multiple-choice tasks (MMLU, C-Eval, HellaSwag style): per-question per-choice
+    log-likelihoods (items x choices; pad missing choices with -inf) and the index of the right
+    answer.  A flip is a question whose chosen answer changed, right or wrong."""
+    so = np.asarray(original_scores, dtype=np.float64)
+    sq = np.asarray(quantized_scores, dtype=np.float64)
+    ans = np.asarray(answers).reshape(-1)
+    if so.ndim != 2 or so.shape != sq.shape:
+        raise ValueError(f"scores must both be (items, choices); got {so.shape} and {sq.shape}")
+    if ans.shape[0] != so.shape[0]:
+        raise ValueError(f"{ans.shape[0]} answers for {so.shape[0]} items")
+    if np.isnan(so).any() or np.isnan(sq).any():
+        raise ValueError("scores contain NaN")
+    if ((ans < 0) | (ans >= so.shape[1])).any():
+        raise ValueError(f"answers must be choice indices in [0, {so.shape[1]})")
+    po, pq = so.argmax(axis=1), sq.argmax(axis=1)
+    return _report(po == ans, pq == ans, po != pq, alpha)
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for n samples of which c
+    passed; vectorised over arrays of n and c.  Computed as a stable product."""
+    n_arr, c_arr = np.broadcast_arrays(np.asarray(n), np.asarray(c))
+    out = np.empty(n_arr.shape, dtype=np.float64)
+    for idx in np.ndindex(n_arr.shape):
+        ni, ci = int(n_arr[idx]), int(c_arr[idx])
+        if not (0 <= ci <= ni) or k < 1 or k > ni:
+            raise ValueError(f"need 0 <= c <= n and 1 <= k <= n (n={ni}, c={ci}, k={k})")
+        if ni - ci < k:
+            out[idx] = 1.0
+        else:
+            out[idx] = 1.0 - float(np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1)))
+    return float(out) if out.ndim == 0 else out

@@ -1,0 +1,124 @@
+"""Per-token statistics from logits, computed by the C row kernels (csrc/logits_*.c) in one
+pass over each row: no (tokens x vocab) temporary, any vocabulary size, float32/float64/float16
+and bfloat16 (torch tensors, or raw uint16 arrays with ``bf16=True``)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _core
+
+
+def _threads(threads):
+    if threads is None:
+        return 1
+    if threads == 0 or threads == -1:
+        return os.cpu_count() or 1
+    if threads < 0:
+        raise ValueError("threads must be >= 1, or 0/-1 for all CPUs")
+    return int(threads)
+
+
+def _as_rows(x, name, bf16):
+    """(rows, vocab) ndarray view of logits of shape (..., vocab), and whether it holds bf16."""
+    if hasattr(x, "detach"):  # torch
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.contiguous().view(dtype=__import__("torch").int16)
+            bf16 = True
+        x = t.numpy()
+    a = np.asarray(x)
+    if a.ndim < 1:
+        raise ValueError(f"{name} must have a vocabulary axis")
+    if a.dtype.kind not in "fiu":
+        raise TypeError(f"{name} has dtype {a.dtype}: logits must be real numbers")
+    if bf16 and a.dtype not in (np.uint16, np.int16):
+        raise TypeError(f"{name}: bf16=True needs the raw 16-bit pattern (uint16/int16), got {a.dtype}")
+    if not bf16 and a.dtype not in (np.float64, np.float32, np.float16):
+        a = a.astype(np.float64)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    lead = a.shape[:-1]
+    a = a.reshape(-1, a.shape[-1])  # a view whenever the layout allows
+    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
+        a = np.ascontiguousarray(a)
+    return a, lead, bf16
+
+
+def _targets(targets, lead):
+    if hasattr(targets, "detach"):
+        targets = targets.detach().cpu().numpy()
+    t = np.asarray(targets)
+    if t.dtype.kind not in "iub":
+        raise TypeError(f"targets must be integers, got {t.dtype}")
+    if t.shape != lead:
+        raise ValueError(f"targets has shape {t.shape}, logits have leading shape {lead}")
+    return np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+
+
+def token_log_probs(logits, targets, *, ignore_index=-100, bf16=False, threads=1):
+    """log_softmax(logits)[..., target] as float64, shape ``targets.shape``.
+
+    Equivalent to ``torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])`` to
+    about 1e-6 for float32 logits (float64 logits are computed in float64).  Positions whose
+    target equals ``ignore_index`` are not scored: they come back as NaN, so that they can never
+    be averaged in silently (``ppldelta.perplexity`` would name them).  Drop them with
+    ``lp[targets != ignore_index]``.  ``threads``: rows are split across threads (0 = all CPUs).
+    """
+    a, lead, bf16 = _as_rows(logits, "logits", bf16)
+    t = _targets(targets, lead)
+    lp, *_ = _core.logits_stats(a, None, t, ignore_index=ignore_index, bf16=bf16,
+                                threads=_threads(threads))
+    return lp.reshape(lead)
+
+
+def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_index=-100,
+                  reverse=False, topk=True, bf16=False, threads=1):
+    """Per-token KL(P_original || P_quantized) in nats, from the two models' logits
+    (shape (..., vocab)), in one pass over both rows.  Returns a dict of arrays of the leading
+    shape:
+
+    - ``kld``: KL(P||Q) (clamped at 0: tiny negatives are rounding), ``kld_reverse`` (with
+      ``reverse=True``): KL(Q||P);
+    - ``same_top1``: the two argmax tokens agree (llama.cpp's "same top p");
+    - ``top1_in_top5`` / ``top1_in_top10`` (``topk=True``): the original's argmax is among the
+      quantized model's 5 / 10 most likely tokens;
+    - with ``targets``: ``original_log_probs``, ``quantized_log_probs`` (NaN where ignored),
+      ``p_original``, ``p_quantized`` and ``delta_p`` = p_quantized - p_original.
+    """
+    a, lead, bf16a = _as_rows(original_logits, "original_logits", bf16)
+    b, lead_b, bf16b = _as_rows(quantized_logits, "quantized_logits", bf16)
+    if lead != lead_b or a.shape[1] != b.shape[1]:
+        raise ValueError(f"shape mismatch: original_logits {lead + (a.shape[1],)}, "
+                         f"quantized_logits {lead_b + (b.shape[1],)}")
+    if bf16a != bf16b or a.dtype != b.dtype:
+        dt = np.result_type(np.float32, a.dtype if not bf16a else np.float32, b.dtype if not bf16b else np.float32)
+        a = _widen(a, bf16a, dt)
+        b = _widen(b, bf16b, dt)
+        bf16a = bf16b = False
+    t = _targets(targets, lead) if targets is not None else None
+    lp_a, lp_b, kld, kld_rev, same, rank = _core.logits_stats(
+        a, b, t, ignore_index=ignore_index, bf16=bf16a, topk=topk, threads=_threads(threads))
+    out = {"kld": kld.reshape(lead), "same_top1": same.reshape(lead)}
+    if reverse:
+        out["kld_reverse"] = kld_rev.reshape(lead)
+    if topk:
+        out["top1_in_top5"] = (rank < 5).reshape(lead)
+        out["top1_in_top10"] = (rank < 10).reshape(lead)
+    if t is not None:
+        out["original_log_probs"] = lp_a.reshape(lead)
+        out["quantized_log_probs"] = lp_b.reshape(lead)
+        with np.errstate(invalid="ignore"):
+            out["p_original"] = np.exp(out["original_log_probs"])
+            out["p_quantized"] = np.exp(out["quantized_log_probs"])
+        out["delta_p"] = out["p_quantized"] - out["p_original"]
+    return out
+
+
+def _widen(x, is_bf16, dt):
+    if is_bf16:
+        return (x.astype(np.uint32) << 16).view(np.float32).astype(dt)
+    return x.astype(dt)

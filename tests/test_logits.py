@@ -1,0 +1,113 @@
+"""token_log_probs / kl_divergence against torch on every SIMD path and dtype."""
+import numpy as np
+import pytest
+import torch
+
+import ppldelta
+
+RNG = np.random.default_rng(7)
+
+
+def _torch_ref(a, b, t):
+    la = torch.log_softmax(torch.as_tensor(a).double(), -1)
+    lb = torch.log_softmax(torch.as_tensor(b).double(), -1)
+    tt = torch.as_tensor(t)[..., None]
+    kl = (la.exp() * (la - lb)).nansum(-1)
+    klr = (lb.exp() * (lb - la)).nansum(-1)
+    top5 = (torch.topk(lb, min(5, lb.shape[-1]), -1).indices == la.argmax(-1, keepdim=True)).any(-1)
+    top10 = (torch.topk(lb, min(10, lb.shape[-1]), -1).indices == la.argmax(-1, keepdim=True)).any(-1)
+    return {"lp_a": la.gather(-1, tt)[..., 0].numpy(), "lp_b": lb.gather(-1, tt)[..., 0].numpy(),
+            "kld": kl.numpy(), "kld_rev": klr.numpy(), "same": (la.argmax(-1) == lb.argmax(-1)).numpy(),
+            "top5": top5.numpy(), "top10": top10.numpy()}
+
+
+@pytest.mark.parametrize("V", [1, 7, 16, 1000, 1024, 1031, 5003])
+def test_matches_torch_float32(V, isa):
+    a = RNG.normal(0, 4, (23, V)).astype(np.float32)
+    b = (a + RNG.normal(0, 0.5, a.shape)).astype(np.float32)
+    t = RNG.integers(0, V, 23)
+    ref = _torch_ref(a, b, t)
+    np.testing.assert_allclose(ppldelta.token_log_probs(a, t), ref["lp_a"], atol=1e-5, rtol=0)
+    k = ppldelta.kl_divergence(a, b, targets=t, reverse=True)
+    np.testing.assert_allclose(k["kld"], ref["kld"], atol=1e-5)
+    np.testing.assert_allclose(k["kld_reverse"], ref["kld_rev"], atol=1e-5)
+    np.testing.assert_allclose(k["quantized_log_probs"], ref["lp_b"], atol=1e-5)
+    assert (k["same_top1"] == ref["same"]).all()
+    if V >= 10:
+        assert (k["top1_in_top5"] == ref["top5"]).all() and (k["top1_in_top10"] == ref["top10"]).all()
+    np.testing.assert_allclose(k["delta_p"], np.exp(ref["lp_b"]) - np.exp(ref["lp_a"]), atol=1e-6)
+
+
+def test_float64_is_exact_and_3d_shapes():
+    a = RNG.normal(0, 10, (2, 3, 300))
+    t = RNG.integers(0, 300, (2, 3))
+    ref = torch.log_softmax(torch.from_numpy(a), -1).gather(-1, torch.from_numpy(t)[..., None])[..., 0].numpy()
+    got = ppldelta.token_log_probs(a, t)
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got, ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_and_bfloat16_tensors(dtype, isa):
+    a = torch.from_numpy(RNG.normal(0, 3, (17, 2050)).astype(np.float32)).to(dtype)
+    b = (a.float() + 0.2 * torch.randn(a.shape, generator=torch.Generator().manual_seed(0))).to(dtype)
+    t = torch.from_numpy(RNG.integers(0, 2050, 17))
+    ref = _torch_ref(a.float().numpy(), b.float().numpy(), t.numpy())
+    np.testing.assert_allclose(ppldelta.token_log_probs(a, t), ref["lp_a"], atol=1e-5)
+    k = ppldelta.kl_divergence(a, b, targets=t)
+    np.testing.assert_allclose(k["kld"], ref["kld"], atol=1e-5)
+    # raw bfloat16 bits in a uint16 array
+    if dtype == torch.bfloat16:
+        raw = a.view(torch.int16).numpy().view(np.uint16)
+        np.testing.assert_allclose(ppldelta.token_log_probs(raw, t.numpy(), bf16=True), ref["lp_a"], atol=1e-5)
+
+
+def test_ignore_index_and_masked_vocab():
+    a = RNG.normal(0, 2, (5, 50)).astype(np.float32)
+    a[:, 40:] = -np.inf  # masked tokens in both models
+    b = a + 0.1
+    t = np.array([3, -100, 7, 45, -100])
+    lp = ppldelta.token_log_probs(a, t)
+    assert np.isnan(lp[1]) and np.isnan(lp[4]) and lp[3] == -np.inf
+    k = ppldelta.kl_divergence(a, b)
+    assert np.isfinite(k["kld"]).all() and (k["kld"] < 1e-6).all()  # a shift changes nothing
+
+
+def test_identical_rows_give_zero_kld():
+    a = RNG.normal(0, 5, (9, 4099)).astype(np.float32)
+    k = ppldelta.kl_divergence(a, a.copy(), reverse=True)
+    assert (k["kld"] >= 0).all() and k["kld"].max() < 1e-6 and k["same_top1"].all()
+    assert k["top1_in_top5"].all()
+
+
+def test_errors():
+    a = np.zeros((3, 10), np.float32)
+    with pytest.raises(ValueError, match=r"targets\[1\] = 10 is outside the vocabulary \[0, 10\)"):
+        ppldelta.token_log_probs(a, [0, 10, 2])
+    bad = a.copy()
+    bad[2, 4] = np.nan
+    with pytest.raises(ValueError, match="logits row 2 contains NaN"):
+        ppldelta.token_log_probs(bad, [0, 1, 2])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ppldelta.kl_divergence(a, np.zeros((3, 11), np.float32))
+    with pytest.raises(ValueError, match="targets has shape"):
+        ppldelta.token_log_probs(a, [0, 1])
+    with pytest.raises(TypeError):
+        ppldelta.token_log_probs(a.astype(np.complex64), [0, 1, 2])
+
+
+def test_threads_agree():
+    a = RNG.normal(0, 3, (301, 777)).astype(np.float32)
+    b = a + 0.3
+    k1 = ppldelta.kl_divergence(a, b, threads=1)
+    k4 = ppldelta.kl_divergence(a, b, threads=4)
+    np.testing.assert_array_equal(k1["kld"], k4["kld"])
+
+
+def test_strided_rows_and_no_row_copies():
+    big = RNG.normal(0, 3, (40, 600)).astype(np.float32)
+    view = big[::3, :500]  # rows contiguous, row stride 2400 bytes
+    t = RNG.integers(0, 500, view.shape[0])
+    ref = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(view)).double(), -1)
+    np.testing.assert_allclose(ppldelta.token_log_probs(view, t),
+                               ref.gather(-1, torch.from_numpy(t)[:, None])[:, 0].numpy(), atol=1e-5)
