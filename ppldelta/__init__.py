@@ -8,6 +8,8 @@ and top-token agreement from logits, confidence intervals, per-domain breakdowns
 'poor'
 """
 from ._core import POSITIVE_TOLERANCE, perplexity, perplexity_delta, simd, supported_simd
+from . import distributed
+from .accumulate import Accumulator
 from .analysis import Report, analyze
 from .bands import Band, expected_band
 from .flips import FlipReport, choice_flips, paired_outcomes, pass_at_k
@@ -16,6 +18,7 @@ from .logits import kl_divergence, token_log_probs
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accumulator",
     "POSITIVE_TOLERANCE",
     "Band",
     "FlipReport",

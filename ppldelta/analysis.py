@@ -46,22 +46,28 @@ def _default_block(n):
     return int(min(512, max(1, round(math.sqrt(n)))))
 
 
+def _blocks(d, block_size):
+    """Per-block sums and token counts of d over blocks of consecutive tokens."""
+    starts = np.arange(0, d.size, block_size)
+    return np.add.reduceat(d, starts), np.diff(np.append(starts, d.size)).astype(np.float64)
+
+
 def _bootstrap(d, block_size, n_boot, seed, confidence):
     """Paired block bootstrap of mean(d), d = nll_Q - nll_O per token, in token order."""
-    n = d.size
-    starts = np.arange(0, n, block_size)
-    num = np.add.reduceat(d, starts)
-    den = np.diff(np.append(starts, n)).astype(np.float64)
-    mean = float(d.mean())
-    if starts.size < 2 or n_boot < 1:
-        return {"ci": [None, None], "stderr": None, "p_value": None, "n_blocks": int(starts.size)}
+    num, den = _blocks(d, block_size)
+    return _bootstrap_blocks(num, den, float(d.mean()), n_boot, seed, confidence)
+
+
+def _bootstrap_blocks(num, den, mean, n_boot, seed, confidence):
+    if num.size < 2 or n_boot < 1 or not np.isfinite(num).all():
+        return {"ci": [None, None], "stderr": None, "p_value": None, "n_blocks": int(num.size)}
     reps = _core.block_bootstrap(num, den, int(n_boot), int(seed) & (2 ** 64 - 1))
     a = (1 - confidence) / 2
     lo, hi = np.quantile(reps, [a, 1 - a])
     # two-sided bootstrap test of mean(d) = 0: replicates re-centred on the null
     p = (np.count_nonzero(np.abs(reps - mean) >= abs(mean)) + 1) / (reps.size + 1)
     return {"ci": [float(lo), float(hi)], "stderr": float(np.std(reps, ddof=1)), "p_value": float(p),
-            "n_blocks": int(starts.size)}
+            "n_blocks": int(num.size)}
 
 
 def _verdict(ci):
@@ -266,30 +272,24 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
     with np.errstate(all="ignore"):
         d = nll_q - nll_o
     bs = block_size or _default_block(n)
-    data = {"reference": reference, "n_tokens": int(n), "confidence": confidence,
-            "protocol": protocol}
-    data.update(_paired_stats(nll_o, nll_q, d, bs, n_bootstrap, seed, confidence))
+    boot = _bootstrap(d, bs, n_bootstrap, seed, confidence) if np.isfinite(d).all() else \
+        _bootstrap_blocks(np.array([np.nan]), np.array([1.0]), 0.0, 0, seed, confidence)
+    with np.errstate(all="ignore"):
+        dp = np.exp(lq) - np.exp(lo)
+    data = {"reference": reference, "n_tokens": int(n), "confidence": confidence, "protocol": protocol}
+    with np.errstate(all="ignore"):
+        data.update(_paired_stats(n, float(nll_o.sum()), float(nll_q.sum()), float((nll_o * nll_o).sum()),
+                                  float((nll_q * nll_q).sum()), float((nll_o * nll_q).sum()), boot))
     data["bootstrap"] = {"n_bootstrap": int(n_bootstrap), "block_size": int(bs),
-                         "n_blocks": data.pop("_n_blocks"), "seed": seed}
+                         "n_blocks": boot["n_blocks"], "seed": seed}
     data["kld"] = _dist(extras["kld"], PCTS_KLD) if "kld" in extras else None
     if "kld_reverse" in extras:
         data["kld_reverse"] = _dist(extras["kld_reverse"], PCTS_KLD)
-    with np.errstate(all="ignore"):
-        dp = np.exp(lq) - np.exp(lo)
-    data["delta_p"] = _dist(dp, PCTS_DP, 100.0)
-    mse, mse_unc = _mean_unc(dp * dp)
-    rms = math.sqrt(mse)
-    data["delta_p"]["rms"] = 100 * rms
-    data["delta_p"]["rms_stderr"] = (100 * 0.5 / rms * mse_unc) if (mse_unc is not None and rms > 0) else None
-    if "same_top1" in extras:
-        p = float(extras["same_top1"].mean())
-        data["same_top1"] = {"pct": 100 * p,
-                             "stderr": 100 * math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None}
-    else:
-        data["same_top1"] = None
+    data["delta_p"] = _delta_p_extra(_dist(dp, PCTS_DP, 100.0), n, float((dp * dp).sum()),
+                                     float((dp ** 4).sum()))
+    data["same_top1"] = _rate(n, float(extras["same_top1"].sum())) if "same_top1" in extras else None
     for key in ("top1_in_top5", "top1_in_top10"):
         data[key] = 100 * float(extras[key].mean()) if key in extras else None
-
     data["groups"] = None
     data["suffers_most"] = None
     if groups is not None:
@@ -299,31 +299,14 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
         gout = {}
         for g, name in enumerate(names):
             sel = codes == g
-            gd = {"n_tokens": int(counts[g]),
-                  "reference": _reference_from_sums(float(sums_o[g]), float(sums_q[g]), int(counts[g]))}
-            b = _bootstrap(d[sel], min(bs, max(1, int(counts[g]) // 2)), n_bootstrap, seed + g + 1, confidence)
-            mean_d = float(d[sel].mean())
-            gd["ln_ppl_ratio"] = {"value": mean_d, "ci": b["ci"]}
-            gd["ppl_ratio"] = {"value": math.exp(mean_d),
-                               "ci": [math.exp(c) if c is not None else None for c in b["ci"]]}
-            gd["significance"] = _verdict(b["ci"])
-            gd["kld_mean"] = float(extras["kld"][sel].mean()) if "kld" in extras else None
-            gd["same_top1_pct"] = 100 * float(extras["same_top1"][sel].mean()) if "same_top1" in extras else None
-            gout[name] = gd
+            gb = _bootstrap(d[sel], min(bs, max(1, int(counts[g]) // 2)), n_bootstrap, seed + g + 1, confidence)
+            gout[name] = _group_entry(
+                int(counts[g]), float(sums_o[g]), float(sums_q[g]), gb,
+                float(extras["kld"][sel].mean()) if "kld" in extras else None,
+                100 * float(extras["same_top1"][sel].mean()) if "same_top1" in extras else None)
         data["groups"] = gout
         data["suffers_most"] = max(gout, key=lambda k: gout[k]["reference"]["relative_delta_pct"])
-
-    data["expected"] = None
-    if expected is not None:
-        band = expected_band(expected)
-        ratio = data["ppl_ratio"]["value"]
-        ci = data["ppl_ratio"]["ci"]
-        data["expected"] = {"format": expected, "band": [band.low, band.high], "open_ended": band.open_ended,
-                            "acceptable": band.acceptable, "ratio": ratio, "verdict": band.verdict(ratio),
-                            "ci_verdict": None if ci[0] is None else
-                            ("worse than expected" if band.verdict(ci[0]) == "worse than expected" else
-                             "better than expected" if band.verdict(ci[1]) == "better than expected" else
-                             "consistent with the band")}
+    data["expected"] = _expected(expected, data["ppl_ratio"]["value"], data["ppl_ratio"]["ci"])
     return Report(data)
 
 
@@ -344,40 +327,75 @@ def _reference_from_sums(so: float, sq: float, n: int) -> dict:
             "quality": quality}
 
 
-def _paired_stats(nll_o, nll_q, d, block_size, n_boot, seed, confidence):
-    n = nll_o.size
-    mo, uo = _mean_unc(nll_o)
-    mq, uq = _mean_unc(nll_q)
-    cov = None
-    if n > 1:
-        cov = (float(np.mean(nll_o * nll_q)) - mo * mq) / (n - 1)
-    with np.errstate(over="ignore"):
-        ppl_o, ppl_q = math.exp(min(mo, 709.0)) if mo <= 709 else math.inf, math.exp(mq) if mq <= 709 else math.inf
+def _unc(n, s1, s2):
+    """llama.cpp's mean_and_uncertainty from the count, sum and sum of squares."""
+    m = s1 / n
+    return m, (math.sqrt(max(s2 / n - m * m, 0.0) / (n - 1)) if n > 1 else None)
+
+
+def _exp(x):
+    return math.exp(x) if x < 709.78 else math.inf
+
+
+def _paired_stats(n, so, sq, soo, sqq, soq, boot):
+    """llama.cpp's paired statistics from the moments of nll_o and nll_q (sums of values,
+    squares and products) and a bootstrap result."""
+    mo, uo = _unc(n, so, soo)
+    mq, uq = _unc(n, sq, sqq)
+    cov = ((soq / n) - mo * mq) / (n - 1) if n > 1 else None
+    ppl_o, ppl_q = _exp(mo), _exp(mq)
     ppl_o_unc = ppl_o * uo if uo is not None else None
     ppl_q_unc = ppl_q * uq if uq is not None else None
     cor = cov / (uo * uq) if (cov is not None and uo and uq) else None
     ln_ratio = mq - mo
-    ln_ratio_unc = (math.sqrt(max(uq * uq + uo * uo - 2 * cov, 0.0)) if cov is not None else None)
-    ratio = math.exp(ln_ratio) if ln_ratio < 709 else math.inf
-    ratio_unc = ratio * ln_ratio_unc if ln_ratio_unc is not None else None
+    ln_ratio_unc = math.sqrt(max(uq * uq + uo * uo - 2 * cov, 0.0)) if cov is not None else None
+    ratio = _exp(ln_ratio)
     diff_unc = None
     if cov is not None and math.isfinite(ppl_o * ppl_q):
-        ppl_cov = ppl_o * ppl_q * cov
-        diff_unc = math.sqrt(max(ppl_q_unc ** 2 + ppl_o_unc ** 2 - 2 * ppl_cov, 0.0))
-    b = _bootstrap(d, block_size, n_boot, seed, confidence) if np.isfinite(d).all() else \
-        {"ci": [None, None], "stderr": None, "p_value": None, "n_blocks": 0}
-    z_p = None
-    if ln_ratio_unc:
-        z_p = math.erfc(abs(ln_ratio) / ln_ratio_unc / math.sqrt(2))
+        diff_unc = math.sqrt(max(ppl_q_unc ** 2 + ppl_o_unc ** 2 - 2 * ppl_o * ppl_q * cov, 0.0))
+    z_p = math.erfc(abs(ln_ratio) / ln_ratio_unc / math.sqrt(2)) if ln_ratio_unc else None
     return {
         "ppl": {"original": {"value": ppl_o, "stderr": ppl_o_unc},
                 "quantized": {"value": ppl_q, "stderr": ppl_q_unc}},
         "correlation": cor,
-        "ln_ppl_ratio": {"value": ln_ratio, "stderr": ln_ratio_unc, "ci": b["ci"],
-                         "bootstrap_stderr": b["stderr"]},
-        "ppl_ratio": {"value": ratio, "stderr": ratio_unc,
-                      "ci": [math.exp(c) if c is not None else None for c in b["ci"]]},
+        "ln_ppl_ratio": {"value": ln_ratio, "stderr": ln_ratio_unc, "ci": boot["ci"],
+                         "bootstrap_stderr": boot["stderr"]},
+        "ppl_ratio": {"value": ratio, "stderr": ratio * ln_ratio_unc if ln_ratio_unc is not None else None,
+                      "ci": [math.exp(c) if c is not None else None for c in boot["ci"]]},
         "ppl_diff": {"value": ppl_q - ppl_o, "stderr": diff_unc},
-        "significance": {"verdict": _verdict(b["ci"]), "p_value": b["p_value"], "z_p_value": z_p},
-        "_n_blocks": b["n_blocks"],
+        "significance": {"verdict": _verdict(boot["ci"]), "p_value": boot["p_value"], "z_p_value": z_p},
     }
+
+
+def _delta_p_extra(dist, n, s2, s4):
+    """RMS Δp and its error (llama.cpp: 0.5 / rms * uncertainty of the mean square), in %."""
+    mse, mse_unc = _unc(n, s2, s4)
+    rms = math.sqrt(mse)
+    dist["rms"] = 100 * rms
+    dist["rms_stderr"] = (100 * 0.5 / rms * mse_unc) if (mse_unc is not None and rms > 0) else None
+    return dist
+
+
+def _rate(n, hits):
+    p = hits / n
+    return {"pct": 100 * p, "stderr": 100 * math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else None}
+
+
+def _expected(expected, ratio, ci):
+    if expected is None:
+        return None
+    band = expected_band(expected)
+    return {"format": expected, "band": [band.low, band.high], "open_ended": band.open_ended,
+            "acceptable": band.acceptable, "ratio": ratio, "verdict": band.verdict(ratio),
+            "ci_verdict": None if ci[0] is None else
+            ("worse than expected" if band.verdict(ci[0]) == "worse than expected" else
+             "better than expected" if band.verdict(ci[1]) == "better than expected" else
+             "consistent with the band")}
+
+
+def _group_entry(n, so, sq, boot, kld_mean=None, same_pct=None):
+    mean_d = (so - sq) / n  # mean of nll_q - nll_o
+    return {"n_tokens": int(n), "reference": _reference_from_sums(so, sq, n),
+            "ln_ppl_ratio": {"value": mean_d, "ci": boot["ci"]},
+            "ppl_ratio": {"value": _exp(mean_d), "ci": [math.exp(c) if c is not None else None for c in boot["ci"]]},
+            "significance": _verdict(boot["ci"]), "kld_mean": kld_mean, "same_top1_pct": same_pct}

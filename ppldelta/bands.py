@@ -10,15 +10,19 @@ class Band:
     format: str
     bits: int
     low: float           # expected PPL(Q)/PPL(FP16), lower end
-    high: float          # upper end (for open-ended bands, the "+" end)
-    open_ended: bool     # "1.15-1.30+": no upper bound on what is typical
+    high: float          # upper end of the table's range
+    open_ended: bool     # "1.15-1.30+": somewhat above `high` is still typical
     acceptable: str      # seed 001's "Acceptable?" column
+
+    # Decision: "1.30+" reads as "1.30 and a little more", not "anything": up to 1.5 counts as
+    # within the band, so a broken 2-bit model (ratio 40) is still reported as worse.
+    OPEN_END = 1.5
 
     def verdict(self, ratio: float) -> str:
         """'better than expected', 'within expected band' or 'worse than expected'."""
         if ratio < self.low:
             return "better than expected"
-        if ratio <= self.high or self.open_ended:
+        if ratio <= (self.OPEN_END if self.open_ended else self.high):
             return "within expected band"
         return "worse than expected"
 

@@ -130,7 +130,8 @@ def test_expected_band():
     assert ppldelta.expected_band("q4_k_m").format == "GGUF Q4_K_M"
     assert b.verdict(1.02) == "better than expected" and b.verdict(1.07) == "within expected band"
     assert b.verdict(1.2) == "worse than expected"
-    assert ppldelta.expected_band("gguf-q2_k").verdict(1.6) == "within expected band"  # "1.30+"
+    assert ppldelta.expected_band("gguf-q2_k").verdict(1.4) == "within expected band"  # "1.30+"
+    assert ppldelta.expected_band("gguf-q2_k").verdict(1.6) == "worse than expected"
     with pytest.raises(ValueError, match="unknown quantization format"):
         ppldelta.expected_band("int3-magic")
     o, q = _pair(3000, shift=math.log(1.07))

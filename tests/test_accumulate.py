@@ -1,0 +1,94 @@
+"""Accumulator: streaming, merging in any order, state round trips, torch.distributed."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch.multiprocessing as mp
+
+import ppldelta
+from ppldelta.accumulate import exact_sum
+from _dist_worker import data, worker
+
+
+def test_exact_sum_is_exact():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([-rng.exponential(3, 5000), [1e300, -1e300, 5e-324, -2.5e-310, 1e-20]])
+    assert exact_sum(x) / (1 << 1127) == math.fsum(x.tolist())
+    assert exact_sum([]) == 0
+
+
+def _chunks(o, q, kld, labels, sizes):
+    i = 0
+    for s in sizes:
+        yield o[i:i + s], q[i:i + s], kld[i:i + s], labels[i:i + s]
+        i += s
+
+
+def test_merge_in_any_order_equals_one_pass():
+    o, q, kld, labels = data(1, 5000)
+    sizes = [700, 1300, 1000, 2000]
+    one = ppldelta.Accumulator(block_size=50)
+    parts = []
+    for co, cq, ck, cl in _chunks(o, q, kld, labels, sizes):
+        one.update(co, cq, kld=ck, groups=cl)
+        parts.append(ppldelta.Accumulator(block_size=50).update(co, cq, kld=ck, groups=cl))
+    want = json.dumps(one.report().to_dict(), sort_keys=True)
+    for perm in ([0, 1, 2, 3], [3, 1, 0, 2], [2, 3, 1, 0]):
+        m = ppldelta.Accumulator(block_size=50)
+        for i in perm:
+            m.merge(ppldelta.Accumulator.from_state(json.loads(json.dumps(parts[i].state_dict()))))
+        assert json.dumps(m.report().to_dict(), sort_keys=True) == want
+    # tree merge
+    a = ppldelta.Accumulator(block_size=50).merge(parts[0]).merge(parts[2])
+    b = ppldelta.Accumulator(block_size=50).merge(parts[3]).merge(parts[1])
+    assert json.dumps(b.merge(a).report().to_dict(), sort_keys=True) == want
+
+
+def test_report_agrees_with_analyze():
+    o, q, kld, labels = data(2, 8000)
+    acc = ppldelta.Accumulator(block_size=64)
+    for co, cq, ck, cl in _chunks(o, q, kld, labels, [3000, 5000]):
+        acc.update(co, cq, kld=ck, groups=cl)
+    r = acc.report().to_dict()
+    a = ppldelta.analyze(o, q, kld=kld, groups=labels).to_dict()
+    assert r["reference"] == a["reference"] == ppldelta.perplexity_delta(o, q)
+    for g in ("code", "prose"):
+        assert r["groups"][g]["reference"] == a["groups"][g]["reference"]
+    for path in (("ppl", "quantized", "value"), ("ppl_ratio", "value"), ("ln_ppl_ratio", "stderr"),
+                 ("correlation",), ("kld", "mean"), ("delta_p", "rms")):
+        x, y = r, a
+        for k in path:
+            x, y = x[k], y[k]
+        assert x == pytest.approx(y, rel=1e-9), path
+    for k in ("median", "p90", "p99"):
+        assert r["kld"][k] == pytest.approx(a["kld"][k], rel=0.03)
+    assert r["kld"]["max"] == a["kld"]["max"] and r["kld"]["min"] == a["kld"]["min"]
+    assert r["delta_p"]["median"] == pytest.approx(a["delta_p"]["median"], abs=0.02)
+
+
+def test_errors_and_consistency():
+    acc = ppldelta.Accumulator()
+    with pytest.raises(ValueError, match="empty"):
+        acc.report()
+    acc.update([-1.0, -2.0], [-1.5, -2.5], kld=[0.1, 0.2])
+    with pytest.raises(ValueError, match="same per-token arrays"):
+        acc.update([-1.0], [-1.0])
+    with pytest.raises(ValueError, match="NaN"):
+        acc.update([-1.0, math.nan], [-1.0, -1.0], kld=[0, 0])
+    with pytest.raises(ValueError, match="block sizes differ"):
+        acc.merge(ppldelta.Accumulator(block_size=3))
+
+
+def test_distributed_all_reduce_gloo(tmp_path):
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1
+    o, q, kld, labels = data()
+    assert r0["reference"] == ppldelta.perplexity_delta(o, q)
+    one = ppldelta.Accumulator(block_size=64)
+    for part in np.array_split(np.arange(o.size), 2):
+        one.update(o[part], q[part], kld=kld[part], groups=labels[part])
+    assert json.loads(json.dumps(one.report(seed=3).to_dict())) == r0
