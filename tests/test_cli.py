@@ -1,0 +1,125 @@
+"""The ppldelta command: file formats, output formats, the CI quality gate and its exit codes,
+and the demo on the bundled data."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import ppldelta
+from ppldelta.cli import main
+from ppldelta.io import read_values
+
+RNG = np.random.default_rng(0)
+O = -RNG.exponential(2.0, 500)
+Q = np.minimum(O - 0.03 + RNG.normal(0, 0.05, 500), 0)  # about 3 % worse: "good"
+
+
+@pytest.fixture
+def files(tmp_path):
+    paths = {}
+    np.save(tmp_path / "o.npy", O)
+    np.save(tmp_path / "q.npy", Q)
+    paths["npy"] = (tmp_path / "o.npy", tmp_path / "q.npy")
+    np.savez(tmp_path / "both.npz", original=O, quantized=Q)
+    paths["npz"] = (f"{tmp_path / 'both.npz'}:original", f"{tmp_path / 'both.npz'}:quantized")
+    (tmp_path / "o.txt").write_text("# log-probs\n" + "\n".join(map(repr, O.tolist())) + "\n")
+    (tmp_path / "q.json").write_text(json.dumps({"log_probs": Q.tolist()}))
+    paths["txt-json"] = (tmp_path / "o.txt", tmp_path / "q.json")
+    (tmp_path / "o.jsonl").write_text("\n".join(json.dumps({"logprob": v}) for v in O.tolist()))
+    torch.save(torch.from_numpy(Q).float(), tmp_path / "q.pt")
+    paths["jsonl-pt"] = (tmp_path / "o.jsonl", tmp_path / "q.pt")
+    save_file({"lp": O.astype(np.float32)}, str(tmp_path / "o.safetensors"))
+    paths["safetensors"] = (tmp_path / "o.safetensors", tmp_path / "q.npy")
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz", "txt-json", "jsonl-pt", "safetensors"])
+def test_readers_roundtrip(files, kind):
+    a, b = files[kind]
+    va, vb = read_values(a), read_values(b)
+    np.testing.assert_allclose(va, O, rtol=1e-6)
+    np.testing.assert_allclose(vb, Q, rtol=1e-6)
+
+
+def test_compare_formats_and_gate(files, capsys):
+    o, q = map(str, files["npy"])
+    assert main(["compare", o, q, "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["reference"] == ppldelta.perplexity_delta(O, Q)
+    assert out["reference"]["quality"] == "good"
+    assert main(["compare", o, q, "--format", "markdown", "--expected", "gptq-4"]) == 0
+    assert "| relative_delta_pct |" in capsys.readouterr().out
+    assert main(["compare", o, q]) == 0
+    assert "Mean PPL(Q)/PPL(base)" in capsys.readouterr().out
+    # the gate
+    assert main(["compare", o, q, "--fail-on", "good"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ppldelta: FAIL: quality is 'good'") and err.count("\n") == 1
+    assert main(["compare", o, q, "--fail-on", "poor"]) == 0
+    assert main(["compare", o, q, "--max-relative-delta", "1"]) == 1
+    assert "exceeds --max-relative-delta 1.0%" in capsys.readouterr().err
+    assert main(["compare", o, q, "--max-relative-delta", "10"]) == 0
+
+
+def test_compare_groups(files, tmp_path, capsys):
+    labels = tmp_path / "g.txt"
+    labels.write_text("\n".join(["prose"] * 300 + ["code"] * 200))
+    o, q = map(str, files["npy"])
+    assert main(["compare", o, q, "--groups", str(labels), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["groups"]) == {"prose", "code"} and out["suffers_most"] in out["groups"]
+
+
+def test_compare_errors_exit_2(files, tmp_path, capsys):
+    o, _ = map(str, files["npy"])
+    assert main(["compare", o, str(tmp_path / "missing.npy")]) == 2
+    np.save(tmp_path / "short.npy", Q[:10])
+    assert main(["compare", o, str(tmp_path / "short.npy")]) == 2
+    assert "has 500 values, quantized_log_probs has 10" in capsys.readouterr().err
+    (tmp_path / "bad.txt").write_text("-1.0\nabc\n")
+    assert main(["compare", o, str(tmp_path / "bad.txt")]) == 2
+    assert "bad.txt:2: not a number" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["compare", o])
+    assert e.value.code == 2
+
+
+def test_demo_text_and_json(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    data = ppldelta.demo.load_demo() if hasattr(ppldelta, "demo") else None
+    from ppldelta.demo import load_demo
+
+    data = load_demo()
+    for v in data.variants:
+        assert v in out
+    assert "suffers most" in out and "Mean    KLD" in out
+    assert main(["demo", "--format", "json", "--variant", "rtn4_g128"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert list(j["reports"]) == ["rtn4_g128"]
+    assert j["reports"]["rtn4_g128"]["reference"] == ppldelta.perplexity_delta(data.original, data.log_probs["rtn4_g128"])
+    assert main(["demo", "--variant", "nope"]) == 2
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "ppldelta", "demo", "--format", "markdown"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("# ppldelta demo")
+
+
+def test_demo_data_is_real_and_consistent():
+    from ppldelta.demo import load_demo
+
+    d = load_demo()
+    n = d.original.size
+    assert n > 8000 and set(d.domains) == {"prose", "code"}
+    assert d.meta["model"].startswith("HuggingFaceTB/SmolLM2")
+    for v in d.variants:
+        assert d.log_probs[v].size == n == d.kld[v].size
+        assert (d.kld[v] >= 0).all() and (d.log_probs[v] <= 0).all()
+        # a model's top-1 agreement implies top-5 inclusion
+        assert (d.top5[v] >= d.top1[v]).all() and (d.top10[v] >= d.top5[v]).all()
