@@ -333,3 +333,24 @@ def test_simd_override_and_names():
     assert "scalar" in _core.supported_simd()
     with pytest.raises(ValueError):
         _core._set_simd("no-such-isa")
+
+
+def test_ctrl_c_interrupts_a_long_reduction():
+    import os
+    import signal
+    import time
+
+    x = np.lib.stride_tricks.as_strided(np.array([-0.5]), shape=(2 ** 34,), strides=(0,))  # ~10 s
+    timer = threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGINT))
+    t0 = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        ppldelta.perplexity_delta(x, x)
+    assert time.perf_counter() - t0 < 1.2
+    timer.join()
+
+
+def test_chunked_runs_do_not_change_sums():
+    # 2^22-value runs are a multiple of the kernels' 1024-value blocks: same sum as one run
+    x = (-RNG.exponential(2.0, (1 << 22) + 12345)).astype(np.float32)
+    assert ppldelta.perplexity(x) == fsum_perplexity(x.astype(np.float64).tolist())
