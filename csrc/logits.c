@@ -62,6 +62,8 @@ static void pd_job_run(pd_job *j)
                 o->same_top1[r] = k.argmax_a == k.argmax_b;
             if (o->rank_b)
                 o->rank_b[r] = j->fn->count_gt(rb, a->V, pd_load_any(b->dt, rb + k.argmax_a * isz));
+            if (o->rank_a)
+                o->rank_a[r] = j->fn->count_gt(ra, a->V, pd_load_any(a->dt, ra + k.argmax_b * isz));
         }
         else if (j->fn->lse(ra, a->V, &k.lse_a, &k.argmax_a) < 0 || !isfinite(k.lse_a)) {
             j->bad_row = r;

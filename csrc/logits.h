@@ -15,6 +15,7 @@ typedef struct {
     double *kld, *kld_rev;   /* KL(P||Q), KL(Q||P) in nats (needs b) */
     npy_bool *same_top1;     /* argmax a == argmax b (needs b) */
     npy_int64 *rank_b;       /* #{j : b_j > b[argmax a]}: P's top-1 is in Q's top-k iff < k */
+    npy_int64 *rank_a;       /* #{j : a_j > a[argmax b]}: Q's top-1 is in P's top-k iff < k */
 } pd_logits_out;
 
 /* Runs the row kernels over a (and b, when b->base != NULL) on `threads` threads.

@@ -641,11 +641,12 @@ static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwd
 {
     static char *kwlist[] = {"a", "b", "targets", "ignore_index", "bf16", "topk", "threads", NULL};
     PyObject *oa, *ob = Py_None, *ot = Py_None, *res = NULL;
-    PyObject *lp_a = NULL, *lp_b = NULL, *kld = NULL, *kld_rev = NULL, *same = NULL, *rank = NULL;
+    PyObject *lp_a = NULL, *lp_b = NULL, *kld = NULL, *kld_rev = NULL, *same = NULL, *rank = NULL,
+             *rank_a = NULL;
     long long ignore = -100;
     int bf16 = 0, topk = 1, threads = 1, kind = 0, rc;
     pd_mat a, b;
-    pd_logits_out out = {NULL, NULL, NULL, NULL, NULL, NULL};
+    pd_logits_out out = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     const npy_int64 *tg = NULL;
     npy_intp bad = -1;
     (void)module;
@@ -693,9 +694,10 @@ static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwd
         out.kld_rev = (double *)PyArray_DATA((PyArrayObject *)kld_rev);
         out.same_top1 = (npy_bool *)PyArray_DATA((PyArrayObject *)same);
         if (topk) {
-            if (!(rank = pd_new_vec(a.rows, NPY_INT64)))
+            if (!(rank = pd_new_vec(a.rows, NPY_INT64)) || !(rank_a = pd_new_vec(a.rows, NPY_INT64)))
                 goto done;
             out.rank_b = (npy_int64 *)PyArray_DATA((PyArrayObject *)rank);
+            out.rank_a = (npy_int64 *)PyArray_DATA((PyArrayObject *)rank_a);
         }
     }
     Py_BEGIN_ALLOW_THREADS
@@ -712,8 +714,9 @@ static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwd
         goto done;
     }
 #define PD_OR_NONE(x) ((x) ? (x) : Py_None)
-    res = Py_BuildValue("OOOOOO", PD_OR_NONE(lp_a), PD_OR_NONE(lp_b), PD_OR_NONE(kld),
-                        PD_OR_NONE(kld_rev), PD_OR_NONE(same), PD_OR_NONE(rank));
+    res = Py_BuildValue("OOOOOOO", PD_OR_NONE(lp_a), PD_OR_NONE(lp_b), PD_OR_NONE(kld),
+                        PD_OR_NONE(kld_rev), PD_OR_NONE(same), PD_OR_NONE(rank),
+                        PD_OR_NONE(rank_a));
 #undef PD_OR_NONE
 done:
     Py_XDECREF(lp_a);
@@ -722,13 +725,14 @@ done:
     Py_XDECREF(kld_rev);
     Py_XDECREF(same);
     Py_XDECREF(rank);
+    Py_XDECREF(rank_a);
     return res;
 }
 
 static PyMethodDef pd_methods[] = {
     {"logits_stats", (PyCFunction)(void (*)(void))pd_logits_stats, METH_VARARGS | METH_KEYWORDS,
      "logits_stats(a, b=None, targets=None, ignore_index=-100, bf16=False, topk=True, threads=1)\n"
-     "--\n\n(lp_a, lp_b, kld, kld_rev, same_top1, rank_b) per row; None where not computed."},
+     "--\n\n(lp_a, lp_b, kld, kld_rev, same_top1, rank_b, rank_a) per row; None where not computed."},
     {"block_bootstrap", pd_block_bootstrap_py, METH_VARARGS,
      "block_bootstrap(num, den, n_boot, seed)\n--\n\n"
      "Replicates sum(num[idx]) / sum(den[idx]) over blocks drawn with replacement."},

@@ -33,6 +33,7 @@ def logits_stats(
     npt.NDArray[np.float64] | None,
     npt.NDArray[np.bool_] | None,
     npt.NDArray[np.int64] | None,
+    npt.NDArray[np.int64] | None,
 ]: ...
 def block_bootstrap(
     num: npt.ArrayLike, den: npt.ArrayLike, n_boot: int, seed: int

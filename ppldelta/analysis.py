@@ -176,6 +176,9 @@ class Report:
         for key in ("top1_in_top5", "top1_in_top10"):
             if d.get(key) is not None:
                 yield (f"base top-1 in Q {key.split('_in_')[1].replace('top', 'top-')}", f"{d[key]:6.3f} %")
+        for key in ("q_top1_in_base_top5", "q_top1_in_base_top10"):
+            if d.get(key) is not None:
+                yield (f"Q top-1 in base {key.split('_in_base_')[1].replace('top', 'top-')}", f"{d[key]:6.3f} %")
         if d.get("groups"):
             yield ("per group", None)
             for g, gd in d["groups"].items():
@@ -245,11 +248,15 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
         kld, same_top1 = kl["kld"], kl["same_top1"]
         top1_in_top5, top1_in_top10 = kl["top1_in_top5"], kl["top1_in_top10"]
         kld_reverse = kl.get("kld_reverse")
+        cross = {k: kl[f"quantized_top1_in_original_{k[-4:].lstrip('p')}"]
+                 for k in ("q_top1_in_base_top5", "q_top1_in_base_top10")}
         if targets is not None:
             if original_log_probs is None:
                 original_log_probs = kl["original_log_probs"]
             if quantized_log_probs is None:
                 quantized_log_probs = kl["quantized_log_probs"]
+    else:
+        cross = {}
     if original_log_probs is None or quantized_log_probs is None:
         raise ValueError("log-probs are required (or logits together with targets)")
 
@@ -290,6 +297,8 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
     data["same_top1"] = _rate(n, float(extras["same_top1"].sum())) if "same_top1" in extras else None
     for key in ("top1_in_top5", "top1_in_top10"):
         data[key] = 100 * float(extras[key].mean()) if key in extras else None
+    for key, arr in cross.items():  # the other direction, when computed from logits
+        data[key] = 100 * float(np.mean(arr))
     data["groups"] = None
     data["suffers_most"] = None
     if groups is not None:

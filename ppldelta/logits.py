@@ -85,7 +85,8 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
       ``reverse=True``): KL(Q||P);
     - ``same_top1``: the two argmax tokens agree (llama.cpp's "same top p");
     - ``top1_in_top5`` / ``top1_in_top10`` (``topk=True``): the original's argmax is among the
-      quantized model's 5 / 10 most likely tokens;
+      quantized model's 5 / 10 most likely tokens, and ``quantized_top1_in_original_top5`` /
+      ``..._top10`` the other way round;
     - with ``targets``: ``original_log_probs``, ``quantized_log_probs`` (NaN where ignored),
       ``p_original``, ``p_quantized`` and ``delta_p`` = p_quantized - p_original.
     """
@@ -100,7 +101,7 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
         b = _widen(b, bf16b, dt)
         bf16a = bf16b = False
     t = _targets(targets, lead) if targets is not None else None
-    lp_a, lp_b, kld, kld_rev, same, rank = _core.logits_stats(
+    lp_a, lp_b, kld, kld_rev, same, rank, rank_a = _core.logits_stats(
         a, b, t, ignore_index=ignore_index, bf16=bf16a, topk=topk, threads=_threads(threads))
     out = {"kld": kld.reshape(lead), "same_top1": same.reshape(lead)}
     if reverse:
@@ -108,6 +109,8 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
     if topk:
         out["top1_in_top5"] = (rank < 5).reshape(lead)
         out["top1_in_top10"] = (rank < 10).reshape(lead)
+        out["quantized_top1_in_original_top5"] = (rank_a < 5).reshape(lead)
+        out["quantized_top1_in_original_top10"] = (rank_a < 10).reshape(lead)
     if t is not None:
         out["original_log_probs"] = lp_a.reshape(lead)
         out["quantized_log_probs"] = lp_b.reshape(lead)

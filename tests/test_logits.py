@@ -16,9 +16,10 @@ def _torch_ref(a, b, t):
     klr = (lb.exp() * (lb - la)).nansum(-1)
     top5 = (torch.topk(lb, min(5, lb.shape[-1]), -1).indices == la.argmax(-1, keepdim=True)).any(-1)
     top10 = (torch.topk(lb, min(10, lb.shape[-1]), -1).indices == la.argmax(-1, keepdim=True)).any(-1)
+    rtop5 = (torch.topk(la, min(5, la.shape[-1]), -1).indices == lb.argmax(-1, keepdim=True)).any(-1)
     return {"lp_a": la.gather(-1, tt)[..., 0].numpy(), "lp_b": lb.gather(-1, tt)[..., 0].numpy(),
             "kld": kl.numpy(), "kld_rev": klr.numpy(), "same": (la.argmax(-1) == lb.argmax(-1)).numpy(),
-            "top5": top5.numpy(), "top10": top10.numpy()}
+            "top5": top5.numpy(), "top10": top10.numpy(), "rtop5": rtop5.numpy()}
 
 
 @pytest.mark.parametrize("V", [1, 7, 16, 1000, 1024, 1031, 5003])
@@ -35,6 +36,7 @@ def test_matches_torch_float32(V, isa):
     assert (k["same_top1"] == ref["same"]).all()
     if V >= 10:
         assert (k["top1_in_top5"] == ref["top5"]).all() and (k["top1_in_top10"] == ref["top10"]).all()
+        assert (k["quantized_top1_in_original_top5"] == ref["rtop5"]).all()
     np.testing.assert_allclose(k["delta_p"], np.exp(ref["lp_b"]) - np.exp(ref["lp_a"]), atol=1e-6)
 
 

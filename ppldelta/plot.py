@@ -1,0 +1,242 @@
+"""Plots of ppldelta results (matplotlib, the ``plot`` extra: ``pip install ppldelta[plot]``).
+
+Each function draws on ``ax`` when one is given, otherwise on a new standalone
+``matplotlib.figure.Figure`` (not registered with pyplot: no GUI backend, no global state,
+nothing to close), and returns the Axes; none calls ``show()``.  Save with
+``ax.figure.savefig(path)``; in Jupyter pass an ``ax`` from ``plt.subplots()`` or
+``display(ax.figure)``.  This module imports without matplotlib.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .analysis import _as_f64
+from .bands import expected_band
+from .bands import formats as band_formats
+
+# seed 001's "Acceptable?" column -> band colour
+_ACCEPTABLE_COLOR = {"Yes": "#59a14f", "Usually": "#edc948", "Marginal": "#f28e2b", "Problematic": "#e15759"}
+_LOG_TICKS = (0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 10, 20, 50, 100, 1e3, 1e4, 1e5)
+
+
+def _new_axes(ax, figsize):
+    if ax is not None:
+        return ax
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize, layout="constrained").add_subplot()
+
+
+def _as_dict(report) -> dict:
+    return report.to_dict() if hasattr(report, "to_dict") else report
+
+
+def _ci_errorbar(ax, pos, cis, *, horizontal=False, **kw):
+    """Error bars spanning exactly [lo, hi] at each position (drawn from the interval's middle,
+    so a percentile CI that does not contain the point estimate is still drawn as it is).
+    Intervals given as None or (None, None) are skipped; returns the ErrorbarContainer."""
+    rows = [(p, ci[0], ci[1]) for p, ci in zip(pos, cis) if ci is not None and ci[0] is not None]
+    if not rows:
+        return None
+    p, lo, hi = (np.asarray(c, dtype=np.float64) for c in zip(*rows))
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+    if horizontal:
+        return ax.errorbar(mid, p, xerr=half, fmt="none", capsize=4, **kw)
+    return ax.errorbar(p, mid, yerr=half, fmt="none", capsize=4, **kw)
+
+
+def _axes_x(ax, x):
+    """Where data coordinate x lies across the axes, 0 (left) .. 1 (right), at the current limits."""
+    return ax.transAxes.inverted().transform(ax.transData.transform((x, 0)))[0]
+
+
+def _mark(ax, x, label, color, style="-", level=0):
+    """A vertical marker line, its label (also the line's legend label) written beside it, one
+    step lower per ``level`` so that neighbouring labels never overlap."""
+    ax.axvline(x, color=color, linestyle=style, linewidth=1.4, label=label)
+    leftwards = _axes_x(ax, x) > 0.8  # near the right edge
+    ax.annotate(label, xy=(x, 0.97 - 0.075 * level), xycoords=("data", "axes fraction"),
+                xytext=(-3 if leftwards else 3, 0), textcoords="offset points",
+                ha="right" if leftwards else "left", va="top", fontsize=8, color=color,
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+
+
+def delta_histogram(original_log_probs, quantized_log_probs, ax=None, bins=100):
+    """Histogram of the per-token change in log-prob, quantized - original (log count axis, so the
+    tails show), with the mean (= -ln PPL ratio) and the median marked.  Non-finite differences
+    (a -inf log-prob) are left out of the histogram and counted in the title."""
+    lo = _as_f64(original_log_probs, "original_log_probs")
+    lq = _as_f64(quantized_log_probs, "quantized_log_probs")
+    if lo.shape != lq.shape:
+        raise ValueError(f"length mismatch: {lo.size} original log-probs, {lq.size} quantized")
+    with np.errstate(invalid="ignore"):
+        d = lq - lo
+    d = d[np.isfinite(d)]
+    if d.size == 0:
+        raise ValueError("no finite log-prob differences to plot")
+    ax = _new_axes(ax, (7, 4))
+    ax.hist(d, bins=bins, color="#4e79a7", alpha=0.8, log=True)
+    mean, median = float(d.mean()), float(np.median(d))
+    _mark(ax, mean, f"mean {mean:+.4f}", "#e15759")
+    _mark(ax, median, f"median {median:+.4f}", "black", "--", level=1)
+    dropped = lo.size - d.size
+    ax.set_title(f"Per-token log-prob change, {d.size:,} tokens"
+                 + (f" ({dropped:,} non-finite left out)" if dropped else "")
+                 + f"; exp(−mean) = PPL ratio {np.exp(-mean):.4g}")
+    ax.set_xlabel("Δ log-prob = quantized − original (nats; < 0: the quantized model is worse)")
+    ax.set_ylabel("tokens")
+    return ax
+
+
+def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
+    """Histogram of per-token KL divergence on a log x axis, with the percentiles (linear
+    interpolation, as in analyze()) marked and labelled.  Values at or below the smallest
+    positive value shown (exact zeros, rounding) are counted in the first bin."""
+    k = _as_f64(kld, "kld")
+    k = k[np.isfinite(k)]
+    if k.size == 0:
+        raise ValueError("no finite KL divergence values to plot")
+    pos = k[k > 0]
+    top = float(k.max()) if pos.size else 1.0
+    floor = max(float(pos.min()), top * 1e-9) if pos.size else 1e-9
+    edges = np.geomspace(floor, max(top, floor * 10), bins + 1)
+    ax = _new_axes(ax, (7, 4))
+    ax.hist(np.clip(k, floor, None), bins=edges, color="#76b7b2", alpha=0.9)
+    ax.set_xscale("log")
+    colors = ("#4e79a7", "#f28e2b", "#e15759", "#b07aa1", "#9c755f", "#59a14f")
+    for i, (p, v) in enumerate(zip(percentiles, np.percentile(k, percentiles))):
+        _mark(ax, max(float(v), floor), f"p{p:g} = {v:.3g}", colors[i % len(colors)], "--", level=i)
+    ax.set_title(f"Per-token KL divergence, {k.size:,} tokens (mean {k.mean():.4g} nats)")
+    ax.set_xlabel("KL(P_original ‖ P_quantized) per token, nats (log scale)")
+    ax.set_ylabel("tokens")
+    return ax
+
+
+def group_deltas(report, ax=None):
+    """Bars of each group's relative perplexity delta (the reference dict's
+    ``relative_delta_pct``, written under each bar) with its bootstrap confidence interval,
+    (ratio - 1) * 100, as error bars; the group that suffers most is highlighted."""
+    d = _as_dict(report)
+    groups = d.get("groups")
+    if not groups:
+        raise ValueError("the report has no groups: run analyze(..., groups=labels)")
+    names = list(groups)
+    rel = [groups[g]["reference"]["relative_delta_pct"] for g in names]
+    cis = [[None if c is None else (c - 1) * 100 for c in groups[g]["ppl_ratio"]["ci"]] for g in names]
+    worst = d.get("suffers_most")
+    x = np.arange(len(names))
+    ax = _new_axes(ax, (2 + 1.3 * len(names), 4))
+    ax.bar(x, rel, width=0.6, color=["#e15759" if g == worst else "#4e79a7" for g in names], alpha=0.85,
+           label="relative PPL delta")
+    _ci_errorbar(ax, x, cis, color="black", label=f"{d.get('confidence', 0.95):.0%} CI (block bootstrap)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [f"{g}\n{v:+.2f} %\n{groups[g]['n_tokens']:,} tokens"
+                      + ("\nsuffers most" if g == worst else "") for g, v in zip(names, rel)])
+    ax.set_ylabel("relative perplexity delta, %")
+    ax.set_title(f"Perplexity delta per group (overall {d['reference']['relative_delta_pct']:+.2f} %)")
+    ax.legend(loc="best", fontsize=8)
+    return ax
+
+
+def _measured(value, fmt):
+    """(ratio, (lo, hi) | None, format | None) from a Report/dict or a (ratio, (lo, hi)) pair."""
+    if hasattr(value, "to_dict") or isinstance(value, dict):
+        d = _as_dict(value)
+        return d["ppl_ratio"]["value"], d["ppl_ratio"]["ci"], fmt or (d.get("expected") or {}).get("format")
+    if isinstance(value, (tuple, list)):
+        ratio, ci = value
+        return float(ratio), ci, fmt
+    return float(value), None, fmt
+
+
+def expected_bands(reports_or_ratios, formats=None, ax=None, xmax=3.0):
+    """Seed 001's table as one shaded band per format (FP16 ... GGUF Q2_K, coloured by its
+    "Acceptable?" column; the open-ended Q2_K band hatched beyond 1.30) and each variant's
+    measured PPL ratio with its confidence interval, on the row of its format (``formats``:
+    name -> format; a Report made with ``expected=`` brings its own) or on a row of its own.
+
+    ``reports_or_ratios``: name -> Report, its to_dict(), (ratio, (lo, hi)) or a bare ratio.
+    The x axis turns logarithmic past a ratio of 2 and stops at ``xmax``; a variant beyond it
+    is drawn as a triangle at the edge with its value written."""
+    keys = band_formats()
+    bands = [expected_band(k) for k in keys]
+    row_of = {b: i for i, b in enumerate(bands)}
+    formats = formats or {}
+    pts = []  # (name, ratio, ci, row)
+    extra = []
+    for name, value in reports_or_ratios.items():
+        ratio, ci, fmt = _measured(value, formats.get(name))
+        if fmt is not None:
+            row = row_of[expected_band(fmt)]
+        else:
+            row = len(bands) + len(extra)
+            extra.append(name)
+        pts.append((name, ratio, ci if ci is not None and ci[0] is not None else None, row))
+
+    ends = [v for _, r, ci, _ in pts for v in ((r,) + (tuple(ci) if ci else ())) if np.isfinite(v)]
+    right = min(max([1.35] + [v * 1.08 for v in ends]), xmax)
+    left = min([0.98] + [v * 0.98 for v in ends])
+    log = right > 2
+
+    n_rows = len(bands) + len(extra)
+    ax = _new_axes(ax, (9, 0.45 * n_rows + 1.6))
+    if log:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ticks, gap = [], np.log(right / left) / 12  # keep tick labels apart
+        for t in (t for t in _LOG_TICKS if left <= t <= right):
+            if not ticks or np.log(t / ticks[-1]) >= gap:
+                ticks.append(t)
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(left, right)
+    ax.set_ylim(n_rows - 0.5, -0.5)
+
+    lows = np.array([b.low for b in bands])
+    widths = np.array([b.high - b.low for b in bands])
+    sliver = (right / left) ** 0.006 if log else 1 + 0.006 * (right - left)  # FP16: a point band
+    thin = widths == 0
+    lows, widths = np.where(thin, lows / sliver, lows), np.where(thin, lows * (sliver - 1 / sliver), widths)
+    colors = [_ACCEPTABLE_COLOR.get(b.acceptable, "0.7") for b in bands]
+    ax.barh(np.arange(len(bands)), widths, left=lows, height=0.7, alpha=0.5, color=colors,
+            label="expected band (seed 001)")
+    for i, b in enumerate(bands):
+        if b.open_ended and right > b.high:  # "1.30+": anything above the low end is typical
+            ax.barh(i, right - b.high, left=b.high, height=0.7, alpha=0.12, hatch="//", color=colors[i],
+                    edgecolor=colors[i], linewidth=0)
+    ax.axvline(1.0, color="0.4", linewidth=0.8)
+
+    # points: several variants on one row are spread over it
+    per_row = {}
+    for p in pts:
+        per_row.setdefault(p[3], []).append(p)
+    ys, xs, cis, clipped = [], [], [], []
+    for row, items in per_row.items():
+        step = min(0.25, 0.6 / len(items))
+        for j, (name, ratio, ci, _) in enumerate(items):
+            y = row + (j - (len(items) - 1) / 2) * step
+            ys.append(y)
+            cis.append(ci)
+            xs.append(ratio if ratio <= right else np.nan)
+            if ratio > right:
+                clipped.append((name, ratio, y))
+                continue
+            lo, hi = ci if ci else (ratio, ratio)
+            leftwards = _axes_x(ax, hi) > 0.8
+            ax.annotate(name, (lo if leftwards else hi, y), xytext=(-5 if leftwards else 5, 0), fontsize=8,
+                        textcoords="offset points", ha="right" if leftwards else "left", va="center")
+    _ci_errorbar(ax, ys, cis, horizontal=True, color="black", linewidth=1.2, label="confidence interval")
+    ax.plot(xs, ys, "o", color="black", markersize=5, label="measured PPL ratio")
+    for name, ratio, y in clipped:
+        ax.plot([right], [y], ">", color="#e15759", markersize=8, clip_on=False)
+        ax.annotate(f"{name}: {ratio:,.{2 if ratio < 100 else 0}f}× →", (right, y), xytext=(-8, 0),
+                    textcoords="offset points", ha="right", va="center", fontsize=8, color="#e15759")
+
+    labels = [f"{b.format} {b.bits}-bit  {b.low:.2f}" + (f"–{b.high:.2f}" if b.high != b.low else "")
+              + ("+" if b.open_ended else "") + f"  ({b.acceptable})" for b in bands]
+    ax.set_yticks(np.arange(n_rows), labels + extra)
+    ax.set_xlabel("PPL(quantized) / PPL(original)" + (" (log scale)" if log else ""))
+    ax.set_title("Measured perplexity ratio vs the expected band of its format", loc="left")
+    ax.legend(loc="upper right", fontsize=8)
+    return ax
