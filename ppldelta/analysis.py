@@ -248,8 +248,7 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
         kld, same_top1 = kl["kld"], kl["same_top1"]
         top1_in_top5, top1_in_top10 = kl["top1_in_top5"], kl["top1_in_top10"]
         kld_reverse = kl.get("kld_reverse")
-        cross = {k: kl[f"quantized_top1_in_original_{k[-4:].lstrip('p')}"]
-                 for k in ("q_top1_in_base_top5", "q_top1_in_base_top10")}
+        cross = {f"q_top1_in_base_top{k}": kl[f"quantized_top1_in_original_top{k}"] for k in (5, 10)}
         if targets is not None:
             if original_log_probs is None:
                 original_log_probs = kl["original_log_probs"]

@@ -119,6 +119,7 @@ def test_analyze_from_logits():
     assert r["kld"]["mean"] == pytest.approx(k["kld"].mean())
     assert r["reference"] == ppldelta.perplexity_delta(k["original_log_probs"], k["quantized_log_probs"])
     assert r["kld_reverse"] is not None and r["top1_in_top5"] is not None
+    assert r["q_top1_in_base_top5"] == pytest.approx(100 * k["quantized_top1_in_original_top5"].mean())
     text = str(ppldelta.analyze(None, None, original_logits=a, quantized_logits=b, targets=t))
     assert "Mean    KLD" in text and "Same top p" in text
     assert "<table>" in ppldelta.analyze(None, None, original_logits=a, quantized_logits=b, targets=t)._repr_html_()
