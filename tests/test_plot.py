@@ -1,0 +1,182 @@
+"""ppldelta.plot: each plot renders to a valid PNG and holds the artists it promises, with the
+numbers of the report it was drawn from."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+import ppldelta  # noqa: E402
+from ppldelta import plot  # noqa: E402
+from ppldelta.bands import expected_band, formats  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _pair(n=4000, seed=0):
+    rng = np.random.default_rng(seed)
+    o = -rng.exponential(2.0, n)
+    q = np.minimum(o - 0.05 + rng.normal(0, 0.3, n), 0)
+    q[n // 2:] = np.minimum(q[n // 2:] - 0.05, 0)  # the second group suffers more
+    kld = rng.exponential(0.05, n)
+    kld[:10] = 0.0  # exact agreement happens; the log axis must cope
+    return o, q, kld
+
+
+@pytest.fixture(scope="module")
+def report():
+    o, q, kld = _pair()
+    labels = np.repeat(["prose", "code", "math"], [2000, 1000, 1000])
+    return ppldelta.analyze(o, q, groups=labels, kld=kld, expected="gptq-4", n_bootstrap=300)
+
+
+def _save(ax, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    ax.figure.savefig(path, dpi=80)
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 5_000
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    return path
+
+
+def _errorbar_spans(ax):
+    """(position, low end, high end) of every error bar segment on the axes."""
+    out = []
+    for c in ax.containers:
+        if isinstance(c, matplotlib.container.ErrorbarContainer):
+            for seg in c.lines[2][0].get_segments():
+                (x0, y0), (x1, y1) = seg
+                out.append((x0, min(y0, y1), max(y0, y1)) if x0 == x1 else (y0, min(x0, x1), max(x0, x1)))
+    return sorted(out)
+
+
+def _band_container(ax):
+    (c,) = [c for c in ax.containers if c.get_label() == "expected band (seed 001)"]
+    return c
+
+
+def test_imports_without_matplotlib():
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "import ppldelta.plot as p\n"
+            "try:\n    p.kld_distribution([0.1, 0.2])\nexcept ImportError:\n    print('needs matplotlib')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "needs matplotlib"
+
+
+def test_delta_histogram(tmp_path):
+    o, q, _ = _pair()
+    q = q.copy()
+    q[7] = -np.inf  # left out, and said so
+    ax = plot.delta_histogram(o, q, bins=50)
+    _save(ax, tmp_path, "delta")
+    d = np.delete(q - o, 7)
+    labels = {ln.get_label() for ln in ax.get_lines()}
+    assert labels == {f"mean {d.mean():+.4f}", f"median {np.median(d):+.4f}"}
+    assert len(ax.patches) == 50
+    assert sum(p.get_height() for p in ax.patches) == d.size
+    assert "1 non-finite left out" in ax.get_title()
+    assert ax.get_yscale() == "log"
+    with pytest.raises(ValueError, match="length mismatch"):
+        plot.delta_histogram(o, q[:-1])
+
+
+def test_kld_distribution(tmp_path):
+    _, _, kld = _pair()
+    pcts = (50, 90, 99, 99.9)
+    ax = plot.kld_distribution(kld, percentiles=pcts)
+    _save(ax, tmp_path, "kld")
+    assert ax.get_xscale() == "log"
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == [f"p{p:g} = {v:.3g}" for p, v in zip(pcts, np.percentile(kld, pcts))]
+    for ln, v in zip(lines, np.percentile(kld, pcts)):
+        assert ln.get_xdata()[0] == pytest.approx(v)
+    texts = [t.get_text() for t in ax.texts]
+    assert all(ln.get_label() in texts for ln in lines)  # written beside each line, not only in a legend
+    assert sum(p.get_height() for p in ax.patches) == kld.size  # zeros counted in the first bin
+
+
+def test_group_deltas(tmp_path, report):
+    d = report.to_dict()
+    ax = plot.group_deltas(report)
+    _save(ax, tmp_path, "groups")
+    names = list(d["groups"])
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)]
+    assert len(bars) == 1 and len(bars[0].patches) == len(names) == 3
+    rel = [d["groups"][g]["reference"]["relative_delta_pct"] for g in names]
+    assert [p.get_height() for p in bars[0].patches] == pytest.approx(rel)
+    spans = _errorbar_spans(ax)
+    assert len(spans) == 3
+    for i, g in enumerate(names):
+        lo, hi = d["groups"][g]["ppl_ratio"]["ci"]
+        assert spans[i] == pytest.approx((i, (lo - 1) * 100, (hi - 1) * 100))
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    for g, v, t in zip(names, rel, ticks):
+        assert t.startswith(g) and f"{v:+.2f} %" in t
+    worst = names.index(d["suffers_most"])
+    assert "suffers most" in ticks[worst] and sum("suffers most" in t for t in ticks) == 1
+    colors = [tuple(p.get_facecolor()) for p in bars[0].patches]
+    assert all(c != colors[worst] for i, c in enumerate(colors) if i != worst)
+    with pytest.raises(ValueError, match="no groups"):
+        plot.group_deltas(ppldelta.analyze(*_pair(200)[:2], n_bootstrap=10))
+
+
+def test_expected_bands(tmp_path, report):
+    ratios = {"from report": report, "q4 pair": (1.07, (1.05, 1.09)), "unlabelled": (1.5, (1.4, 1.6)),
+              "bare": 1.01, "far off": (45891.0, (28000.0, 69000.0))}
+    fmts = {"q4 pair": "gguf-q4_k_m", "bare": "fp16", "far off": "Q2_K"}
+    ax = plot.expected_bands(ratios, formats=fmts)
+    _save(ax, tmp_path, "bands")
+    keys = formats()
+    bands = _band_container(ax)
+    assert len(bands.patches) == len(keys) == 8
+    for patch, k in zip(bands.patches, keys):
+        b = expected_band(k)
+        if b.high > b.low:
+            assert (patch.get_x(), patch.get_x() + patch.get_width()) == pytest.approx((b.low, b.high))
+        else:  # FP16: a sliver centred on 1.00
+            assert patch.get_x() < b.low < patch.get_x() + patch.get_width()
+    # rows: the eight formats, then one per variant without a format
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(ticks) == 9 and ticks[-1] == "unlabelled"
+    assert ticks[3].startswith("GPTQ 4-bit  1.05–1.10") and ticks[7].endswith("1.15–1.30+  (Problematic)")
+    # points sit on the row of their format (report.expected for the report)
+    pts = dict(zip(*[ln.get_data() for ln in ax.get_lines() if ln.get_label() == "measured PPL ratio"][0][::-1]))
+    rows = {round(y): x for y, x in pts.items()}
+    assert rows[keys.index("gptq-4")] == pytest.approx(report["ppl_ratio"]["value"])
+    assert rows[keys.index("gguf-q4_k_m")] == 1.07 and rows[keys.index("fp16")] == 1.01 and rows[8] == 1.5
+    # error bars are the CIs; the one past xmax is at the edge, its value written
+    spans = {round(y): (lo, hi) for y, lo, hi in _errorbar_spans(ax)}
+    assert spans[keys.index("gptq-4")] == pytest.approx(tuple(report["ppl_ratio"]["ci"]))
+    assert spans[keys.index("gguf-q4_k_m")] == pytest.approx((1.05, 1.09))
+    assert spans[8] == pytest.approx((1.4, 1.6))
+    assert keys.index("fp16") not in spans  # a bare ratio has no interval
+    assert ax.get_xlim()[1] == 3.0 and ax.get_xscale() == "log"
+    assert any(t.get_text() == "far off: 45,891× →" for t in ax.texts)
+
+
+def test_expected_bands_linear_when_close():
+    ax = plot.expected_bands({"a": (1.06, (1.04, 1.08))}, formats={"a": "awq"})
+    assert ax.get_xscale() == "linear" and ax.get_xlim() == pytest.approx((0.98, 1.35))
+    assert len(_band_container(ax).patches) == len(formats())
+
+
+def test_draws_on_given_axes_without_pyplot_state(tmp_path, report):
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    before = plt.get_fignums()
+    fig = Figure(figsize=(14, 8), layout="constrained")
+    axes = fig.subplots(2, 2).ravel()
+    o, q, kld = _pair()
+    out = [plot.delta_histogram(o, q, ax=axes[0]), plot.kld_distribution(kld, ax=axes[1]),
+           plot.group_deltas(report, ax=axes[2]), plot.expected_bands({"v": report}, ax=axes[3])]
+    assert all(a is b for a, b in zip(out, axes))
+    fig.savefig(tmp_path / "panel.png", dpi=60)
+    assert (tmp_path / "panel.png").read_bytes()[:8] == PNG_MAGIC
+    plot.kld_distribution(kld)  # a standalone figure: pyplot knows nothing of it
+    assert plt.get_fignums() == before
