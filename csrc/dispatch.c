@@ -67,8 +67,9 @@ int pd_isa_supported(pd_isa isa)
             return 0;
         if (isa == PD_ISA_AVX2)
             return (b >> 5) & 1;
-        /* AVX512F (bit 16) and opmask/ZMM_Hi256/Hi16_ZMM state (XCR0 bits 5-7) */
-        return ((b >> 16) & 1) && (xcr0 & 0xe0) == 0xe0;
+        /* AVX512F (bit 16), AVX2 (its kernels also use 256-bit integer ops) and the
+         * opmask/ZMM_Hi256/Hi16_ZMM state (XCR0 bits 5-7) */
+        return ((b >> 16) & 1) && ((b >> 5) & 1) && (xcr0 & 0xe0) == 0xe0;
     }
 #endif
 #ifdef PD_NEON

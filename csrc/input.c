@@ -238,6 +238,16 @@ static int pd_iter_sum(PyArrayObject *arr, NPY_ORDER order, int cast, pd_dtype d
     needs_api = NpyIter_IterationNeedsAPI(iter);
     do {
         npy_intp cnt = *sizeptr, r;
+        /* many short inner loops (each too short to release the GIL): every PD_SIGNAL_CHUNK
+         * values, let other threads run and check signals */
+        if (done / PD_SIGNAL_CHUNK != (done + cnt) / PD_SIGNAL_CHUNK) {
+            if (!needs_api)
+                PyEval_RestoreThread(PyEval_SaveThread());
+            if (PyErr_CheckSignals() < 0) {
+                NpyIter_Deallocate(iter);
+                return -1;
+            }
+        }
         r = pd_run(kern, dt, exact, dataptr[0], cnt, strideptr[0], isz, tol, acc, !needs_api);
         if (r == -2) {
             NpyIter_Deallocate(iter);

@@ -53,11 +53,11 @@ static void pd_job_run(pd_job *j)
                 j->bad_kind = 2;
                 return;
             }
-            /* KL >= 0: tiny negatives are float rounding of near-identical rows */
+            /* KL >= 0: tiny negatives are float rounding of near-identical rows (NaN stays) */
             if (o->kld)
-                o->kld[r] = k.kld > 0 ? k.kld : 0.0;
+                o->kld[r] = k.kld < 0 ? 0.0 : k.kld;
             if (o->kld_rev)
-                o->kld_rev[r] = k.kld_rev > 0 ? k.kld_rev : 0.0;
+                o->kld_rev[r] = k.kld_rev < 0 ? 0.0 : k.kld_rev;
             if (o->same_top1)
                 o->same_top1[r] = k.argmax_a == k.argmax_b;
             if (o->rank_b)
@@ -87,11 +87,11 @@ static void *pd_job_thread(void *arg)
 
 #define PD_MAX_THREADS 256
 
-int pd_logits_run(const pd_mat *a, const pd_mat *b, const npy_int64 *targets, npy_int64 ignore,
-                  int threads, const pd_logits_out *out, npy_intp *bad_row, int *bad_kind)
+int pd_logits_run(const pd_logits_fns *fn, const pd_mat *a, const pd_mat *b,
+                  const npy_int64 *targets, npy_int64 ignore, int threads,
+                  const pd_logits_out *out, npy_intp *bad_row, int *bad_kind)
 {
     pd_job jobs[PD_MAX_THREADS];
-    const pd_logits_fns *fn = pd_logits_kernel(a->dt);
     int t, nt = threads < 1 ? 1 : threads > PD_MAX_THREADS ? PD_MAX_THREADS : threads, rc = 0;
 #ifdef PD_HAVE_PTHREADS
     pthread_t tid[PD_MAX_THREADS];

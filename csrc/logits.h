@@ -18,9 +18,11 @@ typedef struct {
     npy_int64 *rank_a;       /* #{j : a_j > a[argmax b]}: Q's top-1 is in P's top-k iff < k */
 } pd_logits_out;
 
-/* Runs the row kernels over a (and b, when b->base != NULL) on `threads` threads.
+/* Runs the row kernels fn (pd_logits_kernel(a->dt), resolved while holding the GIL) over a
+ * (and b, when b->base != NULL) on `threads` threads; needs no GIL.
  * Returns 0, or -1 with *bad_row set and *bad_kind = 1 (target out of range) or 2 (row has
  * NaN or +inf, or is all -inf). */
-int pd_logits_run(const pd_mat *a, const pd_mat *b, const npy_int64 *targets, npy_int64 ignore,
-                  int threads, const pd_logits_out *out, npy_intp *bad_row, int *bad_kind);
+int pd_logits_run(const pd_logits_fns *fn, const pd_mat *a, const pd_mat *b,
+                  const npy_int64 *targets, npy_int64 ignore, int threads,
+                  const pd_logits_out *out, npy_intp *bad_row, int *bad_kind);
 #endif

@@ -1,7 +1,7 @@
 /* AVX2 + FMA (+F16C) logits row kernels: 8 float32 lanes, see logits_template.h.
  * exp: Cephes-style range reduction x = n ln2 + r (ln2 split in two), degree-6 polynomial,
- * 2^n through the exponent bits; inputs are x - max <= 0, clamped at -87.3 (exp -> ~1e-38,
- * negligible against the max term, which is 1). About 1 ulp. */
+ * 2^n through the exponent bits; inputs are x - max <= 0; below -87.3 (including -inf) the
+ * result is exactly 0, so masked-out tokens contribute nothing.  About 1.3 ulp. */
 #include "common.h"
 #ifdef PD_X86
 #include <immintrin.h>
@@ -38,7 +38,7 @@ PD_TARGET static inline double pd_f_hsum(__m256 v)
 }
 PD_TARGET static inline __m256 pd_f_exp(__m256 x)
 {
-    __m256 n, r, p;
+    __m256 n, r, p, keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
     __m256i e;
     x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
     n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
@@ -53,7 +53,7 @@ PD_TARGET static inline __m256 pd_f_exp(__m256 x)
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep); /* exp(-inf) = 0 */
 }
 PD_TARGET static inline __m256 ld_f32(const char *p) { return _mm256_loadu_ps((const float *)p); }
 PD_TARGET static inline __m256 ld_f16(const char *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }

@@ -32,6 +32,7 @@ PD_TARGET static inline double pd_f_hsum(__m512 v)
 PD_TARGET static inline __m512 pd_f_exp(__m512 x)
 {
     __m512 n, r, p;
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
     n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -44,7 +45,7 @@ PD_TARGET static inline __m512 pd_f_exp(__m512 x)
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n)); /* exp(-inf) = 0 */
 }
 PD_TARGET static inline __m512 ld_f32(const char *p) { return _mm512_loadu_ps((const float *)p); }
 PD_TARGET static inline __m512 ld_f16(const char *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }

@@ -33,7 +33,7 @@ PD_TARGET static inline double pd_f_hsum(__m128 v)
 }
 PD_TARGET static inline __m128 pd_f_exp(__m128 x)
 {
-    __m128 r, p;
+    __m128 r, p, keep = _mm_cmpge_ps(x, _mm_set1_ps(-87.3f));
     __m128i ni;
     x = _mm_max_ps(x, _mm_set1_ps(-87.3f));
     ni = _mm_cvtps_epi32(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)));
@@ -49,7 +49,8 @@ PD_TARGET static inline __m128 pd_f_exp(__m128 x)
     p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.6666665459e-1f));
     p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(5.0000001201e-1f));
     p = _mm_add_ps(_mm_mul_ps(p, _mm_mul_ps(r, r)), _mm_add_ps(r, _mm_set1_ps(1.0f)));
-    return _mm_mul_ps(p, _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(ni, _mm_set1_epi32(127)), 23)));
+    p = _mm_mul_ps(p, _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(ni, _mm_set1_epi32(127)), 23)));
+    return _mm_and_ps(p, keep); /* exp(-inf) = 0 */
 }
 PD_TARGET static inline __m128 ld_f32(const char *p) { return _mm_loadu_ps((const float *)p); }
 

@@ -52,9 +52,7 @@ static int pd_acc_certain(const pd_acc *a, double v, npy_intp n, double tol)
 {
     pd_acc rest = *a;
     double err, r, up, down;
-    if (a->neginf)
-        return 1;
-    if (!a->inexact)
+    if (a->neginf || a->posinf || !a->inexact)
         return 1;
     if (!isfinite(v) || !isfinite(tol))
         return 0;
@@ -140,7 +138,7 @@ static int pd_parse_tol(PyObject *obj, double *tol)
     if (*tol == -1.0 && PyErr_Occurred())
         return -1;
     if (!(*tol >= 0.0)) {
-        PyErr_SetString(PyExc_ValueError, "positive_tolerance must be a number >= 0");
+        PyErr_Format(PyExc_ValueError, "positive_tolerance must be a number >= 0, got %R", obj);
         return -1;
     }
     return 0;
@@ -343,7 +341,8 @@ static PyObject *pd_perplexity_delta(PyObject *module, PyObject *const *args, Py
                 double xo, xq;
                 rc = (pd_exact_sum(st, &so, pd_delta_kw[0], tol, &xo) < 0 ||
                       pd_exact_sum(st, &sq, pd_delta_kw[1], tol, &xq) < 0) ? -1 : 0;
-                pd_fields_eval(xo, xq, so.n, &f);
+                if (rc == 0)
+                    pd_fields_eval(xo, xq, so.n, &f);
                 pd_n_exact++;
             }
             else
@@ -412,6 +411,7 @@ static PyObject *pd_perplexity(PyObject *module, PyObject *const *args, Py_ssize
 PyDoc_STRVAR(pd_sum_log_probs_doc,
 "sum_log_probs(log_probs, *, positive_tolerance=1e-3) -> (n, total)\n--\n\n"
 "Count and exactly rounded sum (as math.fsum), with validation; -inf when a term is -inf.\n"
+"Empty input gives (0, 0.0).\n"
 "Empty input is allowed here and gives (0, 0.0, 0.0).\n");
 
 static PyObject *pd_sum_log_probs(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
@@ -619,8 +619,9 @@ static int pd_mat_from(PyObject *obj, const char *name, int bf16, pd_mat *m)
     m->rows = PyArray_DIM(arr, 0);
     m->V = PyArray_DIM(arr, 1);
     m->rstride = PyArray_STRIDE(arr, 0);
-    if (m->V > 1 && PyArray_STRIDE(arr, 1) != PyArray_ITEMSIZE(arr)) {
-        PyErr_Format(PyExc_ValueError, "%s: rows must be contiguous", name);
+    if (m->V > 1 && m->rows > 0 && PyArray_STRIDE(arr, 1) != PyArray_ITEMSIZE(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s: rows must be contiguous (strides %zd, %zd)", name,
+                     (Py_ssize_t)PyArray_STRIDE(arr, 0), (Py_ssize_t)PyArray_STRIDE(arr, 1));
         return -1;
     }
     if (m->V < 1) {
@@ -643,6 +644,8 @@ static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwd
     PyObject *oa, *ob = Py_None, *ot = Py_None, *res = NULL;
     PyObject *lp_a = NULL, *lp_b = NULL, *kld = NULL, *kld_rev = NULL, *same = NULL, *rank = NULL,
              *rank_a = NULL;
+    PyArrayObject *tarr = NULL;
+    const pd_logits_fns *fn;
     long long ignore = -100;
     int bf16 = 0, topk = 1, threads = 1, kind = 0, rc;
     pd_mat a, b;
@@ -669,14 +672,16 @@ static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwd
         }
     }
     if (ot != Py_None) {
-        if (!PyArray_Check(ot) || PyArray_TYPE((PyArrayObject *)ot) != NPY_INT64 ||
-            PyArray_NDIM((PyArrayObject *)ot) != 1 || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)ot) ||
-            PyArray_DIM((PyArrayObject *)ot, 0) != a.rows) {
-            PyErr_Format(PyExc_ValueError, "targets must be a contiguous int64 vector of %zd rows",
-                         (Py_ssize_t)a.rows);
-            return NULL;
+        /* native, aligned, contiguous int64 (a copy only when the input is not) */
+        tarr = (PyArrayObject *)PyArray_FROMANY(ot, NPY_INT64, 1, 1, NPY_ARRAY_IN_ARRAY);
+        if (tarr == NULL)
+            goto done;
+        if (PyArray_DIM(tarr, 0) != a.rows) {
+            PyErr_Format(PyExc_ValueError, "targets has %zd values for %zd logits rows",
+                         (Py_ssize_t)PyArray_DIM(tarr, 0), (Py_ssize_t)a.rows);
+            goto done;
         }
-        tg = (const npy_int64 *)PyArray_DATA((PyArrayObject *)ot);
+        tg = (const npy_int64 *)PyArray_DATA(tarr);
         if (!(lp_a = pd_new_vec(a.rows, NPY_DOUBLE)))
             goto done;
         out.lp_a = (double *)PyArray_DATA((PyArrayObject *)lp_a);
@@ -700,8 +705,9 @@ static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwd
             out.rank_a = (npy_int64 *)PyArray_DATA((PyArrayObject *)rank_a);
         }
     }
+    fn = pd_logits_kernel(a.dt); /* resolved under the GIL (_set_simd may run concurrently) */
     Py_BEGIN_ALLOW_THREADS
-    rc = pd_logits_run(&a, &b, tg, (npy_int64)ignore, threads, &out, &bad, &kind);
+    rc = pd_logits_run(fn, &a, &b, tg, (npy_int64)ignore, threads, &out, &bad, &kind);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         if (kind == 1)
@@ -726,6 +732,7 @@ done:
     Py_XDECREF(same);
     Py_XDECREF(rank);
     Py_XDECREF(rank_a);
+    Py_XDECREF(tarr);
     return res;
 }
 

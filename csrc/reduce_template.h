@@ -90,17 +90,19 @@
                 pd_v_store(lanes + 2 * PD_W, s2);                                             \
                 pd_v_store(lanes + 3 * PD_W, s3);                                             \
                 for (k = 0; k < 4 * PD_W; k++)                                                \
-                    pd_acc_add(acc, lanes[k]);                                                \
+                    if (lanes[k] != 0.0) /* short runs leave most lanes empty */              \
+                        pd_acc_add(acc, lanes[k]);                                            \
                 for (k = 0; k < nt; k++)                                                      \
                     pd_acc_add(acc, tail[k]);                                                 \
                 pd_v_store(lanes, c0);                                                        \
                 pd_v_store(lanes + PD_W, c1);                                                 \
                 pd_v_store(lanes + 2 * PD_W, c2);                                             \
                 pd_v_store(lanes + 3 * PD_W, c3);                                             \
-                for (k = 0; k < 4 * PD_W; k++) {                                              \
-                    acc->inexact |= lanes[k] != 0.0;                                          \
-                    pd_acc_add(acc, lanes[k]);                                                \
-                }                                                                             \
+                for (k = 0; k < 4 * PD_W; k++)                                                \
+                    if (lanes[k] != 0.0) {                                                    \
+                        acc->inexact = 1;                                                     \
+                        pd_acc_add(acc, lanes[k]);                                            \
+                    }                                                                         \
             }                                                                                 \
             p += m * (ISZ);                                                                   \
             base += m;                                                                        \

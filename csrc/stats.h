@@ -3,7 +3,7 @@
 #include "common.h"
 
 /* out[r] = sum(num[idx_r]) / sum(den[idx_r]) for n_boot replicates of nb blocks drawn with
- * replacement; nb must be in [1, 2^32). */
+ * replacement; nb must be in [1, 2^31). */
 void pd_block_bootstrap(const double *num, const double *den, npy_intp nb, npy_intp n_boot,
                         uint64_t seed, double *out);
 

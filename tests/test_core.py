@@ -176,3 +176,23 @@ def test_isa_paths_agree(isa):
             a = x.astype(dt)
             want = fsum_perplexity(a.astype(np.float64).tolist())
             assert ppldelta.perplexity(a) == pytest.approx(want, rel=1e-15), (isa, n, dt)
+
+
+def test_review_cases_exact_sums():
+    # cancellation inside the accumulator's triple, and bits below lolo: still math.fsum
+    y = np.zeros(2048)
+    y[:4] = [-1, -2 ** -53, -2 ** -120, -2 ** -180]
+    y[1024] = 2 ** -120
+    assert _core.sum_log_probs(y)[1] == math.fsum(y.tolist())
+    z = np.zeros(2048)
+    z[:4] = [-2 ** -107, 2 ** -53, -1, 2 ** -53]
+    z[1024:1027] = [-2 ** -54, 1, -1.5 * 2 ** -53]
+    assert _core.sum_log_probs(z, positive_tolerance=4)[1] == math.fsum(z.tolist())
+
+
+def test_positive_infinity_keeps_its_sign():
+    assert _core.sum_log_probs([math.inf, -1.0], positive_tolerance=math.inf)[1] == math.inf
+    assert _core.sum_log_probs([1e308, 1e308], positive_tolerance=1e308)[1] == math.inf
+    assert math.isnan(_core.sum_log_probs([math.inf, -math.inf], positive_tolerance=math.inf)[1])
+    d = ppldelta.perplexity_delta([-1.0, -1.0], [-1.0, math.inf], positive_tolerance=math.inf)
+    assert d["quantized_perplexity"] == 0.0 and d["quality"] == "excellent"  # as the reference

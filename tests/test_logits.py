@@ -113,3 +113,31 @@ def test_strided_rows_and_no_row_copies():
     ref = torch.log_softmax(torch.from_numpy(np.ascontiguousarray(view)).double(), -1)
     np.testing.assert_allclose(ppldelta.token_log_probs(view, t),
                                ref.gather(-1, torch.from_numpy(t)[:, None])[:, 0].numpy(), atol=1e-5)
+
+
+def test_neg_inf_logits_contribute_nothing_on_every_path(isa):
+    # review finding: the SIMD exp returned 1e-38 for -inf, so KL came out 0 instead of ~0.01
+    rng = np.random.default_rng(5)
+    a = rng.normal(0, 2, (4, 64)).astype(np.float32)
+    b = (a + 0.3 * rng.normal(0, 1, a.shape)).astype(np.float32)
+    a[0, 3] = -np.inf           # only the original masks a token
+    a[1, 5] = b[1, 5] = -np.inf  # both do
+    b[2, 7] = -np.inf           # only the quantized model: KL(P||Q) = inf
+    ref = _torch_ref(a, b, np.zeros(4, np.int64))
+    k = ppldelta.kl_divergence(a, b, reverse=True)
+    np.testing.assert_allclose(k["kld"][[0, 1, 3]], ref["kld"][[0, 1, 3]], atol=1e-5)
+    assert k["kld"][2] == np.inf and np.isfinite(k["kld_reverse"][2])
+
+
+def test_zero_rows_and_unusual_targets():
+    empty = np.zeros((0, 5), np.float32)
+    assert ppldelta.token_log_probs(empty, np.zeros(0, np.int64)).shape == (0,)
+    assert ppldelta.kl_divergence(empty, empty)["kld"].shape == (0,)
+    a = RNG.normal(0, 1, (3, 9)).astype(np.float32)
+    t = np.array([1, 2, 8])
+    want = ppldelta.token_log_probs(a, t)
+    for tt in (t.astype(">i8"), t.astype(np.int16), t.astype(np.uint8)):
+        np.testing.assert_array_equal(ppldelta.token_log_probs(a, tt), want)
+    from ppldelta import _core
+    lp = _core.logits_stats(a, None, t.astype(">i8"))[0]  # the C layer itself converts too
+    np.testing.assert_array_equal(lp, want)
