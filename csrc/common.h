@@ -191,6 +191,32 @@ static inline double pd_bf16_to_double(uint16_t h)
 }
 static inline double pd_load_bf16(const char *p) { uint16_t h; memcpy(&h, p, 2); return pd_bf16_to_double(h); }
 
+/* The one dtype switch: NumPy type -> pd_dtype (native byte order assumed by the caller; 16-bit
+ * integers are bfloat16 bits only when the caller says so), element sizes, scalar loads. */
+static inline int pd_dtype_of(int type_num, int bf16, pd_dtype *dt)
+{
+    if (bf16)
+        return (type_num == NPY_UINT16 || type_num == NPY_INT16) ? (*dt = PD_BF16, 1) : 0;
+    switch (type_num) {
+    case NPY_DOUBLE: *dt = PD_F64; return 1;
+    case NPY_FLOAT: *dt = PD_F32; return 1;
+    case NPY_HALF: *dt = PD_F16; return 1;
+    default: return 0;
+    }
+}
+
+static const npy_intp pd_itemsize[PD_NDTYPES] = {8, 4, 2, 2};
+
+static inline double pd_load(pd_dtype dt, const char *p)
+{
+    switch (dt) {
+    case PD_F64: return pd_load_f64(p);
+    case PD_F32: return pd_load_f32(p);
+    case PD_F16: return pd_load_f16(p);
+    default: return pd_load_bf16(p);
+    }
+}
+
 /* True when a value fails validation: NaN or above the tolerance. */
 static inline int pd_is_bad(double x, double tol) { return !(x <= tol); }
 
@@ -211,6 +237,7 @@ typedef struct {
     const char *name;
     pd_reduce_fn reduce[PD_NDTYPES];       /* contiguous input, plain lane sums */
     pd_reduce_fn reduce_exact[PD_NDTYPES]; /* contiguous input, TwoSum lanes (double-double) */
+    /* (no bfloat16 reductions: torch's bf16 log-prob vectors are widened by the adapter) */
 } pd_kernels;
 
 extern const char *const pd_isa_names[PD_NISA];

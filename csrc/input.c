@@ -160,14 +160,7 @@ static int pd_seq_sum(PyObject *seq, npy_intp n, const char *name, double tol, i
 
 static int pd_native_dtype(PyArrayObject *arr, pd_dtype *dt)
 {
-    if (!PyArray_ISNOTSWAPPED(arr))
-        return 0;
-    switch (PyArray_TYPE(arr)) {
-    case NPY_DOUBLE: *dt = PD_F64; return 1;
-    case NPY_FLOAT: *dt = PD_F32; return 1;
-    case NPY_HALF: *dt = PD_F16; return 1;
-    default: return 0;
-    }
+    return PyArray_ISNOTSWAPPED(arr) && pd_dtype_of(PyArray_TYPE(arr), 0, dt);
 }
 
 /* Kernel calls are cut into runs of PD_SIGNAL_CHUNK values (a multiple of PD_BLOCK, so the

@@ -19,21 +19,11 @@ typedef struct {
     int bad_kind;
 } pd_job;
 
-static double pd_load_any(pd_dtype dt, const char *p)
-{
-    switch (dt) {
-    case PD_F64: return pd_load_f64(p);
-    case PD_F32: return pd_load_f32(p);
-    case PD_F16: return pd_load_f16(p);
-    default: return pd_load_bf16(p);
-    }
-}
-
 static void pd_job_run(pd_job *j)
 {
     const pd_mat *a = j->a, *b = j->b;
     const pd_logits_out *o = j->out;
-    npy_intp isz = a->dt == PD_F64 ? 8 : a->dt == PD_F32 ? 4 : 2, r;
+    npy_intp isz = pd_itemsize[a->dt], r;
     int pair = b != NULL && b->base != NULL;
     j->bad_row = -1;
     for (r = j->r0; r < j->r1; r++) {
@@ -61,9 +51,9 @@ static void pd_job_run(pd_job *j)
             if (o->same_top1)
                 o->same_top1[r] = k.argmax_a == k.argmax_b;
             if (o->rank_b)
-                o->rank_b[r] = j->fn->count_gt(rb, a->V, pd_load_any(b->dt, rb + k.argmax_a * isz));
+                o->rank_b[r] = j->fn->count_gt(rb, a->V, pd_load(b->dt, rb + k.argmax_a * isz));
             if (o->rank_a)
-                o->rank_a[r] = j->fn->count_gt(ra, a->V, pd_load_any(a->dt, ra + k.argmax_b * isz));
+                o->rank_a[r] = j->fn->count_gt(ra, a->V, pd_load(a->dt, ra + k.argmax_b * isz));
         }
         else if (j->fn->lse(ra, a->V, &k.lse_a, &k.argmax_a) < 0 || !isfinite(k.lse_a)) {
             j->bad_row = r;
@@ -71,9 +61,9 @@ static void pd_job_run(pd_job *j)
             return;
         }
         if (o->lp_a)
-            o->lp_a[r] = scored ? pd_load_any(a->dt, ra + t * isz) - k.lse_a : NAN;
+            o->lp_a[r] = scored ? pd_load(a->dt, ra + t * isz) - k.lse_a : NAN;
         if (o->lp_b && pair)
-            o->lp_b[r] = scored ? pd_load_any(b->dt, rb + t * isz) - k.lse_b : NAN;
+            o->lp_b[r] = scored ? pd_load(b->dt, rb + t * isz) - k.lse_b : NAN;
     }
 }
 

@@ -603,15 +603,7 @@ static int pd_mat_from(PyObject *obj, const char *name, int bf16, pd_mat *m)
         PyErr_Format(PyExc_ValueError, "%s must be in native byte order", name);
         return -1;
     }
-    if (bf16 && (tn == NPY_UINT16 || tn == NPY_INT16))
-        m->dt = PD_BF16;
-    else if (!bf16 && tn == NPY_DOUBLE)
-        m->dt = PD_F64;
-    else if (!bf16 && tn == NPY_FLOAT)
-        m->dt = PD_F32;
-    else if (!bf16 && tn == NPY_HALF)
-        m->dt = PD_F16;
-    else {
+    if (!pd_dtype_of(tn, bf16, &m->dt)) {
         PyErr_Format(PyExc_TypeError, "%s has dtype %S: logits must be float64, float32, float16 "
                      "or bfloat16", name, (PyObject *)PyArray_DESCR(arr));
         return -1;

@@ -29,19 +29,13 @@ PD_TARGET static inline __m256d ld_f16(const char *p)
 {
     return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
 }
-PD_TARGET static inline __m256d ld_bf16(const char *p)
-{
-    __m128i h = _mm_loadl_epi64((const __m128i *)p);
-    return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h)));
-}
 
 #include "reduce_template.h"
 PD_DEFINE_REDUCE(reduce_f64, ld_f64, pd_load_f64, 8)
 PD_DEFINE_REDUCE(reduce_f32, ld_f32, pd_load_f32, 4)
 PD_DEFINE_REDUCE(reduce_f16, ld_f16, pd_load_f16, 2)
-PD_DEFINE_REDUCE(reduce_bf16, ld_bf16, pd_load_bf16, 2)
 
 const pd_kernels pd_kernels_avx2 = {
-    PD_ISA_AVX2, "avx2", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, reduce_bf16_fast},
-    {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, reduce_bf16_exact}};
+    PD_ISA_AVX2, "avx2", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, NULL},
+    {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, NULL}};
 #endif

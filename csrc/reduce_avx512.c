@@ -31,19 +31,13 @@ PD_TARGET static inline __m512d ld_f16(const char *p)
 {
     return _mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
 }
-PD_TARGET static inline __m512d ld_bf16(const char *p)
-{
-    __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
-    return _mm512_cvtps_pd(_mm256_castsi256_ps(w));
-}
 
 #include "reduce_template.h"
 PD_DEFINE_REDUCE(reduce_f64, ld_f64, pd_load_f64, 8)
 PD_DEFINE_REDUCE(reduce_f32, ld_f32, pd_load_f32, 4)
 PD_DEFINE_REDUCE(reduce_f16, ld_f16, pd_load_f16, 2)
-PD_DEFINE_REDUCE(reduce_bf16, ld_bf16, pd_load_bf16, 2)
 
 const pd_kernels pd_kernels_avx512 = {
-    PD_ISA_AVX512, "avx512", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, reduce_bf16_fast},
-    {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, reduce_bf16_exact}};
+    PD_ISA_AVX512, "avx512", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, NULL},
+    {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, NULL}};
 #endif

@@ -21,15 +21,15 @@ typedef double pd_v;
 PD_DEFINE_REDUCE(reduce_f64, pd_load_f64, pd_load_f64, stride)
 PD_DEFINE_REDUCE(reduce_f32, pd_load_f32, pd_load_f32, stride)
 PD_DEFINE_REDUCE(reduce_f16, pd_load_f16, pd_load_f16, stride)
-PD_DEFINE_REDUCE(reduce_bf16, pd_load_bf16, pd_load_bf16, stride)
 
 npy_intp pd_reduce_strided(pd_dtype dt, int exact, const char *p, npy_intp n, npy_intp stride,
                            double tol, pd_acc *acc)
 {
     return (exact ? pd_kernels_scalar.reduce_exact : pd_kernels_scalar.reduce)[dt](p, n, stride,
                                                                                    tol, acc);
+    /* dt is never PD_BF16 here: input.c only reduces float64/32/16 natively */
 }
 
 const pd_kernels pd_kernels_scalar = {
-    PD_ISA_SCALAR, "scalar", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, reduce_bf16_fast},
-    {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, reduce_bf16_exact}};
+    PD_ISA_SCALAR, "scalar", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, NULL},
+    {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, NULL}};
