@@ -8,7 +8,7 @@ and top-token agreement from logits, confidence intervals, per-domain breakdowns
 'poor'
 """
 from ._core import POSITIVE_TOLERANCE, perplexity, perplexity_delta, simd, supported_simd
-from . import distributed
+from . import distributed, hf, llamacpp, lmeval, plot
 from .accumulate import Accumulator
 from .analysis import Report, analyze
 from .bands import Band, expected_band

@@ -160,7 +160,11 @@ def _plan(protocol, n, max_length, stride, bos):
     elif protocol == "llama.cpp":
         if bos is None:
             raise ValueError("the llama.cpp protocol writes BOS over the first token of every chunk: "
-                             "pass bos_token_id= (the model config has no bos_token_id)")
+                             "pass bos_token_id= (the model config has no bos_token_id), or "
+                             "bos_token_id=False for a vocabulary that adds no BOS (llama.cpp then "
+                             "keeps the chunk's own first token)")
+        if bos is False:
+            bos = None
         if L < 2:
             raise ValueError("n_ctx (max_length) must be >= 2")
         if n < 2 * L:
@@ -169,7 +173,7 @@ def _plan(protocol, n, max_length, stride, bos):
         first = L // 2
         for c in range(n // L):
             s = c * L
-            wins.append(_Window(s, s + L, s + first, s + L - 1, int(bos)))
+            wins.append(_Window(s, s + L, s + first, s + L - 1, None if bos is None else int(bos)))
     elif protocol == "gptq":
         if L < 2:
             raise ValueError("seqlen (max_length) must be >= 2")
@@ -249,23 +253,31 @@ def _check_positions(model, longest):
         warnings.warn(f"windows of {longest} tokens exceed max_position_embeddings = {soft}", stacklevel=3)
 
 
-def _forward_logits(model, x, mask, keep, use_keep, use_cache_kw):
-    """Logits of one batch of windows; (logits, first_row) where first_row is the window-relative
-    position of logits[:, 0]."""
+def _forward_logits(model, x, mask, first_row, use_keep, use_cache_kw):
+    """Logits of one batch of windows from window-relative row ``first_row`` on (rows before it
+    are not needed; ``logits_to_keep`` spares computing them when the model takes it).
+    Returns (logits, first) where first is the window-relative position of logits[:, 0]."""
     kwargs = {"input_ids": x}
     if mask is not None:
         kwargs["attention_mask"] = mask
     if use_cache_kw:
         kwargs["use_cache"] = False
-    if use_keep and keep > 0:
-        kwargs["logits_to_keep"] = x.shape[1] - keep
-    out = model(**kwargs)
+    if use_keep[0] and first_row > 0:
+        kwargs["logits_to_keep"] = x.shape[1] - first_row
+    try:
+        out = model(**kwargs)
+    except TypeError as e:  # forward(**kwargs) that does not know logits_to_keep after all
+        if "logits_to_keep" not in kwargs or "logits_to_keep" not in str(e):
+            raise
+        use_keep[0] = False
+        del kwargs["logits_to_keep"]
+        out = model(**kwargs)
     logits = out.logits if hasattr(out, "logits") else out[0]
     del out
     if logits.dim() != 3 or logits.shape[0] != x.shape[0]:
         raise ValueError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(x.shape)}")
     first = x.shape[1] - logits.shape[1]
-    if first not in (0, keep):
+    if first not in (0, first_row):
         raise ValueError(f"model returned {logits.shape[1]} logit rows for {x.shape[1]} input tokens")
     return logits, first
 
@@ -279,7 +291,7 @@ def _run_windows(models, ids, windows, *, batch_size, device, progress, desc, on
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     devs = [torch.device(device) if device is not None else _model_device(m) for m in models]
-    use_keep = [_accepts(m, "logits_to_keep") for m in models]
+    use_keep = [[_accepts(m, "logits_to_keep")] for m in models]  # mutable: turned off on TypeError
     use_cache = [_accepts(m, "use_cache") for m in models]
     longest = max((w.end - w.start for w in windows), default=0)
     for m in models:
@@ -307,11 +319,11 @@ def _run_windows(models, ids, windows, *, batch_size, device, progress, desc, on
                     mask = torch.zeros((len(batch), T), dtype=torch.long)
                     for j, w in enumerate(batch):
                         mask[j, :w.end - w.start] = 1
-                keep = min(w.a - w.start for w in batch)  # window-relative rows before this are unused
+                first_row = min(w.a - w.start for w in batch)  # window rows before it are unused
                 outs = []
                 for m, dev, uk, uc in zip(models, devs, use_keep, use_cache):
                     outs.append(_forward_logits(m, x.to(dev), None if mask is None else mask.to(dev),
-                                                keep, uk, uc))
+                                                first_row, uk, uc))
                 vocab = outs[0][0].shape[-1]
                 rows = max(1, _ROW_BUDGET // max(1, vocab))
                 for j, w in enumerate(batch):
@@ -343,8 +355,8 @@ def _log_probs_rows(logits_rows, targets):
 def _kl_stats_torch(logits_o, logits_q, targets=None):
     """Torch version of ``ppldelta.kl_divergence`` (used for logits that are not on the CPU):
     per row KL(P_o || P_q) (nats, clamped at 0), same_top1, top1_in_top5/10 (the original's
-    argmax among the quantized model's 5/10 largest logits, ties not counted against it) and,
-    with targets, both log-probs.  float32 on the logits' device, in row chunks; numpy out."""
+    argmax among the quantized model's 5/10 largest logits, ties not counted against it),
+    quantized_top1_in_original_top5/10 (the other way round) and, with targets, both log-probs.  float32 on the logits' device, in row chunks; numpy out."""
     torch = _torch()
     lead = tuple(logits_o.shape[:-1])
     V = logits_o.shape[-1]
@@ -354,7 +366,8 @@ def _kl_stats_torch(logits_o, logits_q, targets=None):
     lq_all = logits_q.reshape(-1, V)
     t_all = None if targets is None else torch.as_tensor(targets).reshape(-1).to(lo_all.device, torch.long)
     n = lo_all.shape[0]
-    keys = ["kld", "same_top1", "top1_in_top5", "top1_in_top10"]
+    keys = ["kld", "same_top1", "top1_in_top5", "top1_in_top10",
+            "quantized_top1_in_original_top5", "quantized_top1_in_original_top10"]
     if t_all is not None:
         keys += ["original_log_probs", "quantized_log_probs"]
     parts = {k: [] for k in keys}
@@ -367,12 +380,16 @@ def _kl_stats_torch(logits_o, logits_q, targets=None):
             lb = torch.log_softmax(b, dim=-1)
             kld = (la.exp() * (la - lb)).sum(-1).clamp_min_(0.0)
             am = a.argmax(-1)
-            same = am == b.argmax(-1)
+            bm = b.argmax(-1)
             rank = (b > b.gather(-1, am[:, None])).sum(-1)
+            rank_a = (a > a.gather(-1, bm[:, None])).sum(-1)
+            same = am == bm
             parts["kld"].append(kld.to("cpu", torch.float64))
             parts["same_top1"].append(same.cpu())
             parts["top1_in_top5"].append((rank < 5).cpu())
             parts["top1_in_top10"].append((rank < 10).cpu())
+            parts["quantized_top1_in_original_top5"].append((rank_a < 5).cpu())
+            parts["quantized_top1_in_original_top10"].append((rank_a < 10).cpu())
             if t_all is not None:
                 t = t_all[r0:r0 + rows, None]
                 parts["original_log_probs"].append(la.gather(-1, t).squeeze(-1).to("cpu", torch.float64))
@@ -380,7 +397,7 @@ def _kl_stats_torch(logits_o, logits_q, targets=None):
             del a, b, la, lb
     out = {}
     for k, v in parts.items():
-        arr = torch.cat(v).numpy() if v else np.zeros(0, dtype=bool if k in keys[1:4] else np.float64)
+        arr = torch.cat(v).numpy() if v else np.zeros(0, dtype=bool if k in keys[1:6] else np.float64)
         out[k] = arr.reshape(lead)
     return out
 
@@ -407,11 +424,17 @@ def _resolve(protocol, max_length, stride, bos_token_id, model):
     bos = None
     if protocol == "llama.cpp":
         bos = bos_token_id
+        if bos is True or (bos is not False and bos is not None and not isinstance(bos, (int, np.integer))):
+            raise TypeError(f"bos_token_id must be an int, None or False, got {bos!r}")
         if bos is None:
             bos = getattr(getattr(model, "config", None), "bos_token_id", None)
             if isinstance(bos, (list, tuple)):
                 bos = bos[0] if bos else None
     return L, S, bos
+
+
+def _bos_field(bos):
+    return None if bos is None or bos is False else int(bos)
 
 
 def _notes_for(protocol, windows, L, S, ids_np):
@@ -429,6 +452,7 @@ def _notes_for(protocol, windows, L, S, ids_np):
         notes["first"] = L // 2
         notes["dropped_tail"] = None
         notes["rule"] = "llama-perplexity: chunks of n_ctx, BOS at chunk start, second half scored"
+        notes["bos_replaced"] = bool(windows) and windows[0].bos is not None
     elif protocol == "gptq":
         notes["nsamples"] = len(windows)
         notes["dropped_tail"] = None
@@ -491,7 +515,7 @@ def score(model, input_ids, *, max_length=None, stride=None, batch_size=1, proto
     else:
         result = out
     proto = Protocol(name=protocol, max_length=L, stride=S, n_scored=int(offs[-1]), n_tokens=n,
-                     bos=None if bos is None else int(bos), notes=notes)
+                     bos=_bos_field(bos), notes=notes)
     last_protocol = proto
     return result, proto
 
@@ -807,7 +831,7 @@ def compare_models(original, quantized, input_ids, *, groups=None, max_length=No
         notes["dropped_tail"] = n - len(windows) * L
     notes["original"] = _model_name(original)
     notes["quantized"] = _model_name(quantized)
-    proto = Protocol(protocol, L, S, m, n, None if bos is None else int(bos), notes)
+    proto = Protocol(protocol, L, S, m, n, _bos_field(bos), notes)
     g = None
     if groups is not None:
         g = np.asarray(groups).reshape(-1)
@@ -895,7 +919,8 @@ def quantization_report(model, variants, texts, *, tokenizer=None, groups=None, 
             raise ValueError("groups needs texts as a list (one label per text), not a file")
         if len(groups) != len(texts_list):
             raise ValueError(f"groups has {len(groups)} labels for {len(texts_list)} texts")
-    ids, text_idx, tnotes = _tokenize(texts_list, tok, join, False, with_labels=groups is not None)
+    ids, text_idx, tnotes = _tokenize(texts if groups is None else texts_list, tok, join, False,
+                                      with_labels=groups is not None)
     lp_o, proto = score(base, ids, max_length=max_length, stride=stride, batch_size=batch_size,
                         protocol="sliding", progress=progress, device=device)
     proto.notes.update(tnotes)
@@ -930,7 +955,7 @@ def quantization_report(model, variants, texts, *, tokenizer=None, groups=None, 
         e = rep["expected"]
         rows.append({
             "name": name, "baseline": False,
-            "perplexity": float(rep["ppl"]["quantized"]["value"]),
+            "perplexity": float(ppldelta.perplexity(lp_q)),
             "relative_delta_pct": ref["relative_delta_pct"], "absolute_delta": ref["absolute_delta"],
             "quality": ref["quality"], "ratio": float(rep["ppl_ratio"]["value"]),
             "ratio_ci": list(rep["ppl_ratio"]["ci"]),

@@ -1,0 +1,763 @@
+"""ppldelta.hf on tiny randomly initialised GPT-2 / Llama models built from configs (no downloads)."""
+import copy
+import math
+import subprocess
+import sys
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import ppldelta
+from ppldelta import hf
+
+V_GPT2 = 200
+V_LLAMA = 150
+
+
+def _gpt2(seed=0, vocab=V_GPT2):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                     bos_token_id=1, eos_token_id=1)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V_LLAMA, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models: one thread is as fast and does not fight other jobs for the cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return _gpt2()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _llama()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, gpt2, llama):
+    return gpt2 if request.param == "gpt2" else llama
+
+
+def _ids(n, vocab, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g)
+
+
+def _vocab(model):
+    return model.config.vocab_size
+
+
+@torch.inference_mode()
+def _all_lp(model, ids):
+    """log_softmax (float64) of one forward over ids: row p predicts ids[p+1]."""
+    logits = model(ids[None]).logits[0].double()
+    return torch.log_softmax(logits, -1)
+
+
+@torch.inference_mode()
+def _lp_at(model, context, target):
+    return float(torch.log_softmax(model(context[None]).logits[0, -1].double(), -1)[target])
+
+
+def _perturbed(model, scale=0.05, seed=123):
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return m.eval()
+
+
+# ---------------------------------------------------------------------------- sliding
+@pytest.mark.parametrize("n", [2, 40, 64])
+def test_sliding_single_window_equals_full_forward(tiny, n):
+    ids = _ids(n, _vocab(tiny))
+    lp, proto = hf.score(tiny, ids, max_length=64, stride=32, progress=False)
+    ref = _all_lp(tiny, ids)[:-1].gather(-1, ids[1:, None]).squeeze(-1).numpy()
+    assert lp.dtype == np.float64 and lp.shape == (n - 1,)
+    np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)
+    assert proto.n_scored == n - 1 and proto.n_tokens == n and proto.notes["n_windows"] == 1
+    assert hf.last_protocol is proto
+
+
+def _sliding_reference(model, ids, L, S):
+    """Independent per-token loop: target t is scored by the first window whose end reaches it;
+    that window ends at min(L + k*S, N-1) and holds the L tokens before its end."""
+    n = len(ids)
+    out, ctx_len = [], []
+    for t in range(1, n):
+        k = 0 if t <= L else -(-(t - L) // S)
+        end = min(L + k * S, n - 1)
+        assert end >= t
+        start = max(0, end - L)
+        out.append(_lp_at(model, ids[start:t], int(ids[t])))
+        ctx_len.append(t - start)
+    return np.array(out), np.array(ctx_len)
+
+
+@pytest.mark.parametrize("L,S,n", [(32, 16, 100), (30, 30, 100), (24, 7, 70), (48, 48, 40)])
+def test_sliding_matches_per_token_bruteforce(tiny, L, S, n):
+    ids = _ids(n, _vocab(tiny), seed=L + S + n)
+    lp, proto = hf.score(tiny, ids, max_length=L, stride=S, progress=False)
+    ref, ctx = _sliding_reference(tiny, ids, L, S)
+    np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)
+    # exactly once, and every token after the first L sees at least L - S + 1 tokens of context
+    assert proto.n_scored == n - 1 == lp.size
+    assert np.all(ctx[L:] >= L - S + 1)
+    assert np.all(ctx <= L)
+    assert proto.notes["min_context"] == L - S + 1
+
+
+def test_sliding_stride_equal_window_scores_every_token(gpt2):
+    # disjoint windows: the first token of each window is predicted by the previous window's
+    # last logit, so nothing is lost (the HF recipe drops one token per window here)
+    ids = _ids(129, V_GPT2)
+    lp, proto = hf.score(gpt2, ids, max_length=32, stride=32, progress=False)
+    assert proto.n_scored == 128 and proto.notes["n_windows"] == 4
+    hf_lp, hf_proto = hf.score(gpt2, ids, max_length=32, stride=32, protocol="hf", progress=False)
+    assert hf_proto.n_scored == 128 - 4 and hf_proto.notes["unscored_tokens"] == 4
+
+
+def test_input_types_batching_and_row_chunks(gpt2, monkeypatch):
+    ids = _ids(150, V_GPT2)
+    ref = hf.token_log_probs(gpt2, ids, max_length=32, stride=12, progress=False)
+    for x in (ids.tolist(), ids.numpy(), ids[None], ids.numpy().astype(np.int32)):
+        np.testing.assert_array_equal(hf.token_log_probs(gpt2, x, max_length=32, stride=12, progress=False), ref)
+    for bs in (2, 5):
+        np.testing.assert_allclose(hf.token_log_probs(gpt2, ids, max_length=32, stride=12, batch_size=bs,
+                                                      progress=False), ref, atol=1e-5, rtol=0)
+    monkeypatch.setattr(hf, "_ROW_BUDGET", 3 * V_GPT2)  # 3 rows per log-softmax chunk
+    np.testing.assert_allclose(hf.token_log_probs(gpt2, ids, max_length=32, stride=12, progress=False),
+                               ref, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        hf.token_log_probs(gpt2, ids, max_length=32, stride=33, progress=False)
+    with pytest.raises(ValueError):
+        hf.token_log_probs(gpt2, ids[:1], max_length=32, progress=False)
+    with pytest.raises(ValueError, match="n_positions"):
+        hf.token_log_probs(gpt2, ids, max_length=100, progress=False)
+    with pytest.raises(TypeError):
+        hf.token_log_probs(gpt2, ids.float(), max_length=32, progress=False)
+
+
+def test_progress_bar_runs(gpt2, capsys):
+    lp = hf.token_log_probs(gpt2, _ids(80, V_GPT2), max_length=32, stride=16, progress=True)
+    assert lp.size == 79
+
+
+# ---------------------------------------------------------------------------- hf recipe
+@torch.inference_mode()
+def _hf_recipe(model, ids, max_length, stride):
+    """The HF 'perplexity of fixed-length models' recipe, written out with labels=; returns the
+    recipe's number (weights num_valid - 1) and the token-weighted one (weights = tokens the
+    shifted loss really averages), with the number of scored tokens."""
+    n = len(ids)
+    recipe = [0.0, 0]
+    exact = [0.0, 0]
+    prev_end = 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        trg_len = end - prev_end
+        inp = ids[begin:end][None]
+        tgt = inp.clone()
+        tgt[:, :-trg_len] = -100
+        loss = float(model(inp, labels=tgt).loss)
+        w = int((tgt != -100).sum()) - 1
+        scored = int((tgt[:, 1:] != -100).sum())
+        recipe[0] += loss * w
+        recipe[1] += w
+        exact[0] += loss * scored
+        exact[1] += scored
+        prev_end = end
+        if end == n:
+            break
+    return math.exp(recipe[0] / recipe[1]), math.exp(exact[0] / exact[1]), exact[1]
+
+
+@pytest.mark.parametrize("L,S", [(32, 16), (32, 32), (20, 7)])
+def test_hf_protocol_reproduces_the_recipe(gpt2, L, S):
+    ids = _ids(110, V_GPT2, seed=5)
+    lp, proto = hf.score(gpt2, ids, max_length=L, stride=S, protocol="hf", progress=False)
+    recipe, exact, n_tok = _hf_recipe(gpt2, ids, L, S)
+    assert proto.n_scored == n_tok == lp.size
+    assert ppldelta.perplexity(lp) == pytest.approx(exact, rel=1e-6)
+    assert hf.hf_recipe_perplexity(gpt2, ids, L, S) == pytest.approx(recipe, rel=1e-6)
+    if S < L:
+        # the recipe's weights are one token short per window: a last-digits difference
+        assert recipe != exact and recipe == pytest.approx(exact, rel=1e-2)
+        # and the recipe scores what our sliding protocol scores with one token less of window,
+        # except in the last window, which ours right-aligns (full context for the tail)
+        sl = hf.token_log_probs(gpt2, ids, max_length=L - 1, stride=S, progress=False)
+        np.testing.assert_allclose(lp[:-S], sl[:-S], atol=1e-5, rtol=0)
+    else:
+        assert recipe == pytest.approx(exact, rel=1e-9)
+    # windows of different length in one batch (padding + attention mask)
+    np.testing.assert_allclose(hf.token_log_probs(gpt2, ids, max_length=L, stride=S, protocol="hf",
+                                                  batch_size=4, progress=False), lp, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------- llama.cpp
+@pytest.mark.parametrize("n_ctx,n", [(32, 100), (15, 47), (16, 32)])
+def test_llama_cpp_protocol_hand_computation(tiny, n_ctx, n):
+    ids = _ids(n, _vocab(tiny), seed=n_ctx)
+    bos = 1
+    lp, proto = hf.score(tiny, ids, max_length=n_ctx, protocol="llama.cpp", bos_token_id=bos, progress=False)
+    first = n_ctx // 2
+    n_chunk = n // n_ctx
+    ref = []
+    for c in range(n_chunk):
+        chunk = ids[c * n_ctx:(c + 1) * n_ctx].clone()
+        chunk[0] = bos
+        rows = _all_lp(tiny, chunk)
+        for j in range(first, n_ctx - 1):
+            ref.append(float(rows[j, chunk[j + 1]]))
+    assert proto.n_scored == n_chunk * (n_ctx - 1 - n_ctx // 2) == lp.size
+    np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)
+    assert proto.bos == bos and proto.notes["dropped_tail"] == n - n_chunk * n_ctx
+    # the chunk's first token is overwritten by BOS: changing it changes nothing, BOS does
+    ids2 = ids.clone()
+    ids2[::n_ctx] = 7
+    np.testing.assert_array_equal(hf.token_log_probs(tiny, ids2, max_length=n_ctx, protocol="llama.cpp",
+                                                     bos_token_id=bos, progress=False), lp)
+    other = hf.token_log_probs(tiny, ids, max_length=n_ctx, protocol="llama.cpp", bos_token_id=2, progress=False)
+    assert not np.allclose(other, lp)
+
+
+def test_llama_cpp_protocol_requirements(gpt2, llama):
+    ids = _ids(63, V_GPT2)
+    with pytest.raises(ValueError, match="2\\*n_ctx"):
+        hf.score(gpt2, ids, max_length=32, protocol="llama.cpp", bos_token_id=1, progress=False)
+    # BOS defaults to model.config.bos_token_id; an error when there is none
+    lp, proto = hf.score(llama, _ids(64, V_LLAMA), max_length=32, protocol="llama.cpp", progress=False)
+    assert proto.bos == 1 and proto.n_scored == 2 * 15
+    m = _gpt2()
+    m.config.bos_token_id = None
+    with pytest.raises(ValueError, match="bos_token_id"):
+        hf.score(m, _ids(64, V_GPT2), max_length=32, protocol="llama.cpp", progress=False)
+    # a vocabulary that adds no BOS: llama.cpp keeps the chunk's own first token
+    ids = _ids(64, V_GPT2)
+    lp, proto = hf.score(m, ids, max_length=32, protocol="llama.cpp", bos_token_id=False, progress=False)
+    assert proto.bos is None and proto.notes["bos_replaced"] is False
+    ref = np.concatenate([_all_lp(m, ids[c * 32:(c + 1) * 32])[16:31].gather(-1, ids[c * 32 + 17:(c + 1) * 32, None])
+                          .squeeze(-1).numpy() for c in range(2)])
+    np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="stride"):
+        hf.score(llama, _ids(64, V_LLAMA), max_length=32, stride=16, protocol="llama.cpp", progress=False)
+    # default n_ctx is llama-perplexity's 512 (checked without running: 1023 tokens are too few)
+    with pytest.raises(ValueError, match="1024 tokens"):
+        hf.score(llama, _ids(1023, V_LLAMA), protocol="llama.cpp", progress=False)
+
+
+# ---------------------------------------------------------------------------- gptq
+@torch.inference_mode()
+def _gptq_loop(model, ids, seqlen):
+    """GPTQ's eval loop: loss * seqlen per window, exp(sum / (nsamples * seqlen))."""
+    nsamples = len(ids) // seqlen
+    nlls = []
+    for i in range(nsamples):
+        batch = ids[i * seqlen:(i + 1) * seqlen][None]
+        logits = model(batch).logits
+        shift_logits = logits[:, :-1, :]
+        shift_labels = batch[:, 1:]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]).float(),
+                                                 shift_labels.reshape(-1))
+        nlls.append(loss.float() * seqlen)
+    return float(torch.exp(torch.stack(nlls).sum() / (nsamples * seqlen))), nsamples
+
+
+@pytest.mark.parametrize("seqlen,n", [(32, 110), (64, 64)])
+def test_gptq_protocol_hand_computation(tiny, seqlen, n):
+    ids = _ids(n, _vocab(tiny), seed=seqlen + n)
+    lp, proto = hf.score(tiny, ids, max_length=seqlen, protocol="gptq", progress=False)
+    ppl, nsamples = _gptq_loop(tiny, ids, seqlen)
+    assert proto.n_scored == nsamples * (seqlen - 1) == lp.size
+    assert proto.notes["dropped_tail"] == n - nsamples * seqlen
+    assert ppldelta.perplexity(lp) == pytest.approx(ppl, rel=2e-6)
+    # per token: every window scores all its tokens after the first
+    ref = np.concatenate([_all_lp(tiny, ids[i * seqlen:(i + 1) * seqlen])[:-1]
+                          .gather(-1, ids[i * seqlen + 1:(i + 1) * seqlen, None]).squeeze(-1).numpy()
+                          for i in range(nsamples)])
+    np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)
+    if n % seqlen:  # the tail is dropped: changing it changes nothing
+        ids2 = ids.clone()
+        ids2[nsamples * seqlen:] = 3
+        np.testing.assert_array_equal(hf.token_log_probs(tiny, ids2, max_length=seqlen, protocol="gptq",
+                                                         progress=False), lp)
+    with pytest.raises(ValueError, match="seqlen"):
+        hf.score(tiny, ids[:seqlen - 1], max_length=seqlen, protocol="gptq", progress=False)
+
+
+# ---------------------------------------------------------------------------- seed 001
+class CacheLM(torch.nn.Module):
+    """A causal "language model" for which context matters, without training: the logit of
+    token v at position t is log(0.1 + how often v occurred at positions <= t in the window).
+    On text whose vocabulary changes by topic it predicts well with long context and badly
+    at the start of a window, like a real LM."""
+
+    def __init__(self, vocab=64):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids=None, attention_mask=None, logits_to_keep=0, **kwargs):
+        counts = torch.nn.functional.one_hot(input_ids, self.vocab).cumsum(1).float()
+        logits = torch.log(counts + 0.1) + self.dummy
+        if logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+def topic_stream(n, vocab=64, topic_len=100, words=8, seed=2):
+    r = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        w = r.choice(vocab, size=words, replace=False)
+        out += list(r.choice(w, size=topic_len))
+    return torch.tensor(out[:n])
+
+
+@torch.inference_mode()
+def _seed001_literal(model, ids, max_length, stride):
+    """Seed 001's loop as printed (with labels=, which it forgot)."""
+    seq_len = len(ids)
+    nlls = []
+    for i in range(0, seq_len, stride):
+        end_loc = min(i + max_length, seq_len)
+        target_ids = ids[i:end_loc][None]
+        nlls.append(model(target_ids, labels=target_ids).loss)
+    return torch.exp(torch.stack(nlls).mean()).item(), nlls
+
+
+@pytest.mark.parametrize("which", ["gpt2", "cache"])
+def test_seed001_loop_is_biased(gpt2, which):
+    model = gpt2 if which == "gpt2" else CacheLM()
+    ids = _ids(300, V_GPT2, seed=4) if which == "gpt2" else topic_stream(520)
+    L, S = 32, 16
+    seed_ppl = hf.seed001_perplexity(model, ids, L, S)
+    if which == "gpt2":  # the seed's loop, literally (with labels=): exp(unweighted mean of window means)
+        literal, nlls = _seed001_literal(model, ids, L, S)
+        assert seed_ppl == pytest.approx(literal, rel=1e-5)
+    vals, proto = hf.score(model, ids, max_length=L, stride=S, protocol="seed001", progress=False)
+    assert seed_ppl == pytest.approx(math.exp(-np.mean(vals)), rel=1e-12)
+    correct = ppldelta.perplexity(hf.token_log_probs(model, ids, max_length=L, stride=S, progress=False))
+    assert abs(seed_ppl / correct - 1) > 1e-3
+
+    # why: the same windows, each token counted once and token-weighted, is the HF recipe's
+    # (= protocol "hf"); the seed counts the overlap twice (once with little context) and
+    # weighs the short tail windows like full ones
+    sizes = proto.notes["window_sizes"]
+    assert sum(sizes) == proto.n_scored > len(ids) - 1
+    assert sizes[0] == L - 1 and sizes[-1] < S
+    per_token = hf.token_log_probs(model, ids, max_length=L, stride=S, protocol="hf", progress=False)
+    dedup = ppldelta.perplexity(per_token)
+    assert dedup != pytest.approx(seed_ppl, rel=1e-3)
+    if which == "cache":
+        # with a model that needs context, re-scoring the overlap from the window start inflates it
+        assert seed_ppl > 1.1 * correct and seed_ppl > dedup
+        lp_l = lambda **kw: ppldelta.perplexity(hf.token_log_probs(model, ids, progress=False, **kw))
+        print(f"\n[tiny CacheLM, {len(ids)} tokens, L={L}] seed001={seed_ppl:.4f} sliding(S={S})={correct:.4f} "
+              f"sliding(S={L})={lp_l(max_length=L, stride=L):.4f} sliding(S=4)={lp_l(max_length=L, stride=4):.4f} "
+              f"hf={dedup:.4f} gptq={lp_l(max_length=L, protocol='gptq'):.4f} "
+              f"llama.cpp={lp_l(max_length=L, protocol='llama.cpp', bos_token_id=0):.4f} "
+              f"windows={proto.notes['n_windows']} predictions={proto.n_scored}")
+
+
+def test_docs_illustration_numbers():
+    """The tiny-model table of docs/protocols.md (CacheLM is deterministic: no weights)."""
+    m, ids = CacheLM(), topic_stream(520)
+
+    def ppl(**kw):
+        return round(ppldelta.perplexity(hf.token_log_probs(m, ids, max_length=32, progress=False, **kw)), 2)
+
+    assert ppl(stride=4) == 15.34 and ppl(stride=16) == 15.72 and ppl(stride=32) == 21.56
+    assert ppl(stride=16, protocol="hf") == 15.75 and round(hf.hf_recipe_perplexity(m, ids, 32, 16), 2) == 15.76
+    assert ppl(stride=32, protocol="hf") == 21.95
+    assert ppl(protocol="llama.cpp", bos_token_id=0) == 16.27 and ppl(protocol="gptq") == 21.69
+    assert round(hf.seed001_perplexity(m, ids, 32, 16), 2) == 21.54
+    vals, proto = hf.score(m, ids, max_length=32, stride=16, protocol="seed001", progress=False)
+    sizes = np.array(proto.notes["window_sizes"])
+    assert proto.n_scored == 991 and list(sizes[-4:]) == [31, 31, 23, 7]
+    assert round(math.exp(-(vals * sizes).sum() / sizes.sum()), 2) == 21.02
+    texts = [ids[0:150], ids[150:300], ids[300:450], ids[450:462]]
+    lps = [hf.token_log_probs(m, t, max_length=32, stride=16, progress=False) for t in texts]
+    per = [ppldelta.perplexity(lp) for lp in lps]
+    assert [round(p, 2) for p in per] == [15.32, 15.19, 15.96, 47.23]
+    assert round(float(np.mean(per)), 2) == 23.42 and round(ppldelta.perplexity(np.concatenate(lps)), 2) == 15.90
+
+
+def test_seed001_one_token_tail_window_is_nan(gpt2):
+    ids = _ids(2 * 16 + 1, V_GPT2)  # a window starting at the last token has nothing to score
+    ppl = hf.seed001_perplexity(gpt2, ids, 32, 16)
+    assert math.isnan(ppl)
+    assert "NaN" in hf.last_protocol.notes["warning"]
+    with pytest.raises(ValueError):
+        hf.compare_models(gpt2, gpt2, ids, protocol="seed001", progress=False)
+
+
+# ---------------------------------------------------------------------------- evaluate_perplexity
+SENTENCES = [
+    "the cat sat on the mat and the dog sat on the log",
+    "a quantized model loses a little quality on every token",
+    "perplexity is the exponential of the mean negative log likelihood",
+    "the quick brown fox jumps over the lazy dog again and again",
+    "windows strides and tails make numbers differ between tools",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>",
+                                   name_or_path="tiny-wordlevel-test")
+
+
+def test_evaluate_perplexity_with_objects_list_and_file(gpt2, tokenizer, tmp_path):
+    texts = SENTENCES * 3
+    res = hf.evaluate_perplexity(gpt2, texts=texts, tokenizer=tokenizer, max_length=32, stride=16, progress=False)
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    lp = hf.token_log_probs(gpt2, ids, max_length=32, stride=16, progress=False)
+    np.testing.assert_array_equal(res.log_probs, lp)
+    assert res.perplexity == pytest.approx(ppldelta.perplexity(lp), rel=1e-12)
+    assert res.n_tokens == len(ids) - 1 == res.protocol.n_scored
+    notes = res.protocol.notes
+    assert notes["tokenizer"] == "tiny-wordlevel-test"
+    assert notes["tokens_sha256"] == hf._ids_sha256(ids)
+    assert notes["add_special_tokens"] is False and notes["join"] == "\n\n" and notes["n_texts"] == 15
+    assert "PPL" in str(res)
+
+    f = tmp_path / "corpus.txt"
+    f.write_text("\n\n".join(texts), encoding="utf-8")
+    res_file = hf.evaluate_perplexity(gpt2, texts=str(f), tokenizer=tokenizer, max_length=32, stride=16,
+                                      progress=False)
+    assert res_file.perplexity == res.perplexity
+    assert res_file.protocol.notes["text_source"].startswith("file:")
+    with pytest.raises(FileNotFoundError):
+        hf.evaluate_perplexity(gpt2, texts=str(tmp_path / "missing.txt"), tokenizer=tokenizer, progress=False)
+
+    class FakeSplit:  # what evaluate_perplexity uses of a datasets.Dataset
+        column_names = ["text"]
+        split = "test"
+
+        def __getitem__(self, key):
+            return list(texts)
+
+    res_ds = hf.evaluate_perplexity(gpt2, texts=FakeSplit(), tokenizer=tokenizer, max_length=32, stride=16,
+                                    progress=False)
+    assert res_ds.perplexity == res.perplexity
+
+    # a different join (or tokenizer) gives other tokens, and the hash says so
+    res_nl = hf.evaluate_perplexity(gpt2, texts=[t + "." for t in texts], tokenizer=tokenizer, max_length=32,
+                                    stride=16, progress=False)
+    assert res_nl.protocol.notes["tokens_sha256"] != notes["tokens_sha256"]
+
+
+def test_loading_from_local_paths(gpt2, tokenizer, tmp_path):
+    # the from_pretrained path of seed 001's signature, offline: models saved to disk
+    orig, quant_dir = tmp_path / "orig", tmp_path / "quant"
+    gpt2.save_pretrained(orig)
+    tokenizer.save_pretrained(orig)
+    quant = _perturbed(gpt2)
+    quant.save_pretrained(quant_dir)
+    texts = SENTENCES * 3
+    res = hf.evaluate_perplexity(str(orig), texts=texts, max_length=32, stride=16, progress=False)
+    ref = hf.evaluate_perplexity(gpt2, texts=texts, tokenizer=tokenizer, max_length=32, stride=16, progress=False)
+    assert res.perplexity == pytest.approx(ref.perplexity, rel=1e-6)
+    assert res.protocol.notes["tokens_sha256"] == ref.protocol.notes["tokens_sha256"]
+    assert res.protocol.notes["dtype"] == "torch.float32"
+    res_q = hf.evaluate_perplexity(str(orig), str(quant_dir), texts=texts, max_length=32, stride=16, progress=False)
+    ref_q = hf.evaluate_perplexity(quant, texts=texts, tokenizer=tokenizer, max_length=32, stride=16, progress=False)
+    assert res_q.perplexity == pytest.approx(ref_q.perplexity, rel=1e-6)
+    assert res_q.protocol.notes["model"] == str(quant_dir)
+    table = hf.quantization_report(str(orig), {"q": str(quant_dir)}, texts, max_length=32, stride=16,
+                                   progress=False, n_bootstrap=20)
+    assert table["q"]["ratio"] == pytest.approx(res_q.perplexity / res.perplexity, rel=1e-6)
+
+
+def test_evaluate_perplexity_chunked_protocols(llama, tokenizer):
+    texts = SENTENCES * 4
+    res = hf.evaluate_perplexity(llama, texts=texts, tokenizer=tokenizer, max_length=32, protocol="llama.cpp",
+                                 progress=False)
+    ids = tokenizer("\n\n".join(texts))["input_ids"]  # the tool tokenizes with special tokens
+    assert res.protocol.notes["add_special_tokens"] is True
+    assert res.protocol.bos == 1
+    np.testing.assert_array_equal(res.log_probs, hf.token_log_probs(llama, ids, max_length=32, protocol="llama.cpp",
+                                                                    progress=False))
+    res_g = hf.evaluate_perplexity(llama, texts=texts, tokenizer=tokenizer, max_length=32, protocol="gptq",
+                                   progress=False)
+    assert res_g.protocol.n_scored == (len(ids) // 32) * 31
+
+
+# ---------------------------------------------------------------------------- compare_models
+def _capture_analyze(monkeypatch):
+    seen = {}
+    real = ppldelta.analyze
+
+    def spy(lo, lq, **kw):
+        seen.update(kw, lo=np.array(lo), lq=np.array(lq))
+        return real(lo, lq, **kw)
+
+    monkeypatch.setattr(ppldelta, "analyze", spy)
+    return seen
+
+
+def test_compare_identical_models(tiny):
+    ids = _ids(100, _vocab(tiny))
+    rep = hf.compare_models(tiny, tiny, ids, max_length=32, stride=16, progress=False, n_bootstrap=200)
+    assert rep["kld"]["max"] < 1e-6
+    assert rep["same_top1"]["pct"] == 100.0 and rep["top1_in_top5"] == 100.0
+    assert rep.reference["relative_delta_pct"] == 0.0
+    assert rep["n_tokens"] == 99
+    assert rep["protocol"]["name"] == "sliding" and rep["protocol"]["n_scored"] == 99
+
+
+@torch.inference_mode()
+def _bruteforce_pairs(mo, mq, ids, L, S):
+    """Full-logit reference for the sliding protocol: for each target, the window's logits of
+    both models, then KL, agreement and log-probs in float64."""
+    n = len(ids)
+    rows_o, rows_q, tg = [], [], []
+    cache = {}
+    for t in range(1, n):
+        k = 0 if t <= L else -(-(t - L) // S)
+        end = min(L + k * S, n - 1)
+        start = max(0, end - L)
+        if (start, end) not in cache:
+            cache[(start, end)] = (mo(ids[start:end][None]).logits[0], mq(ids[start:end][None]).logits[0])
+        lo, lq = cache[(start, end)]
+        rows_o.append(lo[t - 1 - start])
+        rows_q.append(lq[t - 1 - start])
+        tg.append(int(ids[t]))
+    lo = torch.log_softmax(torch.stack(rows_o).double(), -1)
+    lq = torch.log_softmax(torch.stack(rows_q).double(), -1)
+    tg = torch.tensor(tg)
+    kld = (lo.exp() * (lo - lq)).sum(-1)
+    a = lo.argmax(-1)
+    rank = (lq > lq.gather(-1, a[:, None])).sum(-1)
+    return {"kld": kld.numpy(), "same": (a == lq.argmax(-1)).numpy(), "top5": (rank < 5).numpy(),
+            "top10": (rank < 10).numpy(), "lo": lo.gather(-1, tg[:, None])[:, 0].numpy(),
+            "lq": lq.gather(-1, tg[:, None])[:, 0].numpy()}
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_compare_perturbed_matches_full_logit_bruteforce(tiny, monkeypatch, batch_size):
+    ids = _ids(90, _vocab(tiny), seed=9)
+    quant = _perturbed(tiny)
+    seen = _capture_analyze(monkeypatch)
+    monkeypatch.setattr(hf, "_ROW_BUDGET", 7 * _vocab(tiny))  # several row chunks per window
+    groups = np.where(np.arange(90) < 45, "first", "second")
+    rep = hf.compare_models(tiny, quant, ids, max_length=24, stride=10, groups=groups, batch_size=batch_size,
+                            progress=False, n_bootstrap=100)
+    ref = _bruteforce_pairs(tiny, quant, ids, 24, 10)
+    np.testing.assert_allclose(seen["kld"], ref["kld"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(seen["lo"], ref["lo"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(seen["lq"], ref["lq"], atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(seen["same_top1"], ref["same"])
+    np.testing.assert_array_equal(seen["top1_in_top5"], ref["top5"])
+    np.testing.assert_array_equal(seen["top1_in_top10"], ref["top10"])
+    assert rep["kld"]["mean"] > 1e-4 and rep["kld"]["mean"] == pytest.approx(ref["kld"].mean(), abs=1e-6)
+    assert rep["same_top1"]["pct"] == pytest.approx(100 * ref["same"].mean())
+    assert rep.reference == ppldelta.perplexity_delta(ref["lo"], ref["lq"])
+    # the label of the predicted token: targets 1..44 are "first", 45..89 "second"
+    assert rep["groups"]["first"]["n_tokens"] == 44 and rep["groups"]["second"]["n_tokens"] == 45
+    # the log-probs are those of score()
+    np.testing.assert_allclose(seen["lo"], hf.token_log_probs(tiny, ids, max_length=24, stride=10, progress=False),
+                               atol=1e-5, rtol=0)
+
+
+def test_compare_other_protocols(gpt2):
+    ids = _ids(128, V_GPT2)
+    quant = _perturbed(gpt2)
+    for proto, kw in (("gptq", {}), ("llama.cpp", {"bos_token_id": 1}), ("hf", {"stride": 16})):
+        rep = hf.compare_models(gpt2, quant, ids, max_length=32, protocol=proto, progress=False, n_bootstrap=50, **kw)
+        lp_o = hf.token_log_probs(gpt2, ids, max_length=32, protocol=proto, progress=False, **kw)
+        lp_q = hf.token_log_probs(quant, ids, max_length=32, protocol=proto, progress=False, **kw)
+        assert rep["n_tokens"] == lp_o.size
+        assert rep["protocol"]["name"] == proto
+        # C kernels (float64) vs torch float32 log-softmax: equal to float32 rounding
+        assert rep["ppl_ratio"]["value"] == pytest.approx(math.exp(np.mean(lp_o) - np.mean(lp_q)), rel=1e-6)
+        assert rep["ppl"]["original"]["value"] == pytest.approx(ppldelta.perplexity(lp_o), rel=1e-6)
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a model; records every logits tensor it returns and checks, at each call, that the
+    logits it returned before were already freed by the caller."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+        self.max_numel = 0
+        self.max_batch = 0
+        self.alive_at_call = []
+        self.rows = []
+        self._refs = []
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    def forward(self, input_ids=None, **kwargs):
+        self.alive_at_call.append(sum(r() is not None for r in self._refs))
+        out = self.inner(input_ids=input_ids, **kwargs)
+        self.calls += 1
+        self.max_numel = max(self.max_numel, out.logits.numel())
+        self.max_batch = max(self.max_batch, out.logits.shape[0])
+        self.rows.append(out.logits.shape[1])
+        self._refs.append(weakref.ref(out.logits))
+        return out
+
+
+def test_compare_memory_one_window_batch_at_a_time(gpt2):
+    ids = _ids(120, V_GPT2)
+    ro, rq = _Recorder(gpt2), _Recorder(_perturbed(gpt2))
+    L, S, bs = 32, 8, 2
+    rep = hf.compare_models(ro, rq, ids, max_length=L, stride=S, batch_size=bs, progress=False, n_bootstrap=50)
+    n_windows = rep["protocol"]["notes"]["n_windows"]
+    assert ro.calls == rq.calls == -(-n_windows // bs)
+    for r in (ro, rq):
+        assert r.max_batch <= bs
+        assert r.max_numel <= bs * L * V_GPT2   # one batch of windows, never (tokens x vocab)
+        assert r.max_numel < len(ids) * V_GPT2
+        assert max(r.alive_at_call) == 0         # each batch's logits dropped before the next forward
+    # logits_to_keep: once past the first window only the last `stride` rows are computed
+    assert ro.rows[0] == L and set(ro.rows[1:]) == {S}
+    rs = _Recorder(gpt2)
+    hf.token_log_probs(rs, ids, max_length=L, stride=S, progress=False)
+    assert max(rs.alive_at_call) == 0 and rs.max_numel <= L * V_GPT2
+
+
+def test_compare_torch_path_equals_c_kernels(gpt2, monkeypatch):
+    # the path used for logits on an accelerator, forced on the CPU
+    ids = _ids(70, V_GPT2)
+    quant = _perturbed(gpt2)
+    seen_c = _capture_analyze(monkeypatch)
+    hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=20)
+    seen_c = dict(seen_c)
+    seen_t = _capture_analyze(monkeypatch)
+    monkeypatch.setattr(hf, "_kl_stats", hf._kl_stats_torch)
+    hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=20)
+    for k in ("kld", "lo", "lq"):
+        np.testing.assert_allclose(seen_t[k], seen_c[k], atol=1e-5, rtol=0)
+    for k in ("same_top1", "top1_in_top5", "top1_in_top10"):
+        np.testing.assert_array_equal(seen_t[k], seen_c[k])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_are_upcast(dtype):
+    m = _gpt2().to(dtype)
+    ids = _ids(50, V_GPT2)
+    lp = hf.token_log_probs(m, ids, max_length=64, progress=False)
+    with torch.inference_mode():
+        logits = m(ids[None]).logits[0, :-1]
+    assert logits.dtype == dtype
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, ids[1:, None])[:, 0].double().numpy()
+    np.testing.assert_allclose(lp, ref, atol=1e-6, rtol=0)
+    rep = hf.compare_models(m, m, ids, max_length=64, progress=False, n_bootstrap=20)
+    assert rep["kld"]["max"] < 1e-6 and rep["same_top1"]["pct"] == 100.0
+
+
+def test_model_without_logits_to_keep(gpt2):
+    class Strict(torch.nn.Module):  # takes **kwargs but rejects logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids=None, **kwargs):
+            if "logits_to_keep" in kwargs:
+                raise TypeError("forward() got an unexpected keyword argument 'logits_to_keep'")
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    ids = _ids(100, V_GPT2)
+    np.testing.assert_allclose(hf.token_log_probs(Strict(gpt2), ids, max_length=32, stride=8, progress=False),
+                               hf.token_log_probs(gpt2, ids, max_length=32, stride=8, progress=False),
+                               atol=1e-6, rtol=0)
+
+
+def test_kl_stats_torch_matches_c_kernels():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(37, 301, generator=g) * 3
+    b = a + 0.3 * torch.randn(37, 301, generator=g)
+    b[5] = a[5]
+    t = torch.randint(0, 301, (37,), generator=g)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        x, y = a.to(dt), b.to(dt)
+        mine = hf._kl_stats_torch(x, y, t)
+        ref = ppldelta.kl_divergence(x, y, targets=t)
+        for k in ("kld", "original_log_probs", "quantized_log_probs"):
+            np.testing.assert_allclose(mine[k], ref[k], atol=2e-5, rtol=1e-5, err_msg=f"{k} {dt}")
+        for k in ("same_top1", "top1_in_top5", "top1_in_top10", "quantized_top1_in_original_top5",
+                  "quantized_top1_in_original_top10"):
+            if k in ref:
+                np.testing.assert_array_equal(mine[k], ref[k], err_msg=f"{k} {dt}")
+    out = hf._kl_stats_torch(a.view(37, 1, 301), b.view(37, 1, 301))
+    assert out["kld"].shape == (37, 1) and "original_log_probs" not in out
+
+
+# ---------------------------------------------------------------------------- quantization_report
+def test_quantization_report_rows(gpt2, tokenizer):
+    texts = SENTENCES * 2
+    domains = ["prose", "tech", "tech", "prose", "tech"] * 2
+    quant = _perturbed(gpt2, scale=0.03)
+    rep = hf.quantization_report(gpt2, {"identity": gpt2, "perturbed": quant}, texts, tokenizer=tokenizer,
+                                 groups=domains, max_length=32, stride=16,
+                                 expected={"identity": "fp16", "perturbed": "gptq-4"}, progress=False,
+                                 n_bootstrap=100)
+    assert [r["name"] for r in rep] == ["original", "identity", "perturbed"] and len(rep) == 3
+    base, ident, pert = rep
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    lp_o = hf.token_log_probs(gpt2, ids, max_length=32, stride=16, progress=False)
+    lp_q = hf.token_log_probs(quant, ids, max_length=32, stride=16, progress=False)
+    assert base["perplexity"] == pytest.approx(ppldelta.perplexity(lp_o), rel=1e-12) and base["ratio"] == 1.0
+    assert ident["ratio"] == 1.0 and ident["relative_delta_pct"] == 0.0
+    assert ident["verdict"] == "within expected band"
+    ratio = ppldelta.perplexity(lp_q) / ppldelta.perplexity(lp_o)
+    assert pert["ratio"] == pytest.approx(ratio, rel=1e-9)
+    assert pert["relative_delta_pct"] == ppldelta.perplexity_delta(lp_o, lp_q)["relative_delta_pct"]
+    band = ppldelta.expected_band("gptq-4")
+    assert pert["verdict"] == band.verdict(pert["ratio"]) and pert["expected_band"][:2] == (band.low, band.high)
+    assert set(pert["group_deltas_pct"]) == {"prose", "tech"}
+    assert rep["perturbed"] is pert and rep.groups == ["prose", "tech"]
+    md = rep.to_markdown()
+    assert md.splitlines()[0].startswith("| Variant | Perplexity")
+    assert "| perturbed |" in md and "gptq-4" in md and "prose delta" in md
+    assert rep.protocol.notes["tokens_sha256"] == hf._ids_sha256(ids)
+    with pytest.raises(ValueError):
+        hf.quantization_report(gpt2, {"q": quant}, texts, tokenizer=tokenizer, groups=["a"], progress=False)
+
+
+# ---------------------------------------------------------------------------- packaging
+def test_module_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "import ppldelta.hf as h; assert h.Protocol('sliding', 8, 4, 7, 8).n_scored == 7\n"
+            "try:\n    h.token_log_probs(None, [1, 2])\nexcept ImportError as e:\n    print('ok', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok")
