@@ -16,8 +16,10 @@ import timeit
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import ppldelta  # noqa: E402
 from _probe import read_seconds  # noqa: E402
+from oracle import reference_delta as reference  # noqa: E402  (shared/seeds/000, verbatim)
 
 try:
     import torch
@@ -25,23 +27,6 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # pragma: no cover
     torch = None
-
-
-def reference(original_log_probs, quantized_log_probs):
-    """shared/seeds/000, verbatim."""
-    n = len(original_log_probs)
-    assert n == len(quantized_log_probs) and n > 0
-    avg_orig = sum(original_log_probs) / n
-    avg_quant = sum(quantized_log_probs) / n
-    ppl_orig = math.exp(-avg_orig)
-    ppl_quant = math.exp(-avg_quant)
-    absolute_delta = ppl_quant - ppl_orig
-    relative_delta_pct = (absolute_delta / ppl_orig) * 100 if ppl_orig > 0 else 0.0
-    quality = ("excellent" if relative_delta_pct < 1.0 else "good" if relative_delta_pct < 5.0
-               else "acceptable" if relative_delta_pct < 10.0 else "poor")
-    return {"original_perplexity": round(ppl_orig, 4), "quantized_perplexity": round(ppl_quant, 4),
-            "absolute_delta": round(absolute_delta, 4), "relative_delta_pct": round(relative_delta_pct, 4),
-            "quality": quality}
 
 
 def best(fn, budget=0.3, repeat=5):
