@@ -121,17 +121,24 @@ static int pd_seq_sum(PyObject *seq, npy_intp n, const char *name, double tol, i
 {
     double buf[PD_BLOCK];
     pd_reduce_fn kern = pd_reduce_kernel(PD_F64, exact);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     npy_intp i = 0;
     while (i < n) {
         npy_intp m = n - i < PD_BLOCK ? n - i : PD_BLOCK, j, r;
+        PyObject **items;
+        /* Python code may have run since the list was sized (the other input's __array__, an
+         * item's __float__, a signal handler): check and refetch before every block */
+        if (PySequence_Fast_GET_SIZE(seq) < n) {
+            PyErr_Format(PyExc_RuntimeError, "%s changed size during the call", name);
+            return -1;
+        }
+        items = PySequence_Fast_ITEMS(seq);
         for (j = 0; j < m; j++) {
             PyObject *it = items[i + j];
 #if defined(__GNUC__)
             /* The float objects are scattered in the heap: fetch ahead, as the loop only needs
              * their 8-byte payloads. */
-            if (i + j + 64 < n)
-                __builtin_prefetch(items[i + j + 64]);
+            if (j + 32 < m)
+                __builtin_prefetch(items[i + j + 32]);
 #endif
             if (PyFloat_Check(it)) /* float and subclasses (np.float64) */
                 buf[j] = PyFloat_AS_DOUBLE(it);

@@ -52,9 +52,13 @@ static int pd_acc_certain(const pd_acc *a, double v, npy_intp n, double tol)
 {
     pd_acc rest = *a;
     double err, r, up, down;
-    if (a->neginf || a->posinf || !a->inexact)
+    /* A non-finite total may come from an overflow of finite terms (positive tolerances make
+     * cancellation possible), or from inf - inf: let math.fsum decide. */
+    if (!isfinite(v))
+        return 0;
+    if (!a->inexact)
         return 1;
-    if (!isfinite(v) || !isfinite(tol))
+    if (!isfinite(tol))
         return 0;
     err = PD_EXACT_ERR * fabs(-v + 2.0 * (double)n * tol) * 1.01;
     pd_acc_add(&rest, -v);
@@ -411,8 +415,7 @@ static PyObject *pd_perplexity(PyObject *module, PyObject *const *args, Py_ssize
 PyDoc_STRVAR(pd_sum_log_probs_doc,
 "sum_log_probs(log_probs, *, positive_tolerance=1e-3) -> (n, total)\n--\n\n"
 "Count and exactly rounded sum (as math.fsum), with validation; -inf when a term is -inf.\n"
-"Empty input gives (0, 0.0).\n"
-"Empty input is allowed here and gives (0, 0.0, 0.0).\n");
+"Empty input gives (0, 0.0).\n");
 
 static PyObject *pd_sum_log_probs(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                                   PyObject *kwnames)

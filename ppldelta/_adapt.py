@@ -54,12 +54,28 @@ def as_array(obj, name: str = "input") -> np.ndarray:
 
 
 def exact_sum(obj) -> float:
-    """math.fsum of every value of a list/tuple or ndarray, in C order.
+    """The exactly rounded sum of every value of a list/tuple or ndarray, in C order.
 
-    The C core's last resort: called only when its double-double sum cannot prove how the sum
-    rounds (adversarial inputs, such as exact ties broken by a value 2^-100 smaller)."""
+    The C core's last resort: called only when its own sum cannot prove how it rounds
+    (adversarial inputs, such as exact ties broken by a value 2^-100 smaller) or is not finite.
+    math.fsum, except: inf - inf gives NaN (not ValueError), and an intermediate overflow of
+    finite values is resolved exactly (the total may be finite, or +-inf)."""
     import math
 
-    if isinstance(obj, np.ndarray):
-        return math.fsum(np.asarray(obj, dtype=np.float64).reshape(-1).tolist())
-    return math.fsum(obj)
+    vals = np.asarray(obj, dtype=np.float64).reshape(-1).tolist() if isinstance(obj, np.ndarray) else obj
+    try:
+        return math.fsum(vals)
+    except ValueError:  # -inf + inf
+        return math.nan
+    except OverflowError:  # finite values overflowed (fsum raises before it sees any inf)
+        from fractions import Fraction
+
+        fl = [float(v) for v in vals]
+        infs = {v for v in fl if math.isinf(v)}
+        if infs:
+            return math.nan if len(infs) == 2 else infs.pop()
+        total = sum(Fraction(v) for v in fl)
+        try:
+            return float(total)
+        except OverflowError:  # beyond the largest double: round to infinity
+            return math.inf if total > 0 else -math.inf
