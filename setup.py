@@ -2,8 +2,8 @@
 
 Environment switches (all optional):
   PPLDELTA_WERROR=1    add -Werror (CI builds with it)
-  PPLDELTA_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer build (see .ci/sanitize)
-No -march=native: SIMD paths are chosen at run time (csrc/dispatch.c), so a wheel built here
+  PPLDELTA_SANITIZE=1  AddressSanitizer + UndefinedBehaviorSanitizer build (see tests/reliability/)
+No native-architecture flags: SIMD paths are chosen at run time (csrc/dispatch.c), so a wheel built here
 runs on any x86-64.
 """
 import os
