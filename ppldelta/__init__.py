@@ -18,6 +18,13 @@ from .logits import kl_divergence, token_log_probs
 __version__ = "0.1.0"
 
 __all__ = [
+    # submodules
+    "distributed",
+    "hf",
+    "llamacpp",
+    "lmeval",
+    "plot",
+    # functions and types
     "Accumulator",
     "POSITIVE_TOLERANCE",
     "Band",

@@ -42,7 +42,6 @@ import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import numpy as np
 

@@ -1,7 +1,6 @@
 """Accumulator: streaming, merging in any order, state round trips, torch.distributed."""
 import json
 import math
-import random
 
 import numpy as np
 import pytest
