@@ -15,21 +15,24 @@
 
 const char *const pd_isa_names[PD_NISA] = {"scalar", "sse2", "avx2", "avx512", "neon"};
 
-static const pd_kernels *pd_table(pd_isa isa)
-{
-    switch (isa) {
-    case PD_ISA_SCALAR: return &pd_kernels_scalar;
+/* Every ISA's kernel tables, in one place (NULL where this build has none). */
+static const struct {
+    const pd_kernels *reduce;
+    const pd_logits_kernels *logits;
+} pd_tables[PD_NISA] = {
+    [PD_ISA_SCALAR] = {&pd_kernels_scalar, &pd_logits_scalar},
 #ifdef PD_X86
-    case PD_ISA_SSE2: return &pd_kernels_sse2;
-    case PD_ISA_AVX2: return &pd_kernels_avx2;
-    case PD_ISA_AVX512: return &pd_kernels_avx512;
+    [PD_ISA_SSE2] = {&pd_kernels_sse2, &pd_logits_sse2},
+    [PD_ISA_AVX2] = {&pd_kernels_avx2, &pd_logits_avx2},
+    [PD_ISA_AVX512] = {&pd_kernels_avx512, &pd_logits_avx512},
 #endif
 #ifdef PD_NEON
-    case PD_ISA_NEON: return &pd_kernels_neon;
+    [PD_ISA_NEON] = {&pd_kernels_neon, NULL},
 #endif
-    default: return NULL;
-    }
-}
+};
+
+static const pd_kernels *pd_table(pd_isa isa) { return pd_tables[isa].reduce; }
+static const pd_logits_kernels *pd_logits_table(pd_isa isa) { return pd_tables[isa].logits; }
 
 #ifdef PD_X86
 static uint64_t pd_xgetbv0(void)
@@ -124,19 +127,6 @@ int pd_dispatch_init(void)
     PyErr_Format(PyExc_ValueError,
                  "PPLDELTA_SIMD=%s is not one of scalar, sse2, avx2, avx512, neon", env);
     return -1;
-}
-
-static const pd_logits_kernels *pd_logits_table(pd_isa isa)
-{
-    switch (isa) {
-    case PD_ISA_SCALAR: return &pd_logits_scalar;
-#ifdef PD_X86
-    case PD_ISA_SSE2: return &pd_logits_sse2;
-    case PD_ISA_AVX2: return &pd_logits_avx2;
-    case PD_ISA_AVX512: return &pd_logits_avx512;
-#endif
-    default: return NULL;
-    }
 }
 
 const pd_logits_fns *pd_logits_kernel(pd_dtype dt)

@@ -115,6 +115,17 @@ static int pd_item_to_double(PyObject *it, const char *name, npy_intp i, double 
     return 0;
 }
 
+/* The list's items, after checking it still holds n of them: Python code may have run since it
+ * was sized (the other input's __array__, an item's __float__, a signal handler). */
+static PyObject **pd_seq_items(PyObject *seq, npy_intp n, const char *name)
+{
+    if (PySequence_Fast_GET_SIZE(seq) < n) {
+        PyErr_Format(PyExc_RuntimeError, "%s changed size during the call", name);
+        return NULL;
+    }
+    return PySequence_Fast_ITEMS(seq);
+}
+
 /* Values are gathered into a stack block and summed by the float64 kernel: one kernel home. */
 static int pd_seq_sum(PyObject *seq, npy_intp n, const char *name, double tol, int exact,
                       pd_acc *acc)
@@ -124,14 +135,9 @@ static int pd_seq_sum(PyObject *seq, npy_intp n, const char *name, double tol, i
     npy_intp i = 0;
     while (i < n) {
         npy_intp m = n - i < PD_BLOCK ? n - i : PD_BLOCK, j, r;
-        PyObject **items;
-        /* Python code may have run since the list was sized (the other input's __array__, an
-         * item's __float__, a signal handler): check and refetch before every block */
-        if (PySequence_Fast_GET_SIZE(seq) < n) {
-            PyErr_Format(PyExc_RuntimeError, "%s changed size during the call", name);
+        PyObject **items = pd_seq_items(seq, n, name); /* checked before every block */
+        if (items == NULL)
             return -1;
-        }
-        items = PySequence_Fast_ITEMS(seq);
         for (j = 0; j < m; j++) {
             PyObject *it = items[i + j];
 #if defined(__GNUC__)
@@ -143,14 +149,10 @@ static int pd_seq_sum(PyObject *seq, npy_intp n, const char *name, double tol, i
             if (PyFloat_Check(it)) /* float and subclasses (np.float64) */
                 buf[j] = PyFloat_AS_DOUBLE(it);
             else {
-                if (pd_item_to_double(it, name, i + j, &buf[j]) < 0)
+                /* __float__ may run Python code that resizes the list */
+                if (pd_item_to_double(it, name, i + j, &buf[j]) < 0 ||
+                    (items = pd_seq_items(seq, n, name)) == NULL)
                     return -1;
-                /* __float__ may have run Python code that resized the list */
-                if (PySequence_Fast_GET_SIZE(seq) < n) {
-                    PyErr_Format(PyExc_RuntimeError, "%s changed size during the call", name);
-                    return -1;
-                }
-                items = PySequence_Fast_ITEMS(seq);
             }
         }
         r = kern((const char *)buf, m, sizeof(double), tol, acc);

@@ -216,7 +216,7 @@ class Report:
         return "<table>" + "".join(rows) + "</table>"
 
 
-def _as_f64(x, name):
+def _as_f64(x):
     if hasattr(x, "detach"):
         x = x.detach().cpu().float().numpy()
     a = np.asarray(x, dtype=np.float64).reshape(-1)
@@ -260,14 +260,14 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
         raise ValueError("log-probs are required (or logits together with targets)")
 
     reference = _core.perplexity_delta(original_log_probs, quantized_log_probs)  # validates
-    lo = _as_f64(original_log_probs, "original_log_probs")
-    lq = _as_f64(quantized_log_probs, "quantized_log_probs")
+    lo = _as_f64(original_log_probs)
+    lq = _as_f64(quantized_log_probs)
     n = lo.size
     extras = {}
     for name, arr in (("kld", kld), ("kld_reverse", kld_reverse), ("same_top1", same_top1),
                       ("top1_in_top5", top1_in_top5), ("top1_in_top10", top1_in_top10)):
         if arr is not None:
-            a = _as_f64(arr, name)
+            a = _as_f64(arr)
             if a.size != n:
                 raise ValueError(f"{name} has {a.size} values for {n} tokens")
             if np.isnan(a).any():

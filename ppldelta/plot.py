@@ -65,8 +65,8 @@ def delta_histogram(original_log_probs, quantized_log_probs, ax=None, bins=100):
     """Histogram of the per-token change in log-prob, quantized - original (log count axis, so the
     tails show), with the mean (= -ln PPL ratio) and the median marked.  Non-finite differences
     (a -inf log-prob) are left out of the histogram and counted in the title."""
-    lo = _as_f64(original_log_probs, "original_log_probs")
-    lq = _as_f64(quantized_log_probs, "quantized_log_probs")
+    lo = _as_f64(original_log_probs)
+    lq = _as_f64(quantized_log_probs)
     if lo.shape != lq.shape:
         raise ValueError(f"length mismatch: {lo.size} original log-probs, {lq.size} quantized")
     with np.errstate(invalid="ignore"):
@@ -92,7 +92,7 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
     """Histogram of per-token KL divergence on a log x axis, with the percentiles (linear
     interpolation, as in analyze()) marked and labelled.  Values at or below the smallest
     positive value shown (exact zeros, rounding) are counted in the first bin."""
-    k = _as_f64(kld, "kld")
+    k = _as_f64(kld)
     k = k[np.isfinite(k)]
     if k.size == 0:
         raise ValueError("no finite KL divergence values to plot")
