@@ -31,24 +31,77 @@
  */
 typedef enum { PD_F64 = 0, PD_F32 = 1, PD_F16 = 2, PD_BF16 = 3, PD_NDTYPES = 4 } pd_dtype;
 
-/* Compensated float64 accumulator of a sum of log-probabilities: hi + lo + lolo.
+/* Exact superaccumulator: a fixed-point integer in radix-2^32 digits (int64, so carries can
+ * wait), unit 2^-1074, wide enough for any sum of up to 2^62 finite doubles.  A double
+ * m * 2^(p - 1074) (53-bit m, p in [0, 2045]) adds m << (p % 32) to three consecutive digits
+ * from p / 32; every PD_SACC_CARRY additions the carries are propagated, so no digit's magnitude
+ * exceeds 2^32 + 2^62.  pd_sacc_value rounds the total once, to nearest even (math.fsum's
+ * result, including totals beyond DBL_MAX: +-inf).  Memory: 584 bytes, whatever n is. */
+#define PD_SACC_DIGITS 72
+#define PD_SACC_CARRY ((int64_t)1 << 30)
+typedef struct {
+    int64_t d[PD_SACC_DIGITS];
+    int64_t pending;
+} pd_sacc;
+
+void pd_sacc_norm(pd_sacc *s); /* exact.c */
+double pd_sacc_value(pd_sacc *s);
+
+static inline void pd_sacc_add(pd_sacc *s, double x) /* x finite */
+{
+    uint64_t b, m, lo, rest;
+    int ex, p, k;
+    memcpy(&b, &x, sizeof b);
+    ex = (int)((b >> 52) & 0x7ff);
+    m = b & 0xfffffffffffffULL;
+    p = ex ? ex - 1 : 0;
+    if (ex)
+        m |= 1ULL << 52;
+    k = p >> 5;
+    lo = (m << (p & 31)) & 0xffffffffULL;
+    rest = m >> (32 - (p & 31));
+    if (b >> 63) {
+        s->d[k] -= (int64_t)lo;
+        s->d[k + 1] -= (int64_t)(rest & 0xffffffffULL);
+        s->d[k + 2] -= (int64_t)(rest >> 32);
+    }
+    else {
+        s->d[k] += (int64_t)lo;
+        s->d[k + 1] += (int64_t)(rest & 0xffffffffULL);
+        s->d[k + 2] += (int64_t)(rest >> 32);
+    }
+    if (++s->pending == PD_SACC_CARRY)
+        pd_sacc_norm(s);
+}
+
+/* Compensated float64 accumulator of a sum of log-probabilities: hi + lo + lolo, plus a
+ * rigorous bound err on |exact sum - (hi + lo + lolo)|.
  * hi is the running sum, lo collects the exact Neumaier errors of hi, and lolo the exact TwoSum
- * errors of lo, so terms that even lo cannot hold (a 1e-47 next to 64.7) still decide how the
- * final value rounds (see pd_acc_value).  A -inf term (or an overflow of the running sum, which
- * implies a mean so negative that exp(-mean) overflows anyway) is recorded in `neginf`, so that
- * the compensation never sees inf - inf. */
+ * errors of lo; the TwoSum error e3 of lolo is dropped and |e3| added to err.  Infinite terms
+ * are recorded in neginf/posinf (the sum is then known: -inf, +inf, or NaN for both), an
+ * overflow of the running sum of finite terms in `overflow` (the triple is then meaningless
+ * and only the superaccumulator can tell the total).  With sacc set, the reduction kernels
+ * (mode 2) add every finite value to that superaccumulator instead. */
 typedef struct {
     double hi;
     double lo;
     double lolo;
-    int neginf;  /* a -inf term, or an overflow towards -inf */
-    int posinf;  /* likewise towards +inf (only when positive values are allowed) */
-    int inexact; /* some rounding error was dropped (lane error terms, lolo): see PD_EXACT_ERR */
+    double err;
+    int neginf; /* a -inf term (or a NaN term: segment sums do not validate; both flags) */
+    int posinf; /* a +inf term (only when positive values are allowed) */
+    int overflow;
+    pd_sacc *sacc;
 } pd_acc;
 
-#define PD_ACC_ZERO {0.0, 0.0, 0.0, 0, 0, 0}
+#define PD_ACC_ZERO {0.0, 0.0, 0.0, 0.0, 0, 0, 0, NULL}
 
-/* Knuth's TwoSum: s + e == a + b exactly. */
+/* A rigorous upper bound on y >= 0, given fl(y) (one rounding to nearest, no overflow): if y
+ * is normal, fl(y) >= y (1 - u) and (1 + 4u)(1 - u)^2 > 1 + u covers the product's rounding
+ * and, as u y >= 2^-1075, a subnormal rounding of a term of y; if fl(y) is subnormal, the
+ * addition was exact and 2^-1074 covers one subnormal rounding of a product inside y. */
+static inline double pd_up(double y) { return y * (1.0 + 0x1p-51) + 0x1p-1074; }
+
+/* Knuth's TwoSum: s + e == a + b exactly (any finite a, b whose sum does not overflow). */
 static inline void pd_two_sum(double a, double b, double *s, double *e)
 {
     double t = a + b, bp = t - a;
@@ -59,29 +112,32 @@ static inline void pd_two_sum(double a, double b, double *s, double *e)
 static inline void pd_acc_add(pd_acc *a, double x)
 {
     double t = a->hi + x, err, e2, e3;
-    if (isinf(t)) { /* x == +-inf, or the sum overflowed (hi itself is always finite) */
-        if (t > 0)
-            a->posinf = 1;
-        else
-            a->neginf = 1;
+    if (!isfinite(x)) {
+        a->neginf |= !(x > 0);
+        a->posinf |= !(x < 0);
         return;
     }
+    if (isinf(t)) { /* finite terms overflowed */
+        a->overflow = 1;
+        return;
+    }
+    /* Fast2Sum with |larger| first: hi + x == t + err exactly */
     err = fabs(a->hi) >= fabs(x) ? (a->hi - t) + x : (x - t) + a->hi;
     a->hi = t;
     pd_two_sum(a->lo, err, &a->lo, &e2);
     pd_two_sum(a->lolo, e2, &a->lolo, &e3);
-    a->inexact |= e3 != 0.0;
+    if (e3 != 0.0)
+        a->err = pd_up(a->err + fabs(e3));
 }
 
-/* The exactly rounded sum of three doubles (CPython's math.fsum on them: Shewchuk's
- * non-overlapping partials, then the half-way correction), so cancellation between hi, lo and
- * lolo cannot misround. */
-static inline double pd_fsum3(double x0, double x1, double x2)
+/* The exactly rounded sum of k <= 4 doubles (CPython's math.fsum on them: Shewchuk's
+ * non-overlapping partials, then the half-way correction), valid when no partial overflows. */
+static inline double pd_fsum(const double *xs, int k)
 {
-    double p[4], xs[3] = {x0, x1, x2}, hi = 0.0, lo = 0.0;
-    int n = 0, i, j, k;
-    for (k = 0; k < 3; k++) {
-        double x = xs[k];
+    double p[4], hi = 0.0, lo = 0.0;
+    int n = 0, i, j, q;
+    for (q = 0; q < k; q++) {
+        double x = xs[q];
         for (i = j = 0; j < n; j++) {
             double y = p[j], h, l;
             if (fabs(x) < fabs(y)) {
@@ -114,29 +170,55 @@ static inline double pd_fsum3(double x0, double x1, double x2)
                 hi = x;
         }
     }
-    return hi;
+    return hi + 0.0; /* an exact zero is +0.0, as math.fsum gives */
 }
 
+/* The sum is known from infinite terms alone. */
+static inline int pd_acc_inf(const pd_acc *a) { return a->neginf || a->posinf; }
+
+/* Best value of the accumulator: exact when pd_acc_exact certifies it; NaN after an overflow. */
 static inline double pd_acc_value(const pd_acc *a)
 {
+    double t[3] = {a->hi, a->lo, a->lolo};
     if (a->neginf && a->posinf)
         return NAN;
-    if (a->neginf)
-        return -INFINITY;
-    if (a->posinf)
-        return INFINITY;
-    return pd_fsum3(a->hi, a->lo, a->lolo);
+    if (pd_acc_inf(a))
+        return a->neginf ? -INFINITY : INFINITY;
+    return a->overflow ? NAN : pd_fsum(t, 3);
 }
 
-/* Merge b into a (for partial sums computed separately). */
-static inline void pd_acc_merge(pd_acc *a, const pd_acc *b)
+/* The certificate.  Claim: when it returns 1, *v is the exactly rounded sum of every term
+ * added to a (what math.fsum returns).
+ * Proof.  With an infinite term the sum is +-inf or NaN, as recorded.  Otherwise no overflow
+ * occurred, so every TwoSum/Fast2Sum above was exact and the exact sum S satisfies
+ * |S - T| <= err for the real T = hi + lo + lolo: pd_acc_add drops only e3 and adds a bound
+ * of |e3| to err (pd_up), and a reduction kernel adds to err a bound of everything its lanes
+ * drop (reduce_template.h).  |hi| + |lo| + |lolo| + err < 2^1023 keeps every partial of
+ * pd_fsum finite, so lo_v = pd_fsum(T - err) and hi_v = pd_fsum(T + err) are the exactly
+ * rounded values of T - err and T + err.  Rounding to nearest is monotone and
+ * T - err <= S <= T + err, so round(S) lies between lo_v and hi_v: when they are equal,
+ * round(S) is that value.  (err = 0, the usual case, gives lo_v = hi_v = round(T) = round(S).)
+ * (It applies to accumulators filled by pd_acc_add and the exact kernels; the fast kernels keep
+ * no err, their error is bounded by PD_FAST_ERR.)  When it returns 0, the caller sums the raw
+ * values again with the superaccumulator. */
+static inline int pd_acc_exact(const pd_acc *a, double *v)
 {
-    a->neginf |= b->neginf;
-    a->posinf |= b->posinf;
-    pd_acc_add(a, b->hi);
-    pd_acc_add(a, b->lo);
-    pd_acc_add(a, b->lolo);
-    a->inexact |= b->inexact;
+    double t[4] = {a->hi, a->lo, a->lolo, -a->err}, lo_v, hi_v;
+    if (pd_acc_inf(a)) {
+        *v = pd_acc_value(a);
+        return 1;
+    }
+    if (a->overflow || !(fabs(a->hi) + fabs(a->lo) + fabs(a->lolo) + a->err < 0x1p1023))
+        return 0;
+    lo_v = pd_fsum(t, 4);
+    if (a->err == 0.0) {
+        *v = lo_v;
+        return 1;
+    }
+    t[3] = a->err;
+    hi_v = pd_fsum(t, 4);
+    *v = lo_v;
+    return lo_v == hi_v;
 }
 
 /* A reduction kernel sums n values at p (stride in bytes; contiguous kernels are only called
@@ -149,6 +231,12 @@ static inline void pd_acc_merge(pd_acc *a, const pd_acc *b)
 typedef npy_intp (*pd_reduce_fn)(const char *p, npy_intp n, npy_intp stride, double tol,
                                  pd_acc *acc);
 
+/* Modes of the reductions: plain lane sums (fast), TwoSum lanes with an error bound (exact),
+ * and the superaccumulator over the raw values (acc->sacc set; exact.c, one kernel per dtype
+ * for every ISA, any stride). */
+enum { PD_MODE_FAST = 0, PD_MODE_EXACT = 1, PD_MODE_SACC = 2 };
+extern const pd_reduce_fn pd_reduce_sacc[PD_NDTYPES];
+
 #define PD_BLOCK 1024
 
 /* Error bound of the fast kernels: |sum - exact| <= PD_FAST_ERR * sum|x|.  A lane adds at most
@@ -156,11 +244,6 @@ typedef npy_intp (*pd_reduce_fn)(const char *p, npy_intp n, npy_intp stride, dou
  * at most 7 for AVX-512) fewer than 16 more, and the Neumaier fold and final rounding 2:
  * gamma_{256+16+2} bounds every path (the worst measured is 261 roundings). */
 #define PD_FAST_ERR ((PD_BLOCK / 4 + 18) * 1.1102230246251565e-16)
-
-/* Error bound of the exact kernels when acc.inexact is set: a lane's TwoSum error terms (each
- * <= eps * sum|x| of the lane) are added with rounding, PD_BLOCK/4 of them: gamma^2, doubled
- * for margin.  When acc.inexact is clear, hi + lo + lolo is the exact sum. */
-#define PD_EXACT_ERR (2.0 * PD_FAST_ERR * PD_FAST_ERR)
 
 /* Element loads shared by the kernels (memcpy: unaligned and strict-aliasing safe). */
 static inline double pd_load_f64(const char *p) { double v; memcpy(&v, p, sizeof v); return v; }
@@ -258,7 +341,7 @@ extern const pd_kernels pd_kernels_neon;
 #endif
 
 /* The portable strided kernel (any stride, including 0 and negative). */
-npy_intp pd_reduce_strided(pd_dtype dt, int exact, const char *p, npy_intp n, npy_intp stride,
+npy_intp pd_reduce_strided(pd_dtype dt, int mode, const char *p, npy_intp n, npy_intp stride,
                            double tol, pd_acc *acc);
 
 /* ---------------------------------------------------------------------------------------------
@@ -298,7 +381,7 @@ int pd_isa_supported(pd_isa isa);      /* CPU (and OS) support */
 int pd_dispatch_init(void);            /* reads PPLDELTA_SIMD; 0 or -1 with an exception */
 int pd_dispatch_set(pd_isa isa);       /* 0, or -1 with ValueError if unsupported */
 pd_isa pd_dispatch_current(void);
-pd_reduce_fn pd_reduce_kernel(pd_dtype dt, int exact); /* contiguous kernel, active ISA */
+pd_reduce_fn pd_reduce_kernel(pd_dtype dt, int mode); /* contiguous kernel, active ISA */
 const pd_logits_fns *pd_logits_kernel(pd_dtype dt);    /* row kernels, active ISA */
 
 #endif

@@ -140,14 +140,16 @@ const pd_logits_fns *pd_logits_kernel(pd_dtype dt)
     return &pd_logits_scalar.fns[dt];
 }
 
-pd_reduce_fn pd_reduce_kernel(pd_dtype dt, int exact)
+pd_reduce_fn pd_reduce_kernel(pd_dtype dt, int mode)
 {
     int i;
+    if (mode == PD_MODE_SACC)
+        return pd_reduce_sacc[dt];
     for (i = (int)pd_active; i >= 0; i--) {
         const pd_kernels *k = pd_table((pd_isa)i);
-        pd_reduce_fn f = k ? (exact ? k->reduce_exact[dt] : k->reduce[dt]) : NULL;
+        pd_reduce_fn f = k ? (mode ? k->reduce_exact[dt] : k->reduce[dt]) : NULL;
         if (f)
             return f;
     }
-    return exact ? pd_kernels_scalar.reduce_exact[dt] : pd_kernels_scalar.reduce[dt];
+    return mode ? pd_kernels_scalar.reduce_exact[dt] : pd_kernels_scalar.reduce[dt];
 }

@@ -39,10 +39,12 @@ int pd_src_open(PyObject *adapter, PyObject *in, const char *name, pd_src *src)
             return 0;
         }
     }
-    if (PyArray_Check(in)) {
+    if (PyArray_CheckExact(in)) {
         Py_INCREF(in);
         arr = in;
     }
+    /* ndarray subclasses go through the adapter too: it refuses masked arrays (whose mask would
+     * be ignored) and returns a plain view of the others (memmap, matrix) without a copy. */
     else {
         arr = PyObject_CallFunction(adapter, "Os", in, name);
         if (arr == NULL)

@@ -15,7 +15,8 @@ typedef struct {
 int pd_src_open(PyObject *adapter, PyObject *in, const char *name, pd_src *src);
 void pd_src_close(pd_src *src);
 
-/* Sum every value into acc (acc must start zeroed) with the fast or the exact kernels.
+/* Sum every value into acc (acc must start zeroed) in mode `exact` (PD_MODE_FAST, _EXACT, or
+ * _SACC with acc->sacc set).
  * ValueError naming the first NaN or the first value above tol (flat C-order index).
  * Releases the GIL for array inputs. */
 int pd_src_sum(pd_src *src, const char *name, double tol, int exact, pd_acc *acc);

@@ -20,8 +20,23 @@
  *   wr = sum exp(b - mb) (b - a)  so KL(Q||P) = wr / sb - lse_b + lse_a,
  * and the first argmax of each row.  Terms where exp(.) is 0 are masked (a token that both
  * models give -inf contributes nothing instead of 0 * inf = NaN).
+ * Extreme rows give the same answer on every path (pd_kl_term): P_j > 0 = Q_j (a_j finite,
+ * b_j = -inf) makes KL(P||Q) = +inf however small P_j is (even where exp underflows), and a
+ * chunk where some |a_j - b_j| > PD_KL_BIG (or is infinite) is summed again in float64, so a
+ * difference beyond the float32 range does not overflow and a term whose P_j underflows the
+ * float32 exp (< e^-87.3 < 2^-125) still counts when a_j - b_j is huge.  Below PD_KL_BIG the
+ * terms the float32 exp drops weigh less than 2^-125 * 2^16 each.  A KL beyond DBL_MAX is inf.
  */
 #define PD_LCHUNK 1024
+#define PD_KL_BIG 65536.0
+
+/* One token's term P_j (x - y) of KL, P_j = e (relative to the running max): see above. */
+static inline double pd_kl_term(double e, double x, double y)
+{
+    if (y == -INFINITY)
+        return x == -INFINITY ? 0.0 : INFINITY;
+    return e > 0 ? e * (x - y) : 0.0;
+}
 
 #define PD_DEFINE_LOGITS(NAME, LOADV, LOADS, ISZ)                                             \
     PD_TARGET static int NAME##_lse(const char *row, npy_intp V, double *lse,                 \
@@ -82,7 +97,7 @@
             npy_intp len = V - c0 < PD_LCHUNK ? V - c0 : PD_LCHUNK, j;                        \
             const char *pa = ra + c0 * (ISZ), *pb = rb + c0 * (ISZ);                          \
             pd_f vma = pd_f_set1(-INFINITY), vmb = vma, vn = pd_f_zero();                     \
-            pd_f vsa = pd_f_zero(), vsb = vsa, vw = vsa, vwr = vsa, va, vb;                   \
+            pd_f vsa = pd_f_zero(), vsb = vsa, vw = vsa, vwr = vsa, vd = vsa, va, vb;         \
             PD_FT cma, cmb, fa, fb;                                                           \
             double csa, csb, cw, cwr;                                                         \
             for (j = 0; j + PD_FW <= len; j += PD_FW) {                                       \
@@ -135,20 +150,21 @@
                 vsb = pd_f_add(vsb, eb);                                                      \
                 vw = pd_f_add(vw, pd_f_and(pd_f_mul(ea, dab), pd_f_pos(ea)));                 \
                 vwr = pd_f_sub(vwr, pd_f_and(pd_f_mul(eb, dab), pd_f_pos(eb)));               \
+                vd = pd_f_max(pd_f_max(dab, pd_f_sub(pd_f_zero(), dab)), vd); /* NaN: skip */ \
             }                                                                                 \
             csa = pd_f_hsum(vsa);                                                             \
             csb = pd_f_hsum(vsb);                                                             \
             cw = pd_f_hsum(vw);                                                               \
             cwr = pd_f_hsum(vwr);                                                             \
+            if ((double)pd_f_hmax(vd) > PD_KL_BIG) /* extreme: the whole chunk in float64 */ \
+                csa = csb = cw = cwr = 0.0, j = 0;                                            \
             for (; j < len; j++) {                                                            \
                 double xa = (PD_FT)LOADS(pa + j * (ISZ)), xb = (PD_FT)LOADS(pb + j * (ISZ));  \
                 double ea = exp(xa - fa), eb = exp(xb - fb);                                  \
                 csa += ea;                                                                    \
                 csb += eb;                                                                    \
-                if (ea > 0)                                                                   \
-                    cw += ea * (xa - xb);                                                     \
-                if (eb > 0)                                                                   \
-                    cwr += eb * (xb - xa);                                                    \
+                cw += pd_kl_term(ea, xa, xb);                                                 \
+                cwr += pd_kl_term(eb, xb, xa);                                                \
             }                                                                                 \
             sa += csa;                                                                        \
             sb += csb;                                                                        \

@@ -12,13 +12,13 @@
 #define PD_DEFAULT_TOL 1e-3
 #include <float.h>
 
-/* How often perplexity_delta needed the exact pass (testing hook; GIL-protected). */
+/* How often perplexity_delta was certified from the fast pass or needed the exact pass, and how
+ * often a sum needed the superaccumulator pass (testing hook; GIL-protected). */
 static Py_ssize_t pd_n_fast, pd_n_exact;
-static Py_ssize_t pd_n_fsum;
+static Py_ssize_t pd_n_sacc;
 
 typedef struct {
     PyObject *adapter;     /* ppldelta._adapt.as_array, imported on first use */
-    PyObject *fsum;        /* ppldelta._adapt.exact_sum, likewise */
     PyObject *float_round; /* float.__round__ */
     PyObject *four;        /* 4 */
     PyObject *k_orig, *k_quant, *k_abs, *k_rel, *k_quality;
@@ -34,59 +34,34 @@ static PyObject *pd_adapter(pd_state *st)
         if (mod == NULL)
             return NULL;
         st->adapter = PyObject_GetAttrString(mod, "as_array");
-        st->fsum = st->adapter ? PyObject_GetAttrString(mod, "exact_sum") : NULL;
         Py_DECREF(mod);
-        if (st->fsum == NULL)
-            Py_CLEAR(st->adapter);
     }
     return st->adapter;
 }
 
 /* ----------------------------------------------------------------------------- exact sums */
 
-/* Is v = round(hi + lo + lolo) certainly the exactly rounded sum?  Without acc.inexact the
- * triple is the exact sum and pd_acc_value rounds it correctly.  Otherwise the exact sum is
- * within PD_EXACT_ERR * sum|x| of the triple (sum|x| <= -v + 2 n tol, every x <= tol), and v is
- * certain when the remainder stays that far from the midpoints to v's neighbours. */
-static int pd_acc_certain(const pd_acc *a, double v, npy_intp n, double tol)
-{
-    pd_acc rest = *a;
-    double err, r, up, down;
-    /* A non-finite total may come from an overflow of finite terms (positive tolerances make
-     * cancellation possible), or from inf - inf: let math.fsum decide. */
-    if (!isfinite(v))
-        return 0;
-    if (!a->inexact)
-        return 1;
-    if (!isfinite(tol))
-        return 0;
-    err = PD_EXACT_ERR * fabs(-v + 2.0 * (double)n * tol) * 1.01;
-    pd_acc_add(&rest, -v);
-    r = rest.hi + rest.lo + rest.lolo;
-    err += 4 * DBL_EPSILON * fabs(r);
-    up = nextafter(v, INFINITY) - v;
-    down = v - nextafter(v, -INFINITY);
-    return r < up / 2 - err && r > -down / 2 + err;
-}
-
-/* The exactly rounded sum of an opened, non-empty source: exact kernels, and math.fsum on the
- * raw values when the certificate above fails. */
-static int pd_exact_sum(pd_state *st, pd_src *src, const char *name, double tol, double *out)
+/* The exactly rounded sum (math.fsum's; NaN for -inf and +inf together, +-inf for finite
+ * terms whose exact total is beyond DBL_MAX) of an opened, non-empty source: the exact kernels,
+ * and where their certificate (common.h: pd_acc_exact) fails, the superaccumulator over the
+ * raw values.  Each pass is O(1) memory; an infinite term settles the sum in the first. */
+static int pd_exact_sum(pd_src *src, const char *name, double tol, double *out)
 {
     pd_acc acc = PD_ACC_ZERO;
-    PyObject *r;
-    if (pd_src_sum(src, name, tol, 1, &acc) < 0)
+    pd_sacc big;
+    if (pd_src_sum(src, name, tol, PD_MODE_EXACT, &acc) < 0)
         return -1;
-    *out = pd_acc_value(&acc);
-    if (pd_acc_certain(&acc, *out, src->n, tol))
+    if (pd_acc_exact(&acc, out))
         return 0;
-    pd_n_fsum++;
-    r = PyObject_CallOneArg(st->fsum, src->obj);
-    if (r == NULL)
+    pd_n_sacc++;
+    memset(&big, 0, sizeof big);
+    memset(&acc, 0, sizeof acc);
+    acc.sacc = &big;
+    if (pd_src_sum(src, name, tol, PD_MODE_SACC, &acc) < 0)
         return -1;
-    *out = PyFloat_AsDouble(r);
-    Py_DECREF(r);
-    return *out == -1.0 && PyErr_Occurred() ? -1 : 0;
+    /* (infinities here only if a list changed between the passes) */
+    *out = pd_acc_inf(&acc) ? pd_acc_value(&acc) : pd_sacc_value(&big);
+    return 0;
 }
 
 /* ----------------------------------------------------------------------------- arguments */
@@ -163,7 +138,7 @@ static int pd_sum_one(pd_state *st, PyObject *obj, const char *name, double tol,
         pd_src_close(&src);
         return -1;
     }
-    rc = pd_exact_sum(st, &src, name, tol, sum);
+    rc = pd_exact_sum(&src, name, tol, sum);
     pd_src_close(&src);
     return rc;
 }
@@ -267,18 +242,22 @@ static int pd_near_round4(double v, double d)
  * formulas (mean: e/n plus one rounding of the quotient; exp: relative error = absolute error
  * of its argument, plus its own ulps; then the subtraction and the division) and report
  * whether any rounded field or the quality band could change.  When it could, the caller
- * recomputes with the exact kernels; otherwise the fast result is provably the exact one. */
-static int pd_fields_fragile(const pd_fields *f, double so, double sq, npy_intp n, double tol)
+ * recomputes with the exact kernels; otherwise the fast result is provably the exact one.
+ * q_neginf: sq is -inf from a -inf term (exact), so only the original's perplexity can move. */
+static int pd_fields_fragile(const pd_fields *f, double so, double sq, npy_intp n, double tol,
+                             int q_neginf)
 {
     const double eps = DBL_EPSILON;
     double nn = (double)n, eo, eq, dmo, dmq, d_o, d_q, d_abs, d_rel;
-    if (!isfinite(tol) || !isfinite(so) || !isfinite(sq))
+    if (!isfinite(tol) || !isfinite(so) || !(isfinite(sq) || q_neginf))
         return 1;
     eo = PD_FAST_ERR * (-so + 2.0 * nn * tol);
-    eq = PD_FAST_ERR * (-sq + 2.0 * nn * tol);
     dmo = eo / nn + 2 * eps * fabs(so / nn);
-    dmq = eq / nn + 2 * eps * fabs(sq / nn);
     d_o = f->ppl_o * (1.01 * dmo + 4 * eps);
+    if (q_neginf) /* quantized_perplexity, the deltas: inf exactly; quality: poor */
+        return pd_near_round4(f->ppl_o, d_o);
+    eq = PD_FAST_ERR * (-sq + 2.0 * nn * tol);
+    dmq = eq / nn + 2 * eps * fabs(sq / nn);
     d_q = f->ppl_q * (1.01 * dmq + 4 * eps);
     d_abs = d_o + d_q + 4 * eps * (f->ppl_o + f->ppl_q);
     d_rel = 1.01 * 100 * (d_abs / f->ppl_o + fabs(f->abs) * d_o / (f->ppl_o * f->ppl_o)) +
@@ -336,21 +315,24 @@ static PyObject *pd_perplexity_delta(PyObject *module, PyObject *const *args, Py
         rc = -1;
     }
     else {
-        /* Fast pass (memory bandwidth); the exact pass only when the certificate fails. */
-        rc = (pd_src_sum(&so, pd_delta_kw[0], tol, 0, &ao) < 0 ||
-              pd_src_sum(&sq, pd_delta_kw[1], tol, 0, &aq) < 0) ? -1 : 0;
+        /* Fast pass (memory bandwidth); the exact pass only when the certificate fails, and
+         * never over an input whose sum a -inf (or +inf) term already settles. */
+        rc = (pd_src_sum(&so, pd_delta_kw[0], tol, PD_MODE_FAST, &ao) < 0 ||
+              pd_src_sum(&sq, pd_delta_kw[1], tol, PD_MODE_FAST, &aq) < 0) ? -1 : 0;
         if (rc == 0) {
-            pd_fields_eval(pd_acc_value(&ao), pd_acc_value(&aq), so.n, &f);
-            if (pd_fields_fragile(&f, pd_acc_value(&ao), pd_acc_value(&aq), so.n, tol)) {
-                double xo, xq;
-                rc = (pd_exact_sum(st, &so, pd_delta_kw[0], tol, &xo) < 0 ||
-                      pd_exact_sum(st, &sq, pd_delta_kw[1], tol, &xq) < 0) ? -1 : 0;
+            double xo = pd_acc_value(&ao), xq = pd_acc_value(&aq);
+            int io = pd_acc_inf(&ao), iq = pd_acc_inf(&aq);
+            pd_fields_eval(xo, xq, so.n, &f);
+            if ((io && (iq || xo == -INFINITY)) ||
+                !pd_fields_fragile(&f, xo, xq, so.n, tol, iq && xq == -INFINITY))
+                pd_n_fast++;
+            else {
+                rc = ((!io && pd_exact_sum(&so, pd_delta_kw[0], tol, &xo) < 0) ||
+                      (!iq && pd_exact_sum(&sq, pd_delta_kw[1], tol, &xq) < 0)) ? -1 : 0;
                 if (rc == 0)
                     pd_fields_eval(xo, xq, so.n, &f);
                 pd_n_exact++;
             }
-            else
-                pd_n_fast++;
         }
     }
     pd_src_close(&so);
@@ -397,7 +379,7 @@ static const char *const pd_ppl_kw[] = {"log_probs", "positive_tolerance"};
 
 PyDoc_STRVAR(pd_perplexity_doc,
 "perplexity(log_probs, *, positive_tolerance=1e-3)\n--\n\n"
-"exp(-mean(log_probs)) with a compensated float64 sum (unrounded; inf when it overflows).\n");
+"exp(-mean(log_probs)) with the exactly rounded sum (unrounded; inf when it overflows).\n");
 
 static PyObject *pd_perplexity(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                                PyObject *kwnames)
@@ -431,7 +413,7 @@ static PyObject *pd_sum_log_probs(PyObject *module, PyObject *const *args, Py_ss
     adapter = pd_adapter(st);
     if (adapter == NULL || pd_src_open(adapter, a[0], pd_ppl_kw[0], &src) < 0)
         return NULL;
-    rc = src.n > 0 ? pd_exact_sum(st, &src, pd_ppl_kw[0], tol, &sum) : 0;
+    rc = src.n > 0 ? pd_exact_sum(&src, pd_ppl_kw[0], tol, &sum) : 0;
     pd_src_close(&src);
     if (rc < 0)
         return NULL;
@@ -442,7 +424,7 @@ static PyObject *pd_path_counts(PyObject *module, PyObject *unused)
 {
     (void)module;
     (void)unused;
-    return Py_BuildValue("nnn", pd_n_fast, pd_n_exact, pd_n_fsum);
+    return Py_BuildValue("nnn", pd_n_fast, pd_n_exact, pd_n_sacc);
 }
 
 static PyObject *pd_simd(PyObject *module, PyObject *unused)
@@ -541,6 +523,7 @@ static PyObject *pd_segment_sums_py(PyObject *module, PyObject *args)
     pd_acc *acc = NULL;
     npy_intp n, i, dims[1];
     const npy_intp *c;
+    int rc;
     (void)module;
     if (!PyArg_ParseTuple(args, "OnO:segment_sums", &ocodes, &n_groups, &ovals))
         return NULL;
@@ -571,12 +554,10 @@ static PyObject *pd_segment_sums_py(PyObject *module, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    pd_segment_sums(c, (const double *)PyArray_DATA(vals), n, n_groups, acc,
-                    (npy_intp *)PyArray_DATA(counts));
-    for (i = 0; i < n_groups; i++)
-        ((double *)PyArray_DATA(sums))[i] = pd_acc_value(&acc[i]);
+    rc = pd_segment_sums(c, (const double *)PyArray_DATA(vals), n, n_groups, acc,
+                         (npy_intp *)PyArray_DATA(counts), (double *)PyArray_DATA(sums));
     Py_END_ALLOW_THREADS
-    res = Py_BuildValue("OO", counts, sums);
+    res = rc < 0 ? PyErr_NoMemory() : Py_BuildValue("OO", counts, sums);
 done:
     PyMem_Free(acc);
     Py_XDECREF(codes);
@@ -750,8 +731,8 @@ static PyMethodDef pd_methods[] = {
     {"_round4", pd_round4_py, METH_O,
      "_round4(x)\n--\n\nround(x, 4) as the core computes it (testing hook)."},
     {"_path_counts", pd_path_counts, METH_NOARGS,
-     "_path_counts()\n--\n\n(fast, exact, fsum): certified fast results of perplexity_delta, exact\n"
-     "passes, and math.fsum fallbacks (testing hook)."},
+     "_path_counts()\n--\n\n(fast, exact, sacc): certified fast results of perplexity_delta, its exact\n"
+     "passes, and superaccumulator passes of any exact sum (testing hook)."},
     {"simd", pd_simd, METH_NOARGS, "simd()\n--\n\nName of the active SIMD path."},
     {"supported_simd", pd_supported_simd, METH_NOARGS,
      "supported_simd()\n--\n\nSIMD paths this CPU and build can run."},
@@ -803,7 +784,6 @@ static int pd_traverse(PyObject *module, visitproc visit, void *arg)
     if (st == NULL)
         return 0;
     Py_VISIT(st->adapter);
-    Py_VISIT(st->fsum);
     Py_VISIT(st->float_round);
     return 0;
 }
@@ -814,7 +794,6 @@ static int pd_clear(PyObject *module)
     if (st == NULL)
         return 0;
     Py_CLEAR(st->adapter);
-    Py_CLEAR(st->fsum);
     Py_CLEAR(st->float_round);
     Py_CLEAR(st->four);
     Py_CLEAR(st->k_orig);

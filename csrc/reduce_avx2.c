@@ -12,6 +12,7 @@ typedef __m256d pd_v;
 #define pd_v_max(a, b) _mm256_max_pd(a, b)
 #define pd_v_sub(a, b) _mm256_sub_pd(a, b)
 #define pd_v_store(d, v) _mm256_storeu_pd(d, v)
+#define pd_v_abs(v) _mm256_andnot_pd(_mm256_set1_pd(-0.0), v)
 
 PD_TARGET static inline double pd_v_hsum(__m256d v)
 {

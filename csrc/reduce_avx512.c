@@ -12,6 +12,7 @@ typedef __m512d pd_v;
 #define pd_v_max(a, b) _mm512_max_pd(a, b)
 #define pd_v_sub(a, b) _mm512_sub_pd(a, b)
 #define pd_v_store(d, v) _mm512_storeu_pd(d, v)
+#define pd_v_abs(v) _mm512_abs_pd(v)
 
 PD_TARGET static inline double pd_v_hsum(__m512d v)
 {

@@ -14,6 +14,7 @@ typedef float64x2_t pd_v;
 #define pd_v_max(a, b) vmaxq_f64(a, b)
 #define pd_v_sub(a, b) vsubq_f64(a, b)
 #define pd_v_store(d, v) vst1q_f64(d, v)
+#define pd_v_abs(v) vabsq_f64(v)
 
 static inline double pd_v_hsum(float64x2_t v) { return vgetq_lane_f64(v, 0) + vgetq_lane_f64(v, 1); }
 static inline double pd_v_hmax(float64x2_t v)

@@ -14,6 +14,7 @@ typedef double pd_v;
 #define pd_v_sub(a, b) ((a) - (b))
 #define pd_v_max(a, b) ((a) > (b) ? (a) : (b)) /* a NaN `a` yields b, as the x86 max does */
 #define pd_v_store(d, v) (*(d) = (v))
+#define pd_v_abs(v) fabs(v)
 #define pd_v_hsum(v) (v)
 #define pd_v_hmax(v) (v)
 
@@ -22,12 +23,14 @@ PD_DEFINE_REDUCE(reduce_f64, pd_load_f64, pd_load_f64, stride)
 PD_DEFINE_REDUCE(reduce_f32, pd_load_f32, pd_load_f32, stride)
 PD_DEFINE_REDUCE(reduce_f16, pd_load_f16, pd_load_f16, stride)
 
-npy_intp pd_reduce_strided(pd_dtype dt, int exact, const char *p, npy_intp n, npy_intp stride,
+npy_intp pd_reduce_strided(pd_dtype dt, int mode, const char *p, npy_intp n, npy_intp stride,
                            double tol, pd_acc *acc)
 {
-    return (exact ? pd_kernels_scalar.reduce_exact : pd_kernels_scalar.reduce)[dt](p, n, stride,
-                                                                                   tol, acc);
     /* dt is never PD_BF16 here: input.c only reduces float64/32/16 natively */
+    pd_reduce_fn f = mode == PD_MODE_SACC    ? pd_reduce_sacc[dt]
+                     : mode == PD_MODE_EXACT ? pd_kernels_scalar.reduce_exact[dt]
+                                             : pd_kernels_scalar.reduce[dt];
+    return f(p, n, stride, tol, acc);
 }
 
 const pd_kernels pd_kernels_scalar = {

@@ -13,6 +13,7 @@ typedef __m128d pd_v;
 #define pd_v_max(a, b) _mm_max_pd(a, b)
 #define pd_v_sub(a, b) _mm_sub_pd(a, b)
 #define pd_v_store(d, v) _mm_storeu_pd(d, v)
+#define pd_v_abs(v) _mm_andnot_pd(_mm_set1_pd(-0.0), v)
 
 PD_TARGET static inline double pd_v_hsum(__m128d v) { return _mm_cvtsd_f64(_mm_add_sd(v, _mm_unpackhi_pd(v, v))); }
 PD_TARGET static inline double pd_v_hmax(__m128d v) { return _mm_cvtsd_f64(_mm_max_sd(v, _mm_unpackhi_pd(v, v))); }

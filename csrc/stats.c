@@ -7,10 +7,12 @@
  * mean of ln(PPL_Q / PPL_O) over the resampled corpus.  O(n_boot * nb), GIL released.
  *
  * segment_sums: one pass over the values, each added to its group's triple-double accumulator
- * (common.h), so every group's total is the exactly rounded sum of its values, as if that group
- * had been reduced alone.
+ * with its error bound (common.h), then each group's certificate (pd_acc_exact); the groups
+ * where it fails get a superaccumulator and a second pass.  So every group's total is the
+ * exactly rounded sum of its values, as if that group had been reduced alone.
  */
 #include "stats.h"
+#include <stdlib.h>
 
 static uint64_t pd_splitmix64(uint64_t *s)
 {
@@ -80,14 +82,33 @@ void pd_block_bootstrap(const double *num, const double *den, npy_intp nb, npy_i
     }
 }
 
-void pd_segment_sums(const npy_intp *codes, const double *values, npy_intp n, npy_intp n_groups,
-                     pd_acc *acc, npy_intp *counts)
+int pd_segment_sums(const npy_intp *codes, const double *values, npy_intp n, npy_intp n_groups,
+                    pd_acc *acc, npy_intp *counts, double *sums)
 {
-    npy_intp i;
+    npy_intp i, g, nbig = 0;
+    pd_sacc *big;
     for (i = 0; i < n; i++) {
-        npy_intp g = codes[i];
+        g = codes[i];
         pd_acc_add(&acc[g], values[i]);
         counts[g]++;
     }
-    (void)n_groups;
+    for (g = 0; g < n_groups; g++)
+        nbig += !pd_acc_exact(&acc[g], &sums[g]);
+    if (nbig == 0)
+        return 0;
+    /* the certificate failed for nbig groups: superaccumulate their values in a second pass */
+    big = calloc((size_t)nbig, sizeof *big);
+    if (big == NULL)
+        return -1;
+    for (g = 0, nbig = 0; g < n_groups; g++)
+        if (!pd_acc_exact(&acc[g], &sums[g]))
+            acc[g].sacc = &big[nbig++];
+    for (i = 0; i < n; i++)
+        if (acc[codes[i]].sacc) /* no infinities: pd_acc_exact settles those */
+            pd_sacc_add(acc[codes[i]].sacc, values[i]);
+    for (g = 0; g < n_groups; g++)
+        if (acc[g].sacc)
+            sums[g] = pd_sacc_value(acc[g].sacc);
+    free(big);
+    return 0;
 }

@@ -52,3 +52,35 @@ def fsum_delta(original, quantized):
 def fsum_perplexity(values):
     values = [float(v) for v in values]
     return math.exp(-(math.fsum(values) / len(values)))
+
+
+def logits_oracle(a, b, targets):
+    """The logits kernels' contract in NumPy float64, rows of (rows, vocab): log-softmax at the
+    target, KL(P||Q) and KL(Q||P) (+inf where a token has P_j > 0 = Q_j, that is a finite logit
+    against -inf, however small P_j is; clamped at 0), same top-1 (first argmax), and whether
+    one model's top-1 is among the other's top-5 / top-10 (ranks by strictly greater logits)."""
+    import numpy as np
+
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+
+    def log_softmax(x):
+        m = x.max(-1, keepdims=True)
+        return x - (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))
+
+    def kl(x, y, lx, ly):
+        p = np.exp(lx)
+        with np.errstate(all="ignore"):
+            terms = np.where(p > 0, p * (lx - ly), 0.0)
+        inf = ((x > -np.inf) & (y == -np.inf)).any(-1)
+        return np.where(inf, np.inf, np.maximum(terms.sum(-1), 0.0))
+
+    la, lb = log_softmax(a), log_softmax(b)
+    rows = np.arange(a.shape[0])
+    ia, ib = a.argmax(-1), b.argmax(-1)
+    rank_b = (b > b[rows, ia][:, None]).sum(-1)
+    rank_a = (a > a[rows, ib][:, None]).sum(-1)
+    t = np.asarray(targets)
+    return {"lp_a": la[rows, t], "lp_b": lb[rows, t], "kld": kl(a, b, la, lb), "kld_rev": kl(b, a, lb, la),
+            "same": ia == ib, "top5": rank_b < 5, "top10": rank_b < 10, "rtop5": rank_a < 5,
+            "rtop10": rank_a < 10}

@@ -141,3 +141,59 @@ def test_zero_rows_and_unusual_targets():
     from ppldelta import _core
     lp = _core.logits_stats(a, None, t.astype(">i8"))[0]  # the C layer itself converts too
     np.testing.assert_array_equal(lp, want)
+
+
+def _zoo(V, dtype, rng):
+    """Rows with extreme values, each next to ordinary ones (vocabularies across chunks)."""
+    big = 3e38 if dtype == np.float32 else 1e300
+    rows = []
+    for k in (0, V // 2, V - 1):
+        a = rng.normal(0, 3, V)
+        b = a + rng.normal(0, 0.3, V)
+        a[k] = b[k] = a.max() + 1.0
+
+        def var(f):
+            x, y = a.copy(), b.copy()
+            f(x, y)
+            rows.append((x, y))
+        j = (k + 1) % V
+        var(lambda x, y: (x.__setitem__(j, x[k] - 90), y.__setitem__(j, -np.inf)))      # P_j = e^-90, Q_j = 0
+        var(lambda x, y: (x.__setitem__(j, x[k] - 800), y.__setitem__(j, -np.inf)))     # P_j underflows: still inf
+        var(lambda x, y: x.__setitem__(j, -np.inf))                                     # Q_j > 0 = P_j
+        var(lambda x, y: (x.__setitem__(j, -np.inf), y.__setitem__(j, -np.inf)))        # both masked
+        var(lambda x, y: (x.__setitem__(k, big), y.__setitem__(k, -big)))               # a - b beyond float32
+        var(lambda x, y: (x.__setitem__(j, x[k] - 90), y.__setitem__(j, -big / 3)))     # tiny P, huge a - b
+        var(lambda x, y: y.__setitem__(j, -big))                                        # huge b - a one way
+        var(lambda x, y: (x.__setitem__(slice(None), -np.inf), x.__setitem__(k, 0.0)))  # one-hot P
+        var(lambda x, y: (x.__setitem__(j, big), y.__setitem__(j, big)))                # huge but equal
+    a = np.array([r[0] for r in rows], dtype=dtype)
+    b = np.array([r[1] for r in rows], dtype=dtype)
+    return a, b
+
+
+@pytest.mark.parametrize("V", [2, 7, 40, 1500, 2051])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extreme_rows_match_float64_oracle_on_every_path(V, dtype, isa):
+    from oracle import logits_oracle
+
+    rng = np.random.default_rng(V)
+    a, b = _zoo(V, dtype, rng)
+    t = rng.integers(0, V, a.shape[0])
+    t[:] = np.where(np.isfinite(a[np.arange(len(t)), t]) & np.isfinite(b[np.arange(len(t)), t]), t, a.argmax(-1))
+    ref = logits_oracle(a, b, t)
+    k = ppldelta.kl_divergence(a, b, targets=t, reverse=True)
+    fin = lambda x: np.where(np.isfinite(x), np.abs(x), 0).max(-1)  # noqa: E731
+    scale = np.maximum(fin(a.astype(np.float64)), fin(b.astype(np.float64)))
+    for key, want in (("kld", ref["kld"]), ("kld_reverse", ref["kld_rev"])):
+        got = k[key]
+        assert (np.isinf(got) == np.isinf(want)).all(), (isa, key, got, want)
+        with np.errstate(invalid="ignore"):
+            ok = np.isinf(want) | (np.abs(got - want) <= 1e-5 + 1e-5 * np.abs(want) + 1e-13 * scale)
+        assert ok.all(), (isa, key, got[~ok], want[~ok])
+    lp = ppldelta.token_log_probs(a, t)
+    np.testing.assert_allclose(lp, ref["lp_a"], rtol=1e-6, atol=1e-5 + 1e-13 * scale.max())
+    np.testing.assert_allclose(k["quantized_log_probs"], ref["lp_b"], rtol=1e-6, atol=1e-5 + 1e-13 * scale.max())
+    assert (k["same_top1"] == ref["same"]).all()
+    assert (k["top1_in_top5"] == ref["top5"]).all() and (k["top1_in_top10"] == ref["top10"]).all()
+    assert (k["quantized_top1_in_original_top5"] == ref["rtop5"]).all()
+    assert (k["quantized_top1_in_original_top10"] == ref["rtop10"]).all()
