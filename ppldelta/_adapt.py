@@ -25,12 +25,21 @@ def _from_torch(t):
 
 
 def as_array(obj, name: str = "input") -> np.ndarray:
-    """An ndarray view of ``obj`` (TypeError for things that are not real numbers)."""
+    """An ndarray view of ``obj`` (TypeError for things that are not real numbers, and for
+    masked arrays, whose mask would otherwise be ignored).  The one adapter of every entry point:
+    the C core calls it for inputs that are not lists, tuples or plain ndarrays, and analyze,
+    Accumulator, the logits functions and the flips functions for every input."""
     if obj is None or isinstance(obj, (str, bytes, bytearray, dict, set, complex)) or (
         isinstance(obj, (int, float)) and not isinstance(obj, np.generic)
     ):
         raise TypeError(
             f"{name} must be a sequence or array of log-probabilities, not {type(obj).__name__}"
+        )
+    if isinstance(obj, np.ma.MaskedArray):  # one rule for every entry point: masks are not applied
+        raise TypeError(
+            f"{name} is a masked array: ppldelta does not apply masks; pass {name}.compressed() "
+            "(the unmasked values; for paired inputs, keep the same positions of both) or "
+            f"{name}.filled(value)"
         )
     mod = type(obj).__module__ or ""
     if mod.startswith("torch") and hasattr(obj, "detach"):
@@ -52,30 +61,3 @@ def as_array(obj, name: str = "input") -> np.ndarray:
         )
     return arr
 
-
-def exact_sum(obj) -> float:
-    """The exactly rounded sum of every value of a list/tuple or ndarray, in C order.
-
-    The C core's last resort: called only when its own sum cannot prove how it rounds
-    (adversarial inputs, such as exact ties broken by a value 2^-100 smaller) or is not finite.
-    math.fsum, except: inf - inf gives NaN (not ValueError), and an intermediate overflow of
-    finite values is resolved exactly (the total may be finite, or +-inf)."""
-    import math
-
-    vals = np.asarray(obj, dtype=np.float64).reshape(-1).tolist() if isinstance(obj, np.ndarray) else obj
-    try:
-        return math.fsum(vals)
-    except ValueError:  # -inf + inf
-        return math.nan
-    except OverflowError:  # finite values overflowed (fsum raises before it sees any inf)
-        from fractions import Fraction
-
-        fl = [float(v) for v in vals]
-        infs = {v for v in fl if math.isinf(v)}
-        if infs:
-            return math.nan if len(infs) == 2 else infs.pop()
-        total = sum(Fraction(v) for v in fl)
-        try:
-            return float(total)
-        except OverflowError:  # beyond the largest double: round to infinity
-            return math.inf if total > 0 else -math.inf

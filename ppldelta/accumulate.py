@@ -16,20 +16,24 @@ import math
 
 import numpy as np
 
-from . import _core
-from .analysis import (PCTS_DP, PCTS_KLD, Report, _bootstrap_blocks, _delta_p_extra, _expected,
-                       _group_entry, _paired_stats, _rate, _reference_from_sums, _unc)
+from ._core import POSITIVE_TOLERANCE
+from .analysis import (PCTS_DP, PCTS_KLD, _PER_TOKEN, Report, _bootstrap_blocks, _delta_p_extra,
+                       _expected, _group_entry, _paired_stats, _prepare, _rate, _reference_from_sums,
+                       _unc)
 
 _SHIFT = 1127  # 2^-1127 divides every float64 (smallest subnormal 2^-1074 = 2^52 * 2^-1126)
 _KLD_EDGES = np.concatenate([[0.0], np.logspace(-12, 3, 1501)])
 _DP_EDGES = np.linspace(-1.0, 1.0, 20001)
 _SUMS = ("lo", "lq", "oo", "qq", "oq", "dp", "dp2", "dp4", "kld", "kld2", "kldr", "kldr2")
 _COUNTS = ("same", "top5", "top10")
+_KEYS = dict(zip(_PER_TOKEN, ("kld", "kldr", "same", "top5", "top10")))  # analyze's names -> ours
 
 
 def exact_sum(x) -> int:
     """sum(x) * 2^1127 as an exact Python integer (finite float64 values)."""
     x = np.asarray(x, dtype=np.float64).reshape(-1)
+    if not np.isfinite(x).all():
+        raise ValueError("exact_sum needs finite values")
     x = x[x != 0]
     total = 0
     for start in range(0, x.size, 1 << 25):  # keeps the float64 bincounts below 2^53
@@ -46,11 +50,15 @@ def exact_sum(x) -> int:
 
 
 def _to_float(v: int) -> float:
-    return v / (1 << _SHIFT)  # Python's int / int is correctly rounded
+    try:
+        return v / (1 << _SHIFT)  # Python's int / int is correctly rounded
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
-def _hist_percentiles(hist, edges, n, lo, hi, pcts, log):
-    """Percentiles (numpy 'linear' ranks) from a histogram, interpolated within the bin."""
+def _hist_percentiles(hist, edges, n, lo, hi, pcts, log, n_inf=0):
+    """Percentiles (numpy 'linear' ranks) from a histogram, interpolated within the bin; the
+    n_inf largest values are +inf (as numpy, a rank that interpolates towards one is inf)."""
     cum = np.cumsum(hist)
     out = {}
     for key, p in pcts:
@@ -61,6 +69,9 @@ def _hist_percentiles(hist, edges, n, lo, hi, pcts, log):
             out[key] = hi
             continue
         k = p / 100 * (n - 1)
+        if k > n - 1 - n_inf:
+            out[key] = math.inf
+            continue
         b = int(np.searchsorted(cum, k, side="right"))
         b = min(b, hist.size - 1)
         before = cum[b - 1] if b > 0 else 0
@@ -71,18 +82,176 @@ def _hist_percentiles(hist, edges, n, lo, hi, pcts, log):
     return out
 
 
+def _bad(msg):
+    raise ValueError(f"invalid Accumulator state: {msg}")
+
+
+def _count(v, what, top=None):
+    """A non-negative integer (at most ``top``)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or v < 0 or (
+            top is not None and v > top):
+        _bad(f"{what} must be an integer in [0, {'inf' if top is None else top}], got {v!r}")
+    return int(v)
+
+
+def _keys(d, what, required, optional=()):
+    if not isinstance(d, dict):
+        _bad(f"{what} must be a dict, got {type(d).__name__}")
+    missing, extra = set(required) - set(d), set(d) - set(required) - set(optional)
+    if missing or extra:
+        _bad(f"{what}: missing keys {sorted(missing)}, unknown keys {sorted(extra)}")
+    return d
+
+
+def _hexint(v, what):
+    try:
+        if not isinstance(v, str):
+            raise TypeError
+        return int(v, 16)
+    except (TypeError, ValueError):
+        _bad(f"{what} must be a hex string, got {v!r}")
+
+
+def _blocks_of(b, what, n):
+    if not (isinstance(b, (list, tuple)) and len(b) == 2):
+        _bad(f"{what} must be [block sums, block lengths]")
+    try:
+        num, den = (np.asarray(x, dtype=np.float64).reshape(-1) for x in b)
+    except (TypeError, ValueError):
+        _bad(f"{what} must hold numbers")
+    if num.size != den.size or np.isnan(num).any() or (num == -np.inf).any():
+        _bad(f"{what}: block sums must be as many as block lengths, and not NaN or -inf")
+    if not (np.isfinite(den).all() and (den >= 1).all() and (den == np.round(den)).all()) or (
+            den.sum() != n):
+        _bad(f"{what}: block lengths must be integers >= 1 that add up to its {n} tokens")
+    return [num, den]
+
+
+def _checked_state(state):
+    """A copy of a state_dict() in memory form, every field checked: types, ranges, and the
+    consistency updates guarantee (counts <= n, histograms summing to n, log-prob sums <= n *
+    POSITIVE_TOLERANCE, sums of squares >= 0, nothing for arrays the updates did not carry)."""
+    version = state.get("version") if isinstance(state, dict) else None
+    if version not in (1, 2):
+        raise ValueError(f"unknown Accumulator state version {version!r}")
+    base = ("version", "block_size", "n", "has", "sums", "counts", "neginf", "hist", "minmax",
+            "blocks", "groups")
+    _keys(state, "state", base + (("inf", "ignored") if version == 2 else ()))
+    st = {"block_size": state["block_size"]}
+    if isinstance(st["block_size"], bool) or not isinstance(st["block_size"], (int, np.integer)) or \
+            st["block_size"] < 1:
+        _bad(f"block_size must be an integer >= 1, got {st['block_size']!r}")
+    n = st["n"] = _count(state["n"], "n")
+    has = state["has"]
+    if has is None and n == 0:
+        has = dict.fromkeys(_KEYS.values(), False)
+        st["has"] = None
+    else:
+        _keys(has, "has", _KEYS.values())
+        if not all(isinstance(v, (bool, np.bool_)) for v in has.values()):
+            _bad("has must map to booleans")
+        st["has"] = has = {k: bool(v) for k, v in has.items()}
+    st["ignored"] = _count(state.get("ignored", 0), "ignored")
+    sums = {k: _hexint(v, f"sums[{k!r}]") for k, v in _keys(state["sums"], "sums", _SUMS).items()}
+    inf = {k: [0, 0] for k in _SUMS}
+    for k, v in _keys(state.get("inf", {}), "inf", (), _SUMS).items():
+        if not (isinstance(v, (list, tuple)) and len(v) == 2):
+            _bad(f"inf[{k!r}] must be [count of +inf, count of -inf]")
+        inf[k] = [_count(c, f"inf[{k!r}]", n) for c in v]
+    tol = n * POSITIVE_TOLERANCE * (1 + 1e-9)
+    for k in ("lo", "lq"):
+        if _to_float(sums[k]) > tol or inf[k][0]:
+            _bad(f"sums[{k!r}] is positive beyond n * POSITIVE_TOLERANCE: log-probs are <= 0")
+    for k in ("oo", "qq", "dp2", "dp4", "kld2", "kldr2"):
+        if sums[k] < 0 or inf[k][1]:
+            _bad(f"sums[{k!r}] is a sum of squares and cannot be negative")
+    for k in ("dp", "dp2", "dp4"):
+        if abs(_to_float(sums[k])) > 1.01 * n or any(inf[k]):
+            _bad(f"sums[{k!r}]: every delta-p is in [-1, 1]")
+    for arr, keys in (("kld", ("kld", "kld2")), ("kldr", ("kldr", "kldr2"))):
+        if not has[arr] and any(sums[k] or any(inf[k]) for k in keys):
+            _bad(f"sums[{keys[0]!r}] is non-zero but the updates carried no {arr}")
+    st["sums"], st["inf"] = sums, inf
+    counts = _keys(state["counts"], "counts", _COUNTS)
+    st["counts"] = {k: _count(v, f"counts[{k!r}]", n if has[k] else 0) for k, v in counts.items()}
+    st["neginf"] = {k: _count(v, f"neginf[{k!r}]", n)
+                    for k, v in _keys(state["neginf"], "neginf", ("o", "q")).items()}
+    st["hist"], st["minmax"] = {}, {}
+    edges = {"kld": _KLD_EDGES, "kldr": _KLD_EDGES, "dp": _DP_EDGES}
+    for k, h in _keys(state["hist"], "hist", edges).items():
+        _keys(h, f"hist[{k!r}]", ("nonzero", "counts"))
+        idx, cnt = h["nonzero"], h["counts"]
+        if not (isinstance(idx, (list, tuple)) and isinstance(cnt, (list, tuple)) and len(idx) == len(cnt)):
+            _bad(f"hist[{k!r}]: nonzero and counts must be lists of the same length")
+        size = edges[k].size - 1
+        idx = [_count(i, f"hist[{k!r}] bin index", size - 1) for i in idx]
+        cnt = [_count(c, f"hist[{k!r}] count", min(n, 2 ** 62)) for c in cnt]
+        if len(set(idx)) != len(idx) or 0 in cnt:
+            _bad(f"hist[{k!r}]: bin indices must be distinct, counts positive")
+        want = n if (k == "dp" or has[k]) else 0
+        if sum(cnt) != want:
+            _bad(f"hist[{k!r}] counts add up to {sum(cnt)}, not {want}")
+        full = np.zeros(size, np.int64)
+        full[np.asarray(idx, dtype=np.intp)] = cnt
+        st["hist"][k] = full
+        mm = state["minmax"].get(k) if isinstance(state["minmax"], dict) else None
+        if not (isinstance(mm, (list, tuple)) and len(mm) == 2 and all(
+                isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in mm)):
+            _bad(f"minmax[{k!r}] must be [min, max]")
+        mm = [float(v) for v in mm]
+        if want and not (mm[0] <= mm[1] and mm[0] != math.inf and mm[1] != -math.inf):
+            _bad(f"minmax[{k!r}] = {mm} is not a [min, max] of values")
+        st["minmax"][k] = mm if want else [math.inf, -math.inf]
+    _keys(state["minmax"], "minmax", edges)
+    st["blocks"] = _blocks_of(state["blocks"], "blocks", n)
+    if not isinstance(state["groups"], dict):
+        _bad("groups must be a dict")
+    st["groups"], total = {}, 0
+    for name, g in state["groups"].items():
+        what = f"groups[{name!r}]"
+        if not isinstance(name, str):
+            _bad(f"{what}: group names are strings")
+        _keys(g, what, ("n", "lo", "lq", "kld", "same", "blocks") + (("inf",) if version == 2 else ()))
+        gn = _count(g["n"], f"{what}['n']", n)
+        if gn == 0:
+            _bad(f"{what} has no tokens")
+        total += gn
+        gi = _keys(g.get("inf", {"q": 0, "kld": 0}), f"{what}['inf']", ("q", "kld"))
+        out = {"n": gn, "lo": _hexint(g["lo"], f"{what}['lo']"), "lq": _hexint(g["lq"], f"{what}['lq']"),
+               "kld": _hexint(g["kld"], f"{what}['kld']"), "same": _count(g["same"], f"{what}['same']", gn),
+               "inf": {"q": _count(gi["q"], f"{what}['inf']['q']", gn),
+                       "kld": _count(gi["kld"], f"{what}['inf']['kld']", gn)},
+               "blocks": _blocks_of(g["blocks"], f"{what}['blocks']", gn)}
+        tol_g = gn * POSITIVE_TOLERANCE * (1 + 1e-9)
+        if _to_float(out["lo"]) > tol_g or _to_float(out["lq"]) > tol_g:
+            _bad(f"{what}: a log-prob sum is positive beyond n * POSITIVE_TOLERANCE")
+        if (out["kld"] or out["inf"]["kld"]) and not has["kld"] or out["same"] and not has["same"]:
+            _bad(f"{what} has KLD or top-1 data that the updates did not carry")
+        st["groups"][name] = out
+    if total > n:
+        _bad(f"the groups hold {total} tokens, more than n = {n}")
+    return st
+
+
+def _new_group():
+    return {"n": 0, "lo": 0, "lq": 0, "kld": 0, "same": 0, "inf": {"q": 0, "kld": 0},
+            "blocks": [np.zeros(0), np.zeros(0)]}
+
+
 class Accumulator:
     """Streaming state of an analysis: ``update`` with chunks, ``merge`` with other workers'
     accumulators, ``state_dict``/``from_state`` to ship or checkpoint, ``report`` at the end."""
 
     def __init__(self, *, block_size: int = 256):
-        if block_size < 1:
-            raise ValueError("block_size must be >= 1")
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.block_size = int(block_size)
         self.n = 0
         self.sums = dict.fromkeys(_SUMS, 0)
         self.counts = dict.fromkeys(_COUNTS, 0)
         self.neginf = {"o": 0, "q": 0}
+        self.inf = {k: [0, 0] for k in _SUMS}  # terms +inf / -inf (left out of the exact sums)
+        self.ignored = 0  # positions dropped because their target was ignore_index
         self.has = None  # which optional per-token arrays the updates carry
         self.hist = {"kld": np.zeros(_KLD_EDGES.size - 1, np.int64),
                      "kldr": np.zeros(_KLD_EDGES.size - 1, np.int64),
@@ -94,81 +263,71 @@ class Accumulator:
     # ------------------------------------------------------------------ update
     def update(self, original_log_probs=None, quantized_log_probs=None, *, groups=None, kld=None,
                kld_reverse=None, same_top1=None, top1_in_top5=None, top1_in_top10=None,
-               original_logits=None, quantized_logits=None, targets=None):
-        """Add a chunk of tokens (same arguments as ppldelta.analyze)."""
-        if original_logits is not None or quantized_logits is not None:
-            from .logits import kl_divergence
-
-            kl = kl_divergence(original_logits, quantized_logits, targets=targets,
-                               reverse=kld_reverse is not None or (self.has or {}).get("kldr", False))
-            kld, same_top1 = kl["kld"], kl["same_top1"]
-            top1_in_top5, top1_in_top10 = kl["top1_in_top5"], kl["top1_in_top10"]
-            kld_reverse = kl.get("kld_reverse")
-            if original_log_probs is None and targets is not None:
-                original_log_probs, quantized_log_probs = kl["original_log_probs"], kl["quantized_log_probs"]
-        _core.perplexity_delta(original_log_probs, quantized_log_probs)  # validation, messages
-        lo = np.asarray(original_log_probs, dtype=np.float64).reshape(-1)
-        lq = np.asarray(quantized_log_probs, dtype=np.float64).reshape(-1)
-        n = lo.size
-        extra = {"kld": kld, "kldr": kld_reverse, "same": same_top1, "top5": top1_in_top5,
-                 "top10": top1_in_top10}
-        has = {k: v is not None for k, v in extra.items()}
-        if self.has is None:
-            self.has = has
-        elif has != self.has:
+               original_logits=None, quantized_logits=None, targets=None, ignore_index=-100):
+        """Add a chunk of tokens (same arguments and checks as ppldelta.analyze).  A chunk that
+        fails a check changes nothing."""
+        p = _prepare(original_log_probs, quantized_log_probs, groups,
+                     dict(zip(_PER_TOKEN, (kld, kld_reverse, same_top1, top1_in_top5, top1_in_top10))),
+                     original_logits, quantized_logits, targets, ignore_index,
+                     kld_reverse is not None or (self.has or {}).get("kldr", False), chunk=True)
+        lo, lq, n = p["lo"], p["lq"], p["n"]
+        arrs = {_KEYS[k]: v for k, v in p["extras"].items()}
+        has = {k: k in arrs for k in _KEYS.values()}
+        if self.has is not None and has != self.has:
             raise ValueError(f"every update must carry the same per-token arrays: first had "
                              f"{sorted(k for k, v in self.has.items() if v)}, this one "
                              f"{sorted(k for k, v in has.items() if v)}")
-        arrs = {}
-        for k, v in extra.items():
-            if v is not None:
-                a = np.asarray(v, dtype=np.float64).reshape(-1)
-                if a.size != n:
-                    raise ValueError(f"{k} has {a.size} values for {n} tokens")
-                arrs[k] = a
+        self.has = has
+        self.ignored += p["n_ignored"]
         fo, fq = np.isfinite(lo), np.isfinite(lq)
         self.neginf["o"] += int(n - fo.sum())
         self.neginf["q"] += int(n - fq.sum())
         lo_f, lq_f = np.where(fo, lo, 0.0), np.where(fq, lq, 0.0)
-        s = self.sums
-        s["lo"] += exact_sum(lo_f)
-        s["lq"] += exact_sum(lq_f)
-        s["oo"] += exact_sum(lo_f * lo_f)
-        s["qq"] += exact_sum(lq_f * lq_f)
-        s["oq"] += exact_sum(lo_f * lq_f)
-        dp = np.exp(lq) - np.exp(lo)
-        s["dp"] += exact_sum(dp)
-        s["dp2"] += exact_sum(dp * dp)
-        s["dp4"] += exact_sum(dp ** 4)
-        self._hist("dp", dp, _DP_EDGES)
-        for k, sk in (("kld", "kld"), ("kldr", "kldr")):
-            if k in arrs:
-                s[sk] += exact_sum(arrs[k])
-                s[sk + "2"] += exact_sum(arrs[k] ** 2)
-                self._hist(k, arrs[k], _KLD_EDGES)
+        with np.errstate(over="ignore"):
+            for key, x in (("lo", lo_f), ("lq", lq_f), ("oo", lo_f * lo_f), ("qq", lq_f * lq_f),
+                           ("oq", lo_f * lq_f)):
+                self._add(key, x)
+            dp = np.exp(lq) - np.exp(lo)
+            for key, x in (("dp", dp), ("dp2", dp * dp), ("dp4", dp ** 4)):
+                self._add(key, x)
+            self._hist("dp", dp, _DP_EDGES)
+            for k in ("kld", "kldr"):
+                if k in arrs:
+                    self._add(k, arrs[k])
+                    self._add(k + "2", arrs[k] ** 2)
+                    self._hist(k, arrs[k], _KLD_EDGES)
         for k in _COUNTS:
             if k in arrs:
                 self.counts[k] += int(np.count_nonzero(arrs[k]))
         self.n += n
         d = lo - lq  # nll_q - nll_o
         self._add_blocks(self.blocks, d)
-        if groups is not None:
-            labels = np.asarray(groups).reshape(-1)
-            if labels.size != n:
-                raise ValueError(f"groups has {labels.size} labels for {n} tokens")
-            for name in dict.fromkeys(labels.tolist()):
-                sel = labels == name
-                g = self.groups.setdefault(str(name), {"n": 0, "lo": 0, "lq": 0, "kld": 0, "same": 0,
-                                                       "blocks": [np.zeros(0), np.zeros(0)]})
+        if p["names"] is not None:
+            for code, name in enumerate(p["names"]):
+                sel = p["codes"] == code
+                if not sel.any():
+                    continue
+                g = self.groups.setdefault(name, _new_group())
                 g["n"] += int(sel.sum())
+                g["inf"]["q"] += int(np.count_nonzero(~fq[sel]))
                 g["lo"] += exact_sum(lo_f[sel])
                 g["lq"] += exact_sum(lq_f[sel])
                 if "kld" in arrs:
-                    g["kld"] += exact_sum(arrs["kld"][sel])
+                    g["kld"] += exact_sum(np.where(np.isfinite(arrs["kld"][sel]), arrs["kld"][sel], 0.0))
+                    g["inf"]["kld"] += int(np.count_nonzero(np.isinf(arrs["kld"][sel])))
                 if "same" in arrs:
                     g["same"] += int(np.count_nonzero(arrs["same"][sel]))
                 self._add_blocks(g["blocks"], d[sel])
         return self
+
+    def _add(self, key, x):
+        """Add x to the exact sum ``key``; infinite terms are counted, not summed."""
+        fin = np.isfinite(x)
+        if not fin.all():
+            self.inf[key][0] += int(np.count_nonzero(x == np.inf))
+            self.inf[key][1] += int(np.count_nonzero(x == -np.inf))
+            x = x[fin]
+        self.sums[key] += exact_sum(x)
 
     def _hist(self, key, x, edges):
         self.hist[key] += np.histogram(np.clip(x, edges[0], edges[-1]), bins=edges)[0]
@@ -196,8 +355,10 @@ class Accumulator:
             raise ValueError("the accumulators carry different per-token arrays")
         self.has = other.has if self.has is None else self.has
         self.n += other.n
+        self.ignored += other.ignored
         for k in _SUMS:
             self.sums[k] += other.sums[k]
+            self.inf[k] = [a + b for a, b in zip(self.inf[k], other.inf[k])]
         for k in _COUNTS:
             self.counts[k] += other.counts[k]
         for k in self.neginf:
@@ -208,49 +369,47 @@ class Accumulator:
             self.minmax[k] = [min(a[0], b[0]), max(a[1], b[1])]
         self.blocks = [np.concatenate([self.blocks[i], other.blocks[i]]) for i in range(2)]
         for name, og in other.groups.items():
-            g = self.groups.setdefault(name, {"n": 0, "lo": 0, "lq": 0, "kld": 0, "same": 0,
-                                              "blocks": [np.zeros(0), np.zeros(0)]})
+            g = self.groups.setdefault(name, _new_group())
             for k in ("n", "lo", "lq", "kld", "same"):
                 g[k] += og[k]
+            for k in g["inf"]:
+                g["inf"][k] += og["inf"][k]
             g["blocks"] = [np.concatenate([g["blocks"][i], og["blocks"][i]]) for i in range(2)]
         return self
 
     def state_dict(self) -> dict:
         """JSON-serialisable state (exact integers as hex strings)."""
         return {
-            "version": 1, "block_size": self.block_size, "n": self.n, "has": self.has,
+            "version": 2, "block_size": self.block_size, "n": self.n, "has": self.has,
             "sums": {k: hex(v) for k, v in self.sums.items()}, "counts": dict(self.counts),
-            "neginf": dict(self.neginf),
+            "neginf": dict(self.neginf), "inf": {k: list(v) for k, v in self.inf.items()},
+            "ignored": self.ignored,
             "hist": {k: {"nonzero": np.flatnonzero(v).tolist(), "counts": v[v != 0].tolist()}
                      for k, v in self.hist.items()},
             "minmax": {k: list(v) for k, v in self.minmax.items()},
             "blocks": [b.tolist() for b in self.blocks],
             "groups": {name: {"n": g["n"], "lo": hex(g["lo"]), "lq": hex(g["lq"]), "kld": hex(g["kld"]),
-                              "same": g["same"], "blocks": [b.tolist() for b in g["blocks"]]}
+                              "same": g["same"], "inf": dict(g["inf"]),
+                              "blocks": [b.tolist() for b in g["blocks"]]}
                        for name, g in self.groups.items()},
         }
 
     @classmethod
     def from_state(cls, state: dict) -> "Accumulator":
-        if state.get("version") != 1:
-            raise ValueError(f"unknown Accumulator state version {state.get('version')!r}")
-        acc = cls(block_size=state["block_size"])
-        acc.n, acc.has = state["n"], state["has"]
-        acc.sums = {k: int(v, 16) for k, v in state["sums"].items()}
-        acc.counts = dict(state["counts"])
-        acc.neginf = dict(state["neginf"])
-        for k, h in state["hist"].items():
-            acc.hist[k][np.asarray(h["nonzero"], dtype=np.intp)] = h["counts"]
-        acc.minmax = {k: list(v) for k, v in state["minmax"].items()}
-        acc.blocks = [np.asarray(b, dtype=np.float64) for b in state["blocks"]]
-        acc.groups = {name: {"n": g["n"], "lo": int(g["lo"], 16), "lq": int(g["lq"], 16),
-                             "kld": int(g["kld"], 16), "same": g["same"],
-                             "blocks": [np.asarray(b, dtype=np.float64) for b in g["blocks"]]}
-                      for name, g in state["groups"].items()}
+        """The accumulator of a ``state_dict()`` (version 1 or 2); ValueError for a state that
+        is malformed or inconsistent (it could not have come from updates)."""
+        st = _checked_state(state)
+        acc = cls(block_size=st["block_size"])
+        acc.n, acc.has, acc.ignored = st["n"], st["has"], st["ignored"]
+        acc.sums, acc.counts, acc.neginf, acc.inf = st["sums"], st["counts"], st["neginf"], st["inf"]
+        acc.hist, acc.minmax, acc.blocks, acc.groups = st["hist"], st["minmax"], st["blocks"], st["groups"]
         return acc
 
     # ------------------------------------------------------------------ report
     def _sum(self, key):
+        pos, neg = self.inf[key]
+        if pos or neg:
+            return math.nan if pos and neg else math.inf if pos else -math.inf
         return _to_float(self.sums[key])
 
     def report(self, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=None, protocol=None) -> Report:
@@ -258,14 +417,14 @@ class Accumulator:
         n = self.n
         if n == 0:
             raise ValueError("the accumulator is empty")
+        if not 0 < confidence < 1:
+            raise ValueError("confidence must be in (0, 1)")
         so = -math.inf if self.neginf["o"] else self._sum("lo")
         sq = -math.inf if self.neginf["q"] else self._sum("lq")
-        ref = _reference_from_sums(so, sq, n)
-        if math.isinf(so):
-            raise ValueError("the original model's perplexity is infinite (-inf log-probs): "
-                             "the relative delta is undefined")
+        ref = _reference_from_sums(so, sq, n)  # perplexity_delta's ValueError if PPL(base) is inf
         boot = self._boot(self.blocks, (so - sq) / n, n_bootstrap, seed, confidence)
-        data = {"reference": ref, "n_tokens": n, "confidence": confidence, "protocol": protocol}
+        data = {"reference": ref, "n_tokens": n, "n_ignored": self.ignored, "confidence": confidence,
+                "protocol": protocol}
         data.update(_paired_stats(n, -so, -sq, self._sum("oo"), self._sum("qq"), self._sum("oq"), boot))
         data["bootstrap"] = {"n_bootstrap": int(n_bootstrap), "block_size": self.block_size,
                              "n_blocks": boot["n_blocks"], "seed": seed}
@@ -284,10 +443,11 @@ class Accumulator:
             gout = {}
             for i, name in enumerate(sorted(self.groups)):  # sorted: independent of merge order
                 g = self.groups[name]
-                go, gq = _to_float(g["lo"]), _to_float(g["lq"])
+                go = _to_float(g["lo"])
+                gq = -math.inf if g["inf"]["q"] else _to_float(g["lq"])
                 gb = self._boot(g["blocks"], (go - gq) / g["n"], n_bootstrap, seed + i + 1, confidence)
-                gout[name] = _group_entry(g["n"], go, gq, gb,
-                                          _to_float(g["kld"]) / g["n"] if self.has["kld"] else None,
+                kld = (math.inf if g["inf"]["kld"] else _to_float(g["kld"]) / g["n"]) if self.has["kld"] else None
+                gout[name] = _group_entry(name, g["n"], go, gq, gb, kld,
                                           100 * g["same"] / g["n"] if self.has["same"] else None)
             data["groups"] = gout
             data["suffers_most"] = max(gout, key=lambda k: gout[k]["reference"]["relative_delta_pct"])
@@ -303,5 +463,5 @@ class Accumulator:
         mean, unc = _unc(n, self._sum(skey), self._sum(skey + "2"))
         lo, hi = self.minmax[hkey]
         out = {"mean": mean, "stderr": unc}
-        out.update(_hist_percentiles(self.hist[hkey], edges, n, lo, hi, pcts, log))
+        out.update(_hist_percentiles(self.hist[hkey], edges, n, lo, hi, pcts, log, self.inf[skey][0]))
         return out

@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ._adapt import as_array
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
 
 def _mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value: binomial test of b successes in b + c at p = 1/2."""
@@ -61,11 +65,59 @@ def _report(co, cq, changed, alpha) -> FlipReport:
                       100.0 * flips / n, b, c, p, bool(p < alpha), alpha)
 
 
+def _outcomes(x, name) -> np.ndarray:
+    """Pass/fail outcomes as bools: bools, 0/1 numbers, or the strings 'true'/'false'/'1'/'0'/
+    'yes'/'no' (any case, as lm-eval logs them); anything else is a ValueError naming the index."""
+    a = as_array(x, name).reshape(-1)
+    if a.dtype.kind == "b":
+        return a
+    if a.dtype.kind in "iuf":
+        bad = (a != 0) & (a != 1)  # NaN too
+        out = a == 1
+    else:
+        vals = a.tolist()
+        out = np.zeros(len(vals), dtype=bool)
+        bad = np.zeros(len(vals), dtype=bool)
+        for i, v in enumerate(vals):
+            if isinstance(v, bytes):
+                v = v.decode("utf-8", "replace")
+            if isinstance(v, str):
+                t = v.strip().lower()
+                out[i], bad[i] = t in _TRUE, t not in _TRUE | _FALSE
+            elif isinstance(v, (bool, int, float)):
+                out[i], bad[i] = v == 1, v not in (0, 1)
+            else:
+                bad[i] = True
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        v = a.reshape(-1)[i]
+        v = v.item() if isinstance(v, np.generic) else v
+        raise ValueError(f"{name}[{i}] = {v!r} is not a pass/fail outcome (a bool, 0/1, or "
+                         "'true'/'false'/'yes'/'no')")
+    return out
+
+
+def _integers(x, name) -> np.ndarray:
+    """Integer values (integer arrays, or floats with integral values such as pandas' 1.0);
+    TypeError for bools and non-numbers, ValueError naming the index for 1.5, NaN, inf."""
+    a = np.asarray(x) if np.isscalar(x) else as_array(x, name)
+    if a.dtype.kind in "iu":
+        return a.astype(object) if a.dtype == np.uint64 else a.astype(np.int64)
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be integers, not {a.dtype}")
+    bad = ~np.isfinite(a) | (a != np.round(a))
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(-1))[0])
+        where = f"[{i}]" if a.ndim else ""
+        raise ValueError(f"{name}{where} = {a.reshape(-1)[i].item()!r} is not an integer")
+    return a.astype(np.int64)
+
+
 def paired_outcomes(original_correct, quantized_correct, *, alpha=0.05) -> FlipReport:
     """Pass/fail of each item under both models (HumanEval problems, exact-match answers,
     instruction checks): accuracy of each, the delta, flips and McNemar's exact test."""
-    co = np.asarray(original_correct).astype(bool).reshape(-1)
-    cq = np.asarray(quantized_correct).astype(bool).reshape(-1)
+    co = _outcomes(original_correct, "original_correct")
+    cq = _outcomes(quantized_correct, "quantized_correct")
     if co.shape != cq.shape:
         raise ValueError(f"length mismatch: {co.size} original outcomes, {cq.size} quantized")
     return _report(co, cq, co != cq, alpha)
@@ -75,17 +127,19 @@ def choice_flips(original_scores, quantized_scores, answers, *, alpha=0.05) -> F
     """Multiple-choice tasks (MMLU, C-Eval, HellaSwag style): per-question per-choice
     log-likelihoods (items x choices; pad missing choices with -inf) and the index of the right
     answer.  A flip is a question whose chosen answer changed, right or wrong."""
-    so = np.asarray(original_scores, dtype=np.float64)
-    sq = np.asarray(quantized_scores, dtype=np.float64)
-    ans = np.asarray(answers).reshape(-1)
+    so = np.asarray(as_array(original_scores, "original_scores"), dtype=np.float64)
+    sq = np.asarray(as_array(quantized_scores, "quantized_scores"), dtype=np.float64)
+    ans = _integers(answers, "answers").reshape(-1)
     if so.ndim != 2 or so.shape != sq.shape:
         raise ValueError(f"scores must both be (items, choices); got {so.shape} and {sq.shape}")
     if ans.shape[0] != so.shape[0]:
         raise ValueError(f"{ans.shape[0]} answers for {so.shape[0]} items")
     if np.isnan(so).any() or np.isnan(sq).any():
         raise ValueError("scores contain NaN")
-    if ((ans < 0) | (ans >= so.shape[1])).any():
-        raise ValueError(f"answers must be choice indices in [0, {so.shape[1]})")
+    bad = (ans < 0) | (ans >= so.shape[1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"answers[{i}] = {int(ans[i])} is not a choice index in [0, {so.shape[1]})")
     po, pq = so.argmax(axis=1), sq.argmax(axis=1)
     return _report(po == ans, pq == ans, po != pq, alpha)
 
@@ -93,7 +147,8 @@ def choice_flips(original_scores, quantized_scores, answers, *, alpha=0.05) -> F
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for n samples of which c
     passed; vectorised over arrays of n and c.  Computed as a stable product."""
-    n_arr, c_arr = np.broadcast_arrays(np.asarray(n), np.asarray(c))
+    k = int(_integers(k, "k"))
+    n_arr, c_arr = np.broadcast_arrays(_integers(n, "n"), _integers(c, "c"))
     out = np.empty(n_arr.shape, dtype=np.float64)
     for idx in np.ndindex(n_arr.shape):
         ni, ci = int(n_arr[idx]), int(c_arr[idx])

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from . import _core
+from . import _adapt, _core
 
 
 def _threads(threads):
@@ -30,7 +30,7 @@ def _as_rows(x, name, bf16):
             t = t.contiguous().view(dtype=__import__("torch").int16)
             bf16 = True
         x = t.numpy()
-    a = np.asarray(x)
+    a = _adapt.as_array(x, name)
     if a.ndim < 1:
         raise ValueError(f"{name} must have a vocabulary axis")
     if a.dtype.kind not in "fiu":
@@ -48,15 +48,32 @@ def _as_rows(x, name, bf16):
     return a, lead, bf16
 
 
-def _targets(targets, lead):
-    if hasattr(targets, "detach"):
-        targets = targets.detach().cpu().numpy()
-    t = np.asarray(targets)
-    if t.dtype.kind not in "iub":
-        raise TypeError(f"targets must be integers, got {t.dtype}")
+def _targets(targets, lead, vocab, ignore_index):
+    """Flat int64 targets, each a token id in [0, vocab) or ignore_index, checked in the given
+    dtype (a uint64 2^64 - 100 is out of range, not -100)."""
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
+    if not -2 ** 63 <= ignore_index < 2 ** 63:
+        raise ValueError(f"ignore_index {ignore_index} does not fit in int64")
+    t = _adapt.as_array(targets, "targets")
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"targets must be integers (token ids), got {t.dtype}")
     if t.shape != lead:
         raise ValueError(f"targets has shape {t.shape}, logits have leading shape {lead}")
-    return np.ascontiguousarray(t.reshape(-1), dtype=np.int64)
+    flat = t.reshape(-1)
+    if flat.size:
+        # compare as Python ints against the dtype's range: no wrap-around in any integer type
+        info = np.iinfo(flat.dtype)
+        ok = (flat >= 0) & (flat <= flat.dtype.type(min(vocab - 1, info.max))) if vocab > 0 else \
+            np.zeros(flat.shape, bool)
+        if info.min <= ignore_index <= info.max:
+            ok |= flat == flat.dtype.type(ignore_index)
+        if not ok.all():
+            i = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"targets[{i}] = {int(flat[i])} is outside the vocabulary [0, {vocab}) "
+                             f"and is not ignore_index ({ignore_index})")
+    return np.ascontiguousarray(flat.astype(np.int64))
 
 
 def token_log_probs(logits, targets, *, ignore_index=-100, bf16=False, threads=1):
@@ -69,7 +86,7 @@ def token_log_probs(logits, targets, *, ignore_index=-100, bf16=False, threads=1
     ``lp[targets != ignore_index]``.  ``threads``: rows are split across threads (0 = all CPUs).
     """
     a, lead, bf16 = _as_rows(logits, "logits", bf16)
-    t = _targets(targets, lead)
+    t = _targets(targets, lead, a.shape[1], ignore_index)
     lp, *_ = _core.logits_stats(a, None, t, ignore_index=ignore_index, bf16=bf16,
                                 threads=_threads(threads))
     return lp.reshape(lead)
@@ -88,7 +105,8 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
       quantized model's 5 / 10 most likely tokens, and ``quantized_top1_in_original_top5`` /
       ``..._top10`` the other way round;
     - with ``targets``: ``original_log_probs``, ``quantized_log_probs`` (NaN where ignored),
-      ``p_original``, ``p_quantized`` and ``delta_p`` = p_quantized - p_original.
+      ``p_original``, ``p_quantized``, ``delta_p`` = p_quantized - p_original, and ``scored``:
+      targets != ignore_index (``kld[scored]`` drops the ignored positions).
     """
     a, lead, bf16a = _as_rows(original_logits, "original_logits", bf16)
     b, lead_b, bf16b = _as_rows(quantized_logits, "quantized_logits", bf16)
@@ -100,7 +118,7 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
         a = _widen(a, bf16a, dt)
         b = _widen(b, bf16b, dt)
         bf16a = bf16b = False
-    t = _targets(targets, lead) if targets is not None else None
+    t = _targets(targets, lead, a.shape[1], ignore_index) if targets is not None else None
     lp_a, lp_b, kld, kld_rev, same, rank, rank_a = _core.logits_stats(
         a, b, t, ignore_index=ignore_index, bf16=bf16a, topk=topk, threads=_threads(threads))
     out = {"kld": kld.reshape(lead), "same_top1": same.reshape(lead)}
@@ -118,6 +136,7 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
             out["p_original"] = np.exp(out["original_log_probs"])
             out["p_quantized"] = np.exp(out["quantized_log_probs"])
         out["delta_p"] = out["p_quantized"] - out["p_original"]
+        out["scored"] = (t != ignore_index).reshape(lead)
     return out
 
 

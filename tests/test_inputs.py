@@ -388,3 +388,49 @@ def test_other_threads_run_during_short_inner_loops():
     stop.set()
     th.join()
     assert len(ticks) - n0 > 5
+
+
+# ----------------------------------------------------------------------------- the one adapter, every entry point
+
+def _entry_points():
+    """(name, call(original, quantized)) for every function that takes per-token log-probs."""
+    yield "perplexity", lambda o, q: ppldelta.perplexity(q)
+    yield "perplexity_delta", lambda o, q: ppldelta.perplexity_delta(o, q)
+    yield "analyze", lambda o, q: ppldelta.analyze(o, q, n_bootstrap=20)["reference"]
+    yield "Accumulator", lambda o, q: ppldelta.Accumulator().update(o, q).report(n_bootstrap=20)["reference"]
+
+
+@pytest.mark.parametrize("name,call", list(_entry_points()), ids=[n for n, _ in _entry_points()])
+def test_dlpack_only_objects_work_in_every_entry_point(name, call):
+    from reliability.fuzz_core import DLPackOnly
+
+    o = BASE.reshape(-1)[:200].copy()
+    q = o - 0.03
+    assert call(DLPackOnly(o), DLPackOnly(q)) == call(o, q)
+    assert call(DLPackOnly(o.astype(np.float32)), q) == call(o.astype(np.float32), q)
+
+
+@pytest.mark.parametrize("name,call", [e for e in _entry_points() if e[0] in ("analyze", "Accumulator")],
+                         ids=["analyze", "Accumulator"])
+def test_masked_arrays_are_refused_not_half_read(name, call):
+    q = np.ma.array([-1.0, math.nan, -2.0], mask=[False, True, False])
+    with pytest.raises(TypeError, match=r"quantized_log_probs is a masked array.*compressed\(\)"):
+        call(np.array([-1.0, -1.0, -2.0]), q)
+    from ppldelta._adapt import as_array
+
+    with pytest.raises(TypeError, match="x is a masked array"):
+        as_array(np.ma.array([1.0]), "x")
+
+
+def test_masked_arrays_are_refused_by_the_core_too():
+    x = np.ma.masked_array([-1.0, np.nan, -2.0], mask=[False, True, False])
+    for f in (lambda: ppldelta.perplexity(x), lambda: ppldelta.perplexity_delta(x, x),
+              lambda: ppldelta.perplexity_delta([-1.0, -1.0, -1.0], x)):
+        with pytest.raises(TypeError, match="masked array"):
+            f()
+    # other subclasses (memmap, user subclasses) are read as plain arrays, as before
+
+    class Sub(np.ndarray):
+        pass
+
+    assert ppldelta.perplexity(np.array([[-1.0, -1.0]]).view(Sub)) == math.exp(1.0)
