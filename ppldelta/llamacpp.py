@@ -36,12 +36,16 @@ gigabytes are never loaded whole.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from .io import atomic_write
+
 __all__ = [
     "LogitsFile",
+    "is_logits_file",
     "read_logits_file",
     "write_logits_file",
     "compare_logits_files",
@@ -56,6 +60,8 @@ KLD_FLOOR = -16.0
 LOGIT_RANGE = 16.0
 # Work on at most this many float values at a time when decoding rows.
 _BLOCK_VALUES = 1 << 22
+# Open LogitsFile objects: their files are memory-mapped and must not be overwritten.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
 
 
 def _row_width(n_vocab: int) -> int:
@@ -72,10 +78,16 @@ def _rows_per_chunk(n_ctx: int) -> int:
 
 
 def _decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
-    """Decode stored uint16 rows ``(r, nv)`` to float32 log-probs ``(r, n_vocab)``."""
+    """Decode stored uint16 rows ``(r, nv)`` to float32 log-probs ``(r, n_vocab)``.
+
+    In place in the result: no temporary as large as the result is ever allocated.
+    """
     params = np.ascontiguousarray(rows[:, :4]).view(np.float32)
-    scale, min_log_prob = params[:, :1], params[:, 1:2]
-    return rows[:, 4 : 4 + n_vocab].astype(np.float32) * scale + min_log_prob
+    out = np.empty((rows.shape[0], n_vocab), dtype=np.float32)
+    np.copyto(out, rows[:, 4 : 4 + n_vocab], casting="safe")
+    out *= params[:, :1]
+    out += params[:, 1:2]
+    return out
 
 
 def _encode_rows(logits: np.ndarray) -> np.ndarray:
@@ -157,8 +169,28 @@ class LogitsFile:
             )
         self.tokens = np.memmap(self.path, dtype="=i4", mode="r", offset=tokens_offset,
                                 shape=(self.n_chunk, self.n_ctx))
+        if self.tokens.size and (self.tokens.min() < 0 or self.tokens.max() >= self.n_vocab):
+            chunk, pos = np.argwhere((self.tokens < 0) | (self.tokens >= self.n_vocab))[0]
+            raise ValueError(
+                f"{self.path}: token id {int(self.tokens[chunk, pos])} at chunk {chunk}, position "
+                f"{pos} is outside [0, n_vocab={self.n_vocab})"
+            )
         self._rows = np.memmap(self.path, dtype="=u2", mode="r", offset=rows_offset,
                                shape=(self.n_chunk, self.rows_per_chunk, self._nv))
+        st = os.stat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Drop this object's memory maps (arrays taken from it keep theirs)."""
+        self.tokens = self._rows = None
+        _OPEN.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __repr__(self) -> str:
         return (f"LogitsFile({self.path!r}, n_ctx={self.n_ctx}, n_vocab={self.n_vocab}, "
@@ -200,11 +232,23 @@ class LogitsFile:
         return out
 
 
+def is_logits_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file that starts with the ``_logits_`` magic."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def read_logits_file(path: str | os.PathLike) -> LogitsFile:
     """Open a llama.cpp ``--kl-divergence-base`` file (memory-mapped, validated).
 
-    Raises ValueError for a wrong magic, a truncated file, or a size that does
-    not match the header (the message gives expected and actual bytes).
+    Raises ValueError for a wrong magic, a truncated file, a size that does
+    not match the header (the message gives expected and actual bytes), or a
+    token id outside ``[0, n_vocab)``.
     """
     return LogitsFile(path)
 
@@ -225,44 +269,52 @@ def write_logits_file(
     long run can be streamed to disk).  Quantization repeats the float32
     arithmetic of llama.cpp's ``log_softmax`` (round half to even), so the file
     can be used with ``llama-perplexity --kl-divergence`` as well as here.
+
+    The file is written to a temporary file beside ``path`` and renamed over it
+    when complete, so ``path`` never holds a partial file; overwriting a file
+    that an open :class:`LogitsFile` maps is refused (ValueError).
     """
-    tokens = np.asarray(tokens, dtype=np.int32).reshape(-1)
+    raw = np.asarray(tokens).reshape(-1)
     if n_ctx < 2:
         raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
-    n_chunk = tokens.size // n_ctx
+    n_chunk = raw.size // n_ctx
     if n_chunk == 0:
-        raise ValueError(f"need at least n_ctx={n_ctx} tokens, got {tokens.size}")
+        raise ValueError(f"need at least n_ctx={n_ctx} tokens, got {raw.size}")
+    raw = raw[: n_chunk * n_ctx]
     first, rows = _first_scored(n_ctx), _rows_per_chunk(n_ctx)
     path = os.fspath(path)
+    if os.path.exists(path):
+        st = os.stat(path)
+        if any(f._inode == (st.st_dev, st.st_ino) for f in list(_OPEN)):
+            raise ValueError(f"{path} is open as a LogitsFile (memory-mapped): close() it "
+                             "before overwriting the file")
     n_vocab = None
     written = 0
-    try:
-        with open(path, "wb") as f:
-            for chunk in logits:
-                chunk = np.asarray(chunk, dtype=np.float32)
-                if n_vocab is None:
-                    n_vocab = chunk.shape[-1]
-                    header = np.array([(MAGIC, n_ctx, n_vocab, n_chunk)], dtype=_HEADER)
-                    f.write(header.tobytes())
-                    f.write(tokens[: n_chunk * n_ctx].tobytes())
-                if written >= n_chunk:
-                    raise ValueError(f"more logit chunks than the {n_chunk} chunks in tokens")
-                if chunk.ndim != 2 or chunk.shape[1] != n_vocab or chunk.shape[0] not in (n_ctx, rows):
-                    raise ValueError(
-                        f"chunk {written}: logits shape {chunk.shape}, expected ({n_ctx} or "
-                        f"{rows}, {n_vocab})"
-                    )
-                if chunk.shape[0] == n_ctx:
-                    chunk = chunk[first : n_ctx - 1]
-                for block in _row_blocks(rows, n_vocab):
-                    f.write(_encode_rows(chunk[block]).tobytes())
-                written += 1
+    with atomic_write(path) as f:  # a failure or crash never leaves a partial file at path
+        for chunk in logits:
+            chunk = np.asarray(chunk, dtype=np.float32)
+            if n_vocab is None:
+                n_vocab = chunk.shape[-1]
+                bad = np.flatnonzero((raw < 0) | (raw >= n_vocab))
+                if bad.size:
+                    raise ValueError(f"token {bad[0]} is {raw[bad[0]]}, outside [0, n_vocab={n_vocab})")
+                header = np.array([(MAGIC, n_ctx, n_vocab, n_chunk)], dtype=_HEADER)
+                f.write(header.tobytes())
+                f.write(raw.astype(np.int32).tobytes())
+            if written >= n_chunk:
+                raise ValueError(f"more logit chunks than the {n_chunk} chunks in tokens")
+            if chunk.ndim != 2 or chunk.shape[1] != n_vocab or chunk.shape[0] not in (n_ctx, rows):
+                raise ValueError(
+                    f"chunk {written}: logits shape {chunk.shape}, expected ({n_ctx} or "
+                    f"{rows}, {n_vocab})"
+                )
+            if chunk.shape[0] == n_ctx:
+                chunk = chunk[first : n_ctx - 1]
+            for block in _row_blocks(rows, n_vocab):
+                f.write(_encode_rows(chunk[block]).tobytes())
+            written += 1
         if written != n_chunk:
             raise ValueError(f"got logits for {written} chunks, tokens give {n_chunk}")
-    except BaseException:
-        if os.path.exists(path):
-            os.remove(path)
-        raise
 
 
 def compare_logits_files(base_path: str | os.PathLike, quant_path: str | os.PathLike) -> dict:

@@ -75,7 +75,7 @@ def test_hand_encoded_row(tmp_path):
     n_ctx = 3  # one scored row: position 1 predicts token 2
     logits = np.zeros((1, n_ctx, 4), dtype=np.float32)
     logits[0, 1] = [0.0, -1.0, -20.0, 2.0]
-    path = write(tmp_path, "hand.kld", [7, 1, 3], logits, n_ctx)
+    path = write(tmp_path, "hand.kld", [2, 1, 3], logits, n_ctx)
     f = llamacpp.read_logits_file(path)
     row = f._rows[0, 0]
     scale, min_log_prob = row[:4].copy().view(np.float32)
@@ -145,8 +145,9 @@ def test_round_trip(n_ctx, n_vocab, n_chunk, spread, seed):
         above = x > hi - 16
         err = np.abs(decoded - exact)
         assert np.all(err[above] <= np.broadcast_to(scale, x.shape)[above] / 2 + 2e-5)
-        # everything under the floor decodes to the floor, which is <= -16
-        assert np.all(decoded[~above] <= -16)
+        # everything under the floor decodes to the floor, which is <= -16 up to float32 rounding
+        # of the row parameters (a value a hair below hi - 16 in float64 may sit on it in float32)
+        assert np.all(decoded[~above] <= -16 + 2e-5)
         floor = decoded.min(axis=-1, keepdims=True)
         assert np.all(np.broadcast_to(floor, x.shape)[~above] == decoded[~above])
         tlp = f.target_log_probs()
