@@ -22,7 +22,8 @@ Protocols (``protocol=``):
     max_length`` it never scores the first token of each window.
 ``"llama.cpp"``
     ``llama-perplexity``: non-overlapping chunks of ``n_ctx = max_length`` tokens (default 512;
-    the tail is dropped), the first token of each chunk replaced by BOS, only the second half
+    the tail is dropped), the first token of each chunk replaced by BOS (if the vocabulary
+    adds one: the tokenizer decides, else ``model.config``), only the second half
     scored (positions ``n_ctx/2 .. n_ctx-2`` predicting ``n_ctx/2+1 .. n_ctx-1``); needs at least
     ``2*n_ctx`` tokens.
 ``"gptq"``
@@ -63,8 +64,8 @@ __all__ = [
 PROTOCOLS = ("sliding", "hf", "llama.cpp", "gptq", "seed001")
 _DEFAULT_LENGTH = {"sliding": 1024, "hf": 1024, "llama.cpp": 512, "gptq": 2048, "seed001": 1024}
 
-# Elements of a (rows x vocab) float32 temporary per row chunk (64 MiB): bounds the memory
-# of the log-softmax / KL step independently of the window length and the vocabulary.
+# Elements of a (rows x vocab) temporary per row chunk (64 MiB in float32, 128 MiB in float64):
+# bounds the memory of the log-softmax / KL step independently of the window length and the vocabulary.
 _ROW_BUDGET = 1 << 24
 
 #: The Protocol of the most recent :func:`token_log_probs` / :func:`score` call (convenience
@@ -301,7 +302,9 @@ def _run_windows(models, ids, windows, *, batch_size, device, progress, desc, on
     t0 = time.perf_counter()
     done = 0
     try:
-        with torch.inference_mode():
+        # no_grad, not inference_mode: tensor-subclass quantizers (optimum-quanto, torchao) set
+        # version counters in their forward, which inference tensors refuse
+        with torch.no_grad():
             for i0 in range(0, len(windows), batch_size):
                 batch = windows[i0:i0 + batch_size]
                 T = max(w.end - w.start for w in batch)
@@ -329,7 +332,11 @@ def _run_windows(models, ids, windows, *, batch_size, device, progress, desc, on
                     for r0 in range(w.a, w.b, rows):
                         r1 = min(r0 + rows, w.b)
                         chunks = [lg[j, r0 - w.start - f:r1 - w.start - f] for lg, f in outs]
-                        on_rows(i0 + j, r0, r1, chunks, ids[r0 + 1:r1 + 1])
+                        try:
+                            on_rows(i0 + j, r0, r1, chunks, ids[r0 + 1:r1 + 1])
+                        except ValueError as e:  # the kernels count rows from r0: say where that is
+                            raise ValueError(f"{e} (row k of this chunk predicts input_ids[{r0 + 1} + k], "
+                                             f"window {i0 + j} = input_ids[{w.start}:{w.end}])") from e
                         del chunks
                 del outs, x, mask  # drop this batch's logits before the next forward
                 done += sum(w.end - w.start for w in batch)
@@ -344,18 +351,33 @@ def _run_windows(models, ids, windows, *, batch_size, device, progress, desc, on
 
 
 def _log_probs_rows(logits_rows, targets):
-    """float32 log_softmax at the targets, computed on the logits' device; float64 numpy out."""
+    """log_softmax(logits_rows)[row, target] as float64 numpy: the one computation of per-token
+    log-probs behind every entry point (score, token_log_probs, evaluate_perplexity,
+    compare_models, quantization_report), so that they agree bit for bit on the same logits.
+    CPU logits go through the C kernel (``ppldelta.token_log_probs``, float64 accumulation);
+    logits on an accelerator are upcast to float64 there (MPS, which has no float64, copies the
+    row chunk to the CPU kernel)."""
+    import ppldelta
+
+    if logits_rows.device.type in ("cpu", "mps"):
+        return ppldelta.token_log_probs(logits_rows, targets)
+    return _log_probs_rows_torch(logits_rows, targets)
+
+
+def _log_probs_rows_torch(logits_rows, targets):
+    """The accelerator branch of :func:`_log_probs_rows`: float64 log-softmax where the logits are."""
     torch = _torch()
-    t = targets.to(logits_rows.device)
-    lp = torch.log_softmax(logits_rows.float(), dim=-1).gather(-1, t[:, None]).squeeze(-1)
-    return lp.to("cpu", torch.float64).numpy()
+    t = torch.as_tensor(targets).to(logits_rows.device, torch.long)[:, None]
+    lp = torch.log_softmax(logits_rows.double(), dim=-1).gather(-1, t).squeeze(-1)
+    return lp.cpu().numpy()
 
 
-def _kl_stats_torch(logits_o, logits_q, targets=None):
+def _kl_stats_torch(logits_o, logits_q):
     """Torch version of ``ppldelta.kl_divergence`` (used for logits that are not on the CPU):
     per row KL(P_o || P_q) (nats, clamped at 0), same_top1, top1_in_top5/10 (the original's
-    argmax among the quantized model's 5/10 largest logits, ties not counted against it),
-    quantized_top1_in_original_top5/10 (the other way round) and, with targets, both log-probs.  float32 on the logits' device, in row chunks; numpy out."""
+    argmax among the quantized model's 5/10 largest logits, ties not counted against it) and
+    quantized_top1_in_original_top5/10 (the other way round).  float32 on the logits' device,
+    in row chunks; numpy out.  (Log-probs: :func:`_log_probs_rows`, their one home.)"""
     torch = _torch()
     lead = tuple(logits_o.shape[:-1])
     V = logits_o.shape[-1]
@@ -363,15 +385,12 @@ def _kl_stats_torch(logits_o, logits_q, targets=None):
         raise ValueError(f"shape mismatch: {tuple(logits_o.shape)} vs {tuple(logits_q.shape)}")
     lo_all = logits_o.reshape(-1, V)
     lq_all = logits_q.reshape(-1, V)
-    t_all = None if targets is None else torch.as_tensor(targets).reshape(-1).to(lo_all.device, torch.long)
     n = lo_all.shape[0]
     keys = ["kld", "same_top1", "top1_in_top5", "top1_in_top10",
             "quantized_top1_in_original_top5", "quantized_top1_in_original_top10"]
-    if t_all is not None:
-        keys += ["original_log_probs", "quantized_log_probs"]
     parts = {k: [] for k in keys}
     rows = max(1, _ROW_BUDGET // max(1, V))
-    with torch.inference_mode():
+    with torch.no_grad():
         for r0 in range(0, n, rows):
             a = lo_all[r0:r0 + rows].float()
             b = lq_all[r0:r0 + rows].to(a.device).float()
@@ -389,28 +408,39 @@ def _kl_stats_torch(logits_o, logits_q, targets=None):
             parts["top1_in_top10"].append((rank < 10).cpu())
             parts["quantized_top1_in_original_top5"].append((rank_a < 5).cpu())
             parts["quantized_top1_in_original_top10"].append((rank_a < 10).cpu())
-            if t_all is not None:
-                t = t_all[r0:r0 + rows, None]
-                parts["original_log_probs"].append(la.gather(-1, t).squeeze(-1).to("cpu", torch.float64))
-                parts["quantized_log_probs"].append(lb.gather(-1, t).squeeze(-1).to("cpu", torch.float64))
             del a, b, la, lb
     out = {}
     for k, v in parts.items():
-        arr = torch.cat(v).numpy() if v else np.zeros(0, dtype=bool if k in keys[1:6] else np.float64)
+        arr = torch.cat(v).numpy() if v else np.zeros(0, dtype=bool if k != "kld" else np.float64)
         out[k] = arr.reshape(lead)
     return out
 
 
-def _kl_stats(lo, lq, targets):
-    """Per-row statistics of two logit chunks: the C kernels for CPU tensors, torch otherwise."""
+def _kl_stats(lo, lq):
+    """Per-row KL and top-k agreement of two logit chunks: the C kernels for CPU tensors, torch
+    otherwise (log-probs come from :func:`_log_probs_rows`)."""
     import ppldelta
 
-    if lo.device.type == "cpu" and lq.device.type == "cpu" and hasattr(ppldelta, "kl_divergence"):
-        return ppldelta.kl_divergence(lo, lq, targets=targets)
-    return _kl_stats_torch(lo, lq, targets)
+    if lo.device.type == "cpu" and lq.device.type == "cpu":
+        return ppldelta.kl_divergence(lo, lq)
+    return _kl_stats_torch(lo, lq)
 
 
-def _resolve(protocol, max_length, stride, bos_token_id, model):
+def _tokenizer_bos(tok):
+    """What llama.cpp's add-BOS flag of the vocabulary says: the id the tokenizer puts in front
+    of a text, False if it adds none, None if it cannot tell (then the model config decides)."""
+    bos = getattr(tok, "bos_token_id", None)
+    try:
+        ids, _ = _encode(tok, "", True)
+    except (TypeError, ValueError, AttributeError, NotImplementedError, KeyError):
+        flag = getattr(tok, "add_bos_token", None)
+        if flag is False:
+            return False
+        return int(bos) if flag is True and bos is not None else None
+    return int(bos) if bos is not None and ids.size and int(ids[0]) == int(bos) else False
+
+
+def _resolve(protocol, max_length, stride, bos_token_id, model, tokenizer=None):
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     L = _DEFAULT_LENGTH[protocol] if max_length is None else int(max_length)
@@ -420,23 +450,25 @@ def _resolve(protocol, max_length, stride, bos_token_id, model):
         S = None
         if stride is not None and int(stride) != L:
             raise ValueError(f"the {protocol} protocol uses non-overlapping windows: leave stride unset")
-    bos = None
+    bos = bos_from = None
     if protocol == "llama.cpp":
-        bos = bos_token_id
+        bos, bos_from = bos_token_id, "bos_token_id"
         if bos is True or (bos is not False and bos is not None and not isinstance(bos, (int, np.integer))):
             raise TypeError(f"bos_token_id must be an int, None or False, got {bos!r}")
+        if bos is None and tokenizer is not None:
+            bos, bos_from = _tokenizer_bos(_load_tokenizer(tokenizer, model)), "tokenizer"
         if bos is None:
-            bos = getattr(getattr(model, "config", None), "bos_token_id", None)
+            bos, bos_from = getattr(getattr(model, "config", None), "bos_token_id", None), "model.config"
             if isinstance(bos, (list, tuple)):
                 bos = bos[0] if bos else None
-    return L, S, bos
+    return L, S, bos, bos_from
 
 
 def _bos_field(bos):
     return None if bos is None or bos is False else int(bos)
 
 
-def _notes_for(protocol, windows, L, S, ids_np):
+def _notes_for(protocol, windows, L, S, ids_np, bos_from=None):
     notes = {"n_windows": len(windows), "tokens_sha256": _ids_sha256(ids_np)}
     if protocol == "sliding":
         notes["min_context"] = L - S + 1
@@ -452,6 +484,7 @@ def _notes_for(protocol, windows, L, S, ids_np):
         notes["dropped_tail"] = None
         notes["rule"] = "llama-perplexity: chunks of n_ctx, BOS at chunk start, second half scored"
         notes["bos_replaced"] = bool(windows) and windows[0].bos is not None
+        notes["bos_from"] = bos_from
     elif protocol == "gptq":
         notes["nsamples"] = len(windows)
         notes["dropped_tail"] = None
@@ -465,7 +498,7 @@ def _notes_for(protocol, windows, L, S, ids_np):
 
 # ---------------------------------------------------------------------------- scoring
 def score(model, input_ids, *, max_length=None, stride=None, batch_size=1, protocol="sliding",
-          bos_token_id=None, progress=True, device=None):
+          bos_token_id=None, progress=True, device=None, tokenizer=None):
     """Per-token log-probs of a causal LM over one token sequence, and how they were produced.
 
     ``model``: any ``transformers`` causal LM (plain or quantized) or a module whose forward takes
@@ -475,15 +508,22 @@ def score(model, input_ids, *, max_length=None, stride=None, batch_size=1, proto
     ``batch_size``: windows per forward (padded with an attention mask where lengths differ).
     ``device``: where the input ids go (default: the model's device; the model is not moved).
 
-    Log-softmax and gather run on the model's device in float32 per row chunk; only the
-    ``(n_scored,)`` log-probs come back (float64 numpy).  Returns ``(log_probs, Protocol)``;
-    log-probs are in target order.  For ``protocol="seed001"`` the values are per-window mean
-    log-probs (see :func:`seed001_perplexity`), not per-token ones.
+    ``bos_token_id`` (``"llama.cpp"`` only): the id written over each chunk's first token, or
+    False for none; by default the vocabulary decides, as in llama.cpp: ``tokenizer`` (an object
+    or a name) adds a BOS -> its ``bos_token_id``, adds none -> False; without a tokenizer,
+    ``model.config.bos_token_id``.
+
+    Log-probs are float64-accurate and computed the same way by every entry point: the C kernel
+    (``ppldelta.token_log_probs``) on CPU logits, a float64 log-softmax on the model's device
+    otherwise, per row chunk; only the ``(n_scored,)`` log-probs come back (float64 numpy).
+    Returns ``(log_probs, Protocol)``; log-probs are in target order.  For
+    ``protocol="seed001"`` the values are per-window mean log-probs (see
+    :func:`seed001_perplexity`), not per-token ones.
     """
     global last_protocol
     ids = _as_ids(input_ids)
     n = int(ids.numel())
-    L, S, bos = _resolve(protocol, max_length, stride, bos_token_id, model)
+    L, S, bos, bos_from = _resolve(protocol, max_length, stride, bos_token_id, model, tokenizer)
     windows = _plan(protocol, n, L, S, bos)
     per_window = protocol == "seed001"
     offs = np.zeros(len(windows) + 1, dtype=np.int64)
@@ -496,7 +536,7 @@ def score(model, input_ids, *, max_length=None, stride=None, batch_size=1, proto
 
     _run_windows([model], ids, windows, batch_size=batch_size, device=device, progress=progress,
                  desc=f"log-probs ({protocol})", on_rows=on_rows)
-    notes = _notes_for(protocol, windows, L, S, ids.numpy())
+    notes = _notes_for(protocol, windows, L, S, ids.numpy(), bos_from)
     notes["batch_size"] = int(batch_size)
     if "dropped_tail" in notes:
         notes["dropped_tail"] = n - len(windows) * L
@@ -520,11 +560,12 @@ def score(model, input_ids, *, max_length=None, stride=None, batch_size=1, proto
 
 
 def token_log_probs(model, input_ids, *, max_length=None, stride=None, batch_size=1,
-                    protocol="sliding", bos_token_id=None, progress=True, device=None):
+                    protocol="sliding", bos_token_id=None, progress=True, device=None, tokenizer=None):
     """Per-token log-probs (float64 numpy) of ``model`` over ``input_ids``; see :func:`score`
     (same arguments; the Protocol of the call is kept in ``ppldelta.hf.last_protocol``)."""
     lp, _ = score(model, input_ids, max_length=max_length, stride=stride, batch_size=batch_size,
-                  protocol=protocol, bos_token_id=bos_token_id, progress=progress, device=device)
+                  protocol=protocol, bos_token_id=bos_token_id, progress=progress, device=device,
+                  tokenizer=tokenizer)
     return lp
 
 
@@ -568,6 +609,9 @@ def hf_recipe_perplexity(model, input_ids, max_length=1024, stride=512, *, progr
 
 
 # ---------------------------------------------------------------------------- texts
+_MAX_PATH = 4096  # PATH_MAX on Linux: a longer string is text, not a path
+
+
 def _load_texts(texts):
     """(list of strings, source description, whether to join)."""
     if texts is None:
@@ -578,10 +622,13 @@ def _load_texts(texts):
                               "not installed: pass texts= (a list of strings or a file)") from e
         data = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
         return list(data["text"]), "datasets:wikitext/wikitext-2-raw-v1/test", True
+    if isinstance(texts, str) and ("\n" in texts or "\r" in texts or len(texts) > _MAX_PATH):
+        return [texts], "string", False  # no path has a line break or is that long: the text itself
     if isinstance(texts, (str, os.PathLike)):
         path = os.fspath(texts)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path!r} is not a file (to score a literal string, pass [text])")
+            shown = repr(path) if len(path) <= 80 else f"{path[:60]!r}... ({len(path)} characters)"
+            raise FileNotFoundError(f"texts={shown} is not a file (to score a literal string, pass [text])")
         with open(path, encoding="utf-8") as f:
             return [f.read()], f"file:{os.path.abspath(path)}", False
     if hasattr(texts, "column_names"):  # datasets.Dataset
@@ -753,13 +800,16 @@ def evaluate_perplexity(model_name_or_path, quant_path=None, *, texts=None, toke
     device_map="auto" if CUDA else None)`` (float16 on GPU, float32 on CPU by default).
     ``texts``: a list of strings (joined with ``join``, WikiText-style), a path to a text file
     (used verbatim), a ``datasets`` split with a "text" column, or None for WikiText-2 raw test
-    (needs ``datasets``).  The joined text is tokenized once; ``add_special_tokens`` defaults to
-    what the protocol's tool does (False for sliding; True for hf, gptq, llama.cpp, whose tools
-    call the tokenizer with its defaults).  The tokenizer's name and a SHA-256 of the token ids go
-    into ``result.protocol.notes``: a different tokenizer version gives different ids, hence
-    different numbers, and the hash tells the runs apart.
+    (needs ``datasets``).  A string with a line break or longer than 4096 characters is the text
+    itself (used verbatim), not a path.  The joined text is tokenized once;
+    ``add_special_tokens`` defaults to what the protocol's tool does (False for sliding; True for
+    hf, gptq, llama.cpp, whose tools call the tokenizer with its defaults).  The tokenizer's name
+    and a SHA-256 of the token ids go into ``result.protocol.notes``: a different tokenizer
+    version gives different ids, hence different numbers, and the hash tells the runs apart.
     ``max_length`` / ``stride`` default to the protocol's (sliding: 1024 / 512; llama.cpp: n_ctx
-    512; gptq: seqlen 2048; the chunked protocols take no stride).
+    512; gptq: seqlen 2048; the chunked protocols take no stride).  ``bos_token_id``
+    (llama.cpp): by default BOS is written over each chunk's first token only if the tokenizer
+    adds one, as llama.cpp does (see :func:`score`).
     """
     model = model_name_or_path
     if quant_path is not None or not _is_model(model):
@@ -767,11 +817,9 @@ def evaluate_perplexity(model_name_or_path, quant_path=None, *, texts=None, toke
     tok = _load_tokenizer(tokenizer, model_name_or_path)
     special = _SPECIAL_DEFAULT.get(protocol, False) if add_special_tokens is None else bool(add_special_tokens)
     ids, _, tnotes = _tokenize(texts, tok, join, special)
-    if protocol == "llama.cpp" and bos_token_id is None:
-        cfg_bos = getattr(getattr(model, "config", None), "bos_token_id", None)
-        bos_token_id = cfg_bos if cfg_bos is not None else getattr(tok, "bos_token_id", None)
     lp, proto = score(model, ids, max_length=max_length, stride=stride, batch_size=batch_size,
-                      protocol=protocol, bos_token_id=bos_token_id, progress=progress, device=device)
+                      protocol=protocol, bos_token_id=bos_token_id, progress=progress, device=device,
+                      tokenizer=tok)
     proto.notes.update(tnotes)
     proto.notes["model"] = str(quant_path if quant_path is not None else _model_name(model))
     proto.notes["dtype"] = str(getattr(model, "dtype", None))
@@ -787,16 +835,17 @@ def evaluate_perplexity(model_name_or_path, quant_path=None, *, texts=None, toke
 # ---------------------------------------------------------------------------- comparisons
 def compare_models(original, quantized, input_ids, *, groups=None, max_length=None, stride=None,
                    protocol="sliding", batch_size=1, progress=True, bos_token_id=None, device=None,
-                   **analyze_kwargs):
+                   tokenizer=None, **analyze_kwargs):
     """Run ``original`` and ``quantized`` in lock step over the same windows of ``input_ids`` and
     analyse them with :func:`ppldelta.analyze` (KL divergence, top-token agreement, perplexity
     delta with a block-bootstrap interval, per-group results).
 
-    For every scored token: both log-probs, KL(P_orig || P_quant), same_top1, top1_in_top5/10,
-    computed from each window's logits right away (C kernels on the CPU, torch on an
-    accelerator) in row chunks; no (tokens x vocab) array is ever kept.  ``groups``: one label
-    per input token (the label of the predicted token is used), or None.  ``max_length`` /
-    ``stride`` / ``protocol`` as for :func:`score` (not ``"seed001"``).
+    For every scored token: both log-probs (the same computation as :func:`score`, bit for bit),
+    KL(P_orig || P_quant), same_top1, top1_in_top5/10, computed from each window's logits right
+    away (C kernels on the CPU, torch on an accelerator) in row chunks; no (tokens x vocab) array
+    is ever kept.  ``groups``: one label per input token (the label of the predicted token is
+    used), or None.  ``max_length`` / ``stride`` / ``protocol`` / ``bos_token_id`` /
+    ``tokenizer`` as for :func:`score` (not ``"seed001"``).
     """
     import ppldelta
 
@@ -804,7 +853,7 @@ def compare_models(original, quantized, input_ids, *, groups=None, max_length=No
         raise ValueError("seed001 does not produce per-token values; use sliding, hf, llama.cpp or gptq")
     ids = _as_ids(input_ids)
     n = int(ids.numel())
-    L, S, bos = _resolve(protocol, max_length, stride, bos_token_id, original)
+    L, S, bos, bos_from = _resolve(protocol, max_length, stride, bos_token_id, original, tokenizer)
     windows = _plan(protocol, n, L, S, bos)
     offs = np.zeros(len(windows) + 1, dtype=np.int64)
     np.cumsum([w.b - w.a for w in windows], out=offs[1:])
@@ -817,14 +866,16 @@ def compare_models(original, quantized, input_ids, *, groups=None, max_length=No
         lo, lq = chunks
         if lo.shape[-1] != lq.shape[-1]:
             raise ValueError(f"vocabulary sizes differ: {lo.shape[-1]} vs {lq.shape[-1]}")
-        st = _kl_stats(lo, lq, targets)
+        st = _kl_stats(lo, lq)
+        st["original_log_probs"] = _log_probs_rows(lo, targets)
+        st["quantized_log_probs"] = _log_probs_rows(lq, targets)
         o = offs[k] + (r0 - windows[k].a)
         for key, arr in cols.items():
             arr[o:o + (r1 - r0)] = np.asarray(st[key])
 
     _run_windows([original, quantized], ids, windows, batch_size=batch_size, device=device,
                  progress=progress, desc=f"compare ({protocol})", on_rows=on_rows)
-    notes = _notes_for(protocol, windows, L, S, ids.numpy())
+    notes = _notes_for(protocol, windows, L, S, ids.numpy(), bos_from)
     notes["batch_size"] = int(batch_size)
     if "dropped_tail" in notes:
         notes["dropped_tail"] = n - len(windows) * L
@@ -915,7 +966,7 @@ def quantization_report(model, variants, texts, *, tokenizer=None, groups=None, 
     if groups is not None:
         groups = list(groups)
         if not joinable:
-            raise ValueError("groups needs texts as a list (one label per text), not a file")
+            raise ValueError("groups needs texts as a list (one label per text), not a file or a string")
         if len(groups) != len(texts_list):
             raise ValueError(f"groups has {len(groups)} labels for {len(texts_list)} texts")
     ids, text_idx, tnotes = _tokenize(texts if groups is None else texts_list, tok, join, False,

@@ -8,6 +8,8 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import ppldelta
@@ -507,12 +509,114 @@ def test_evaluate_perplexity_chunked_protocols(llama, tokenizer):
                                  progress=False)
     ids = tokenizer("\n\n".join(texts))["input_ids"]  # the tool tokenizes with special tokens
     assert res.protocol.notes["add_special_tokens"] is True
-    assert res.protocol.bos == 1
+    # this tokenizer adds no BOS, so llama.cpp keeps each chunk's first token (config's BOS unused)
+    assert res.protocol.bos is None and res.protocol.notes["bos_from"] == "tokenizer"
     np.testing.assert_array_equal(res.log_probs, hf.token_log_probs(llama, ids, max_length=32, protocol="llama.cpp",
-                                                                    progress=False))
+                                                                    bos_token_id=False, progress=False))
     res_g = hf.evaluate_perplexity(llama, texts=texts, tokenizer=tokenizer, max_length=32, protocol="gptq",
                                    progress=False)
     assert res_g.protocol.n_scored == (len(ids) // 32) * 31
+
+
+def _wordlevel(add_bos):
+    """A local tokenizer whose BOS "<s>" has id 2 (the tiny Llama's config says 1); with
+    add_bos it puts "<s>" in front of every text, like Llama's, else it adds nothing."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "<s>"]))
+    if add_bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>")
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_llama_cpp_bos_follows_the_tokenizer(llama, add_bos, monkeypatch):
+    # llama-perplexity writes BOS over each chunk's first token only if the vocabulary adds one,
+    # and then the vocabulary's BOS, whatever model.config.bos_token_id says
+    tok = _wordlevel(add_bos)
+    assert tok.bos_token_id == 2 and llama.config.bos_token_id == 1
+    texts = SENTENCES * 4
+    ids = torch.tensor(tok("\n\n".join(texts))["input_ids"])
+    assert (int(ids[0]) == 2) == add_bos
+    n_ctx = 32
+    ref = []
+    with torch.inference_mode():
+        for c in range(len(ids) // n_ctx):
+            chunk = ids[c * n_ctx:(c + 1) * n_ctx].clone()
+            if add_bos:
+                chunk[0] = 2
+            rows = torch.log_softmax(llama(chunk[None]).logits[0].double(), -1)
+            ref += [float(rows[j, chunk[j + 1]]) for j in range(n_ctx // 2, n_ctx - 1)]
+    expect = 2 if add_bos else None
+    res = hf.evaluate_perplexity(llama, texts=texts, tokenizer=tok, max_length=n_ctx, protocol="llama.cpp",
+                                 progress=False)
+    lp, proto = hf.score(llama, ids, max_length=n_ctx, protocol="llama.cpp", tokenizer=tok, progress=False)
+    seen = _capture_analyze(monkeypatch)
+    rep = hf.compare_models(llama, llama, ids, max_length=n_ctx, protocol="llama.cpp", tokenizer=tok,
+                            progress=False, n_bootstrap=20)
+    for p in (res.protocol, proto):
+        assert p.bos == expect and p.notes["bos_replaced"] is add_bos and p.notes["bos_from"] == "tokenizer"
+    assert rep["protocol"]["bos"] == expect
+    for got in (res.log_probs, lp, seen["lo"]):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    # an explicit bos_token_id still wins; without a tokenizer, model.config decides
+    assert hf.score(llama, ids, max_length=n_ctx, protocol="llama.cpp", tokenizer=tok, bos_token_id=5,
+                    progress=False)[1].bos == 5
+    _, p_cfg = hf.score(llama, ids, max_length=n_ctx, protocol="llama.cpp", progress=False)
+    assert p_cfg.bos == 1 and p_cfg.notes["bos_from"] == "model.config"
+
+
+def test_tokenizer_bos_probe():
+    class Flagged:  # no usable encode: the add_bos_token flag decides
+        bos_token_id = 7
+
+        def __init__(self, flag):
+            self.add_bos_token = flag
+
+        def encode(self, text, add_special_tokens=True):
+            raise NotImplementedError
+
+    assert hf._tokenizer_bos(Flagged(True)) == 7 and hf._tokenizer_bos(Flagged(False)) is False
+    assert hf._tokenizer_bos(Flagged(None)) is None
+    assert hf._tokenizer_bos(_wordlevel(True)) == 2 and hf._tokenizer_bos(_wordlevel(False)) is False
+
+
+def test_texts_string_is_text_when_it_cannot_be_a_path(gpt2, tokenizer, tmp_path):
+    text = "\n\n".join(SENTENCES * 3)
+    res = hf.evaluate_perplexity(gpt2, texts=text, tokenizer=tokenizer, max_length=32, stride=16, progress=False)
+    ref = hf.evaluate_perplexity(gpt2, texts=[text], tokenizer=tokenizer, max_length=32, stride=16, progress=False)
+    np.testing.assert_array_equal(res.log_probs, ref.log_probs)
+    assert res.protocol.notes["text_source"] == "string"
+    one_line = " ".join(SENTENCES * 20)  # no line break, but longer than any path
+    assert len(one_line) > 4096 and "\n" not in one_line
+    res = hf.evaluate_perplexity(gpt2, texts=one_line, tokenizer=tokenizer, max_length=32, stride=16,
+                                 progress=False)
+    assert res.protocol.n_tokens == len(tokenizer(one_line, add_special_tokens=False)["input_ids"])
+    # a short one-line string is a path: a missing file is an error that quotes at most ~80 chars
+    long_name = "x" * 300
+    with pytest.raises(FileNotFoundError, match="300 characters") as e:
+        hf.evaluate_perplexity(gpt2, texts=long_name, tokenizer=tokenizer, progress=False)
+    assert len(str(e.value)) < 200 and long_name not in str(e.value)
+    with pytest.raises(FileNotFoundError, match="pass \\[text\\]"):
+        hf.evaluate_perplexity(gpt2, texts="the cat sat on the mat", tokenizer=tokenizer, progress=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=300))
+def test_load_texts_string_rule(s):
+    if "\n" in s or "\r" in s:
+        assert hf._load_texts(s) == ([s], "string", False)
+        return
+    try:
+        out = hf._load_texts(s)
+    except (FileNotFoundError, ValueError, OSError) as e:  # ValueError: NUL in a path
+        assert len(str(e)) < len(repr(s[:80])) + 120  # at most 80 characters of it quoted
+        assert len(s) <= 80 or s not in str(e)
+    else:  # an existing file (".", a directory, is not one)
+        assert out[1].startswith("file:")
 
 
 # ---------------------------------------------------------------------------- compare_models
@@ -592,18 +696,46 @@ def test_compare_perturbed_matches_full_logit_bruteforce(tiny, monkeypatch, batc
                                atol=1e-5, rtol=0)
 
 
-def test_compare_other_protocols(gpt2):
+def test_compare_other_protocols(gpt2, monkeypatch):
     ids = _ids(128, V_GPT2)
     quant = _perturbed(gpt2)
+    seen = _capture_analyze(monkeypatch)
     for proto, kw in (("gptq", {}), ("llama.cpp", {"bos_token_id": 1}), ("hf", {"stride": 16})):
         rep = hf.compare_models(gpt2, quant, ids, max_length=32, protocol=proto, progress=False, n_bootstrap=50, **kw)
         lp_o = hf.token_log_probs(gpt2, ids, max_length=32, protocol=proto, progress=False, **kw)
         lp_q = hf.token_log_probs(quant, ids, max_length=32, protocol=proto, progress=False, **kw)
         assert rep["n_tokens"] == lp_o.size
         assert rep["protocol"]["name"] == proto
-        # C kernels (float64) vs torch float32 log-softmax: equal to float32 rounding
-        assert rep["ppl_ratio"]["value"] == pytest.approx(math.exp(np.mean(lp_o) - np.mean(lp_q)), rel=1e-6)
-        assert rep["ppl"]["original"]["value"] == pytest.approx(ppldelta.perplexity(lp_o), rel=1e-6)
+        # one log-prob computation behind both entry points: the same numbers, bit for bit
+        np.testing.assert_array_equal(seen["lo"], lp_o)
+        np.testing.assert_array_equal(seen["lq"], lp_q)
+        assert rep["ppl_ratio"]["value"] == pytest.approx(math.exp(np.mean(lp_o) - np.mean(lp_q)), rel=1e-12)
+        assert rep["ppl"]["original"]["value"] == pytest.approx(ppldelta.perplexity(lp_o), rel=1e-12)
+
+
+def test_every_entry_point_gives_the_same_float64_log_probs(llama, tokenizer, monkeypatch):
+    # evaluate_perplexity, score, token_log_probs and compare_models compute the log-probs the
+    # same way (bit for bit), float64-accurate: a float32 log-softmax is off by up to ~1e-6
+    texts = SENTENCES * 4
+    ids = torch.tensor(tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+    quant = _perturbed(llama)
+    kw = {"max_length": 24, "stride": 10, "progress": False}
+    res = hf.evaluate_perplexity(llama, texts=texts, tokenizer=tokenizer, **kw)
+    lp_s, _ = hf.score(llama, ids, **kw)
+    lp_t = hf.token_log_probs(llama, ids, **kw)
+    lq_t = hf.token_log_probs(quant, ids, **kw)
+    seen = _capture_analyze(monkeypatch)
+    rep = hf.compare_models(llama, quant, ids, n_bootstrap=20, **kw)
+    for got in (lp_s, lp_t, seen["lo"]):
+        np.testing.assert_array_equal(got, res.log_probs)
+    np.testing.assert_array_equal(seen["lq"], lq_t)
+    assert rep["ppl"]["original"]["value"] == pytest.approx(res.perplexity, rel=1e-12)
+    # float64 log-softmax of every window's logits; the C kernel's float32 SIMD paths stay within
+    # ~1.3e-7 of it, a float32 log-softmax misses by more than 3.5e-7 on some of these 215 tokens
+    ref = _bruteforce_pairs(llama, quant, ids, 24, 10)
+    np.testing.assert_allclose(res.log_probs, ref["lo"], atol=2.5e-7, rtol=0)
+    np.testing.assert_allclose(seen["lq"], ref["lq"], atol=2.5e-7, rtol=0)
+    assert res.perplexity == pytest.approx(math.exp(-float(np.mean(ref["lo"]))), rel=1e-8)
 
 
 class _Recorder(torch.nn.Module):
@@ -678,7 +810,7 @@ def test_half_precision_logits_are_upcast(dtype):
     with torch.inference_mode():
         logits = m(ids[None]).logits[0, :-1]
     assert logits.dtype == dtype
-    ref = torch.log_softmax(logits.float(), -1).gather(-1, ids[1:, None])[:, 0].double().numpy()
+    ref = torch.log_softmax(logits.double(), -1).gather(-1, ids[1:, None])[:, 0].numpy()
     np.testing.assert_allclose(lp, ref, atol=1e-6, rtol=0)
     rep = hf.compare_models(m, m, ids, max_length=64, progress=False, n_bootstrap=20)
     assert rep["kld"]["max"] < 1e-6 and rep["same_top1"]["pct"] == 100.0
@@ -701,6 +833,22 @@ def test_model_without_logits_to_keep(gpt2):
                                atol=1e-6, rtol=0)
 
 
+def test_nan_logits_error_names_the_position():
+    class NaNAt13(torch.nn.Module):  # NaN logits where the input token is 13
+        def forward(self, input_ids=None, **kwargs):
+            class Out:
+                pass
+
+            out = Out()
+            out.logits = torch.zeros(tuple(input_ids.shape) + (16,))
+            out.logits[input_ids == 13] = float("nan")
+            return out
+
+    # windows [0:8] and [8:16]; token 13 is row 5 of the second one, which predicts input_ids[14]
+    with pytest.raises(ValueError, match=r"row 5 .*input_ids\[9 \+ k\].*input_ids\[8:16\]"):
+        hf.score(NaNAt13(), list(range(16)) + [0], max_length=8, stride=8, progress=False)
+
+
 def test_kl_stats_torch_matches_c_kernels():
     g = torch.Generator().manual_seed(3)
     a = torch.randn(37, 301, generator=g) * 3
@@ -709,16 +857,20 @@ def test_kl_stats_torch_matches_c_kernels():
     t = torch.randint(0, 301, (37,), generator=g)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         x, y = a.to(dt), b.to(dt)
-        mine = hf._kl_stats_torch(x, y, t)
+        mine = hf._kl_stats_torch(x, y)
         ref = ppldelta.kl_divergence(x, y, targets=t)
-        for k in ("kld", "original_log_probs", "quantized_log_probs"):
-            np.testing.assert_allclose(mine[k], ref[k], atol=2e-5, rtol=1e-5, err_msg=f"{k} {dt}")
+        np.testing.assert_allclose(mine["kld"], ref["kld"], atol=2e-5, rtol=1e-5, err_msg=f"kld {dt}")
+        # the accelerator branch of the log-probs: float64, equal to the C kernel's
+        oracle = torch.log_softmax(x.double(), -1).gather(-1, t[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(hf._log_probs_rows_torch(x, t), oracle, atol=1e-12, rtol=0)
+        np.testing.assert_allclose(hf._log_probs_rows(x, t), oracle, atol=1e-6, rtol=0)
         for k in ("same_top1", "top1_in_top5", "top1_in_top10", "quantized_top1_in_original_top5",
                   "quantized_top1_in_original_top10"):
             if k in ref:
                 np.testing.assert_array_equal(mine[k], ref[k], err_msg=f"{k} {dt}")
     out = hf._kl_stats_torch(a.view(37, 1, 301), b.view(37, 1, 301))
     assert out["kld"].shape == (37, 1) and "original_log_probs" not in out
+    assert hf._kl_stats_torch(a[:0], b[:0])["same_top1"].dtype == bool
 
 
 # ---------------------------------------------------------------------------- quantization_report
