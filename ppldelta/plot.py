@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .analysis import _as_f64
+from ._adapt import as_array
+from .analysis import _groups_apart
 from .bands import expected_band
 from .bands import formats as band_formats
 
-# seed 001's "Acceptable?" column -> band colour
-_ACCEPTABLE_COLOR = {"Yes": "#59a14f", "Usually": "#edc948", "Marginal": "#f28e2b", "Problematic": "#e15759"}
+# the quality word of a band's high end (the reference's 1/5/10 % thresholds) -> band colour
+_ACCEPTABLE_COLOR = {"excellent": "#59a14f", "good": "#edc948", "acceptable": "#f28e2b", "poor": "#e15759"}
+_ROW_PT = 11  # height of one label row, points (fontsize 8 plus its box)
 _LOG_TICKS = (0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 10, 20, 50, 100, 1e3, 1e4, 1e5)
 
 
@@ -50,23 +52,42 @@ def _axes_x(ax, x):
     return ax.transAxes.inverted().transform(ax.transData.transform((x, 0)))[0]
 
 
-def _mark(ax, x, label, color, style="-", level=0):
-    """A vertical marker line, its label (also the line's legend label) written beside it, one
-    step lower per ``level`` so that neighbouring labels never overlap."""
-    ax.axvline(x, color=color, linestyle=style, linewidth=1.4, label=label)
-    leftwards = _axes_x(ax, x) > 0.8  # near the right edge
-    ax.annotate(label, xy=(x, 0.97 - 0.075 * level), xycoords=("data", "axes fraction"),
-                xytext=(-3 if leftwards else 3, 0), textcoords="offset points",
-                ha="right" if leftwards else "left", va="top", fontsize=8, color=color,
-                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+def _f64(x, name):
+    return np.asarray(as_array(x, name), dtype=np.float64).reshape(-1)
+
+
+def _headroom(ax, rows, log=False):
+    """Raise the y limit so that the data stay below a band of ``rows`` label rows at the top of
+    the axes; returns the band's lower edge in axes fraction."""
+    height_pt = max(ax.bbox.height * 72 / ax.figure.dpi * 0.8, 60)  # layout shrinks the axes a little
+    top = 1 - min(0.5, (rows * _ROW_PT + 8) / height_pt)
+    lo, hi = ax.get_ylim()
+    if log:
+        lo, hi = np.log10(lo), np.log10(hi)
+    hi = lo + (hi - lo) / (top - 0.02)
+    ax.set_ylim(*((10 ** lo, 10 ** hi) if log else (lo, hi)))
+    return top
+
+
+def _marks(ax, marks, log=False):
+    """Vertical marker lines (each also a legend label) that stop below a band at the top of the
+    axes, where each label is written on a row of its own, in the line's colour: labels cannot
+    overlap each other, the bars or another line."""
+    top = _headroom(ax, len(marks), log)
+    for i, (x, label, color, style) in enumerate(marks):
+        ax.axvline(x, ymax=top, color=color, linestyle=style, linewidth=1.4, label=label)
+        leftwards = _axes_x(ax, x) > 0.5
+        ax.annotate(label, xy=(x, 1), xycoords=("data", "axes fraction"),
+                    xytext=(0, -4 - i * _ROW_PT), textcoords="offset points",
+                    ha="right" if leftwards else "left", va="top", fontsize=8, color=color)
 
 
 def delta_histogram(original_log_probs, quantized_log_probs, ax=None, bins=100):
     """Histogram of the per-token change in log-prob, quantized - original (log count axis, so the
     tails show), with the mean (= -ln PPL ratio) and the median marked.  Non-finite differences
     (a -inf log-prob) are left out of the histogram and counted in the title."""
-    lo = _as_f64(original_log_probs)
-    lq = _as_f64(quantized_log_probs)
+    lo = _f64(original_log_probs, "original_log_probs")
+    lq = _f64(quantized_log_probs, "quantized_log_probs")
     if lo.shape != lq.shape:
         raise ValueError(f"length mismatch: {lo.size} original log-probs, {lq.size} quantized")
     with np.errstate(invalid="ignore"):
@@ -77,8 +98,8 @@ def delta_histogram(original_log_probs, quantized_log_probs, ax=None, bins=100):
     ax = _new_axes(ax, (7, 4))
     ax.hist(d, bins=bins, color="#4e79a7", alpha=0.8, log=True)
     mean, median = float(d.mean()), float(np.median(d))
-    _mark(ax, mean, f"mean {mean:+.4f}", "#e15759")
-    _mark(ax, median, f"median {median:+.4f}", "black", "--", level=1)
+    _marks(ax, [(mean, f"mean {mean:+.4f}", "#e15759", "-"), (median, f"median {median:+.4f}", "black", "--")],
+           log=True)
     dropped = lo.size - d.size
     ax.set_title(f"Per-token log-prob change, {d.size:,} tokens"
                  + (f" ({dropped:,} non-finite left out)" if dropped else "")
@@ -92,7 +113,7 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
     """Histogram of per-token KL divergence on a log x axis, with the percentiles (linear
     interpolation, as in analyze()) marked and labelled.  Values at or below the smallest
     positive value shown (exact zeros, rounding) are counted in the first bin."""
-    k = _as_f64(kld)
+    k = _f64(kld, "kld")
     k = k[np.isfinite(k)]
     if k.size == 0:
         raise ValueError("no finite KL divergence values to plot")
@@ -103,9 +124,10 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
     ax = _new_axes(ax, (7, 4))
     ax.hist(np.clip(k, floor, None), bins=edges, color="#76b7b2", alpha=0.9)
     ax.set_xscale("log")
+    ax.set_xlim(edges[0], edges[-1])
     colors = ("#4e79a7", "#f28e2b", "#e15759", "#b07aa1", "#9c755f", "#59a14f")
-    for i, (p, v) in enumerate(zip(percentiles, np.percentile(k, percentiles))):
-        _mark(ax, max(float(v), floor), f"p{p:g} = {v:.3g}", colors[i % len(colors)], "--", level=i)
+    _marks(ax, [(max(float(v), floor), f"p{p:g} = {v:.3g}", colors[i % len(colors)], "--")
+                for i, (p, v) in enumerate(zip(percentiles, np.percentile(k, percentiles)))])
     ax.set_title(f"Per-token KL divergence, {k.size:,} tokens (mean {k.mean():.4g} nats)")
     ax.set_xlabel("KL(P_original ‖ P_quantized) per token, nats (log scale)")
     ax.set_ylabel("tokens")
@@ -115,7 +137,9 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
 def group_deltas(report, ax=None):
     """Bars of each group's relative perplexity delta (the reference dict's
     ``relative_delta_pct``, written under each bar) with its bootstrap confidence interval,
-    (ratio - 1) * 100, as error bars; the group that suffers most is highlighted."""
+    (ratio - 1) * 100, as error bars.  The group that suffers most is highlighted (red, and said
+    so in the legend and under its bar) only when its CI lies above every other group's; the
+    legend sits in headroom above the bars."""
     d = _as_dict(report)
     groups = d.get("groups")
     if not groups:
@@ -123,18 +147,28 @@ def group_deltas(report, ax=None):
     names = list(groups)
     rel = [groups[g]["reference"]["relative_delta_pct"] for g in names]
     cis = [[None if c is None else (c - 1) * 100 for c in groups[g]["ppl_ratio"]["ci"]] for g in names]
-    worst = d.get("suffers_most")
+    apart = d.get("suffers_most_significant", _groups_apart(d))
+    worst = d.get("suffers_most") if apart else None
     x = np.arange(len(names))
     ax = _new_axes(ax, (2 + 1.3 * len(names), 4))
-    ax.bar(x, rel, width=0.6, color=["#e15759" if g == worst else "#4e79a7" for g in names], alpha=0.85,
-           label="relative PPL delta")
+    ax.bar(x, rel, width=0.6, color="#4e79a7", alpha=0.85, label="relative PPL delta")
+    if worst is not None:
+        ax.patches[names.index(worst)].set_facecolor("#e15759")
+        ax.bar([np.nan], [np.nan], color="#e15759", alpha=0.85, label="suffers most: its CI lies above the others'")
     _ci_errorbar(ax, x, cis, color="black", label=f"{d.get('confidence', 0.95):.0%} CI (block bootstrap)")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, [f"{g}\n{v:+.2f} %\n{groups[g]['n_tokens']:,} tokens"
                       + ("\nsuffers most" if g == worst else "") for g, v in zip(names, rel)])
     ax.set_ylabel("relative perplexity delta, %")
-    ax.set_title(f"Perplexity delta per group (overall {d['reference']['relative_delta_pct']:+.2f} %)")
-    ax.legend(loc="best", fontsize=8)
+    ax.set_title(f"Perplexity delta per group (overall {d['reference']['relative_delta_pct']:+.2f} %)"
+                 + ("" if apart or apart is None else "\nno group differs significantly (CIs overlap)"),
+                 fontsize=10)
+    ends = [v for v in rel + [c for ci in cis for c in ci if c is not None] if np.isfinite(v)]
+    lo, hi = min(ends + [0.0]), max(ends + [0.0])
+    pad = (hi - lo) * 0.05 or 1.0
+    ax.set_ylim(lo - pad if lo < 0 else 0, hi + pad)
+    _headroom(ax, 3 if worst is not None else 2)
+    ax.legend(loc="upper left", fontsize=8)
     return ax
 
 
@@ -150,8 +184,8 @@ def _measured(value, fmt):
 
 
 def expected_bands(reports_or_ratios, formats=None, ax=None, xmax=3.0):
-    """Seed 001's table as one shaded band per format (FP16 ... GGUF Q2_K, coloured by its
-    "Acceptable?" column; the open-ended Q2_K band hatched beyond 1.30) and each variant's
+    """The published bands (ppldelta.expected_band) as one shaded band per format, coloured by
+    the quality word of the band's high end, and each variant's
     measured PPL ratio with its confidence interval, on the row of its format (``formats``:
     name -> format; a Report made with ``expected=`` brings its own) or on a row of its own.
 
@@ -200,7 +234,7 @@ def expected_bands(reports_or_ratios, formats=None, ax=None, xmax=3.0):
     lows, widths = np.where(thin, lows / sliver, lows), np.where(thin, lows * (sliver - 1 / sliver), widths)
     colors = [_ACCEPTABLE_COLOR.get(b.acceptable, "0.7") for b in bands]
     ax.barh(np.arange(len(bands)), widths, left=lows, height=0.7, alpha=0.5, color=colors,
-            label="expected band (seed 001)")
+            label="expected band (published)")
     for i, b in enumerate(bands):
         if b.open_ended and right > b.high:  # "1.30+": anything above the low end is typical
             ax.barh(i, right - b.high, left=b.high, height=0.7, alpha=0.12, hatch="//", color=colors[i],
@@ -233,8 +267,8 @@ def expected_bands(reports_or_ratios, formats=None, ax=None, xmax=3.0):
         ax.annotate(f"{name}: {ratio:,.{2 if ratio < 100 else 0}f}× →", (right, y), xytext=(-8, 0),
                     textcoords="offset points", ha="right", va="center", fontsize=8, color="#e15759")
 
-    labels = [f"{b.format} {b.bits}-bit  {b.low:.2f}" + (f"–{b.high:.2f}" if b.high != b.low else "")
-              + ("+" if b.open_ended else "") + f"  ({b.acceptable})" for b in bands]
+    labels = [f"{b.format}  {b.low:.3f}" + (f"–{b.high:.3f}" if b.high != b.low else "")
+              + ("+" if b.open_ended else "") for b in bands]
     ax.set_yticks(np.arange(n_rows), labels + extra)
     ax.set_xlabel("PPL(quantized) / PPL(original)" + (" (log scale)" if log else ""))
     ax.set_title("Measured perplexity ratio vs the expected band of its format", loc="left")

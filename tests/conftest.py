@@ -17,3 +17,13 @@ def isa(request):
     _core._set_simd(request.param)
     yield request.param
     _core._set_simd(before)
+
+
+# Hypothesis: derandomized by default, so that a run of the suite (CI's included) explores the
+# same examples every time and a red run is reproducible; HYPOTHESIS_PROFILE=explore draws fresh
+# examples on every run (for local bug hunting).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("repeatable", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))

@@ -56,7 +56,7 @@ def _errorbar_spans(ax):
 
 
 def _band_container(ax):
-    (c,) = [c for c in ax.containers if c.get_label() == "expected band (seed 001)"]
+    (c,) = [c for c in ax.containers if c.get_label() == "expected band (published)"]
     return c
 
 
@@ -117,10 +117,13 @@ def test_group_deltas(tmp_path, report):
     ticks = [t.get_text() for t in ax.get_xticklabels()]
     for g, v, t in zip(names, rel, ticks):
         assert t.startswith(g) and f"{v:+.2f} %" in t
-    worst = names.index(d["suffers_most"])
-    assert "suffers most" in ticks[worst] and sum("suffers most" in t for t in ticks) == 1
     colors = [tuple(p.get_facecolor()) for p in bars[0].patches]
-    assert all(c != colors[worst] for i, c in enumerate(colors) if i != worst)
+    if d["suffers_most_significant"]:
+        worst = names.index(d["suffers_most"])
+        assert "suffers most" in ticks[worst] and sum("suffers most" in t for t in ticks) == 1
+        assert all(c != colors[worst] for i, c in enumerate(colors) if i != worst)
+    else:  # no group is singled out when the CIs overlap
+        assert not any("suffers most" in t for t in ticks) and len(set(colors)) == 1
     with pytest.raises(ValueError, match="no groups"):
         plot.group_deltas(ppldelta.analyze(*_pair(200)[:2], n_bootstrap=10))
 
@@ -133,7 +136,7 @@ def test_expected_bands(tmp_path, report):
     _save(ax, tmp_path, "bands")
     keys = formats()
     bands = _band_container(ax)
-    assert len(bands.patches) == len(keys) == 8
+    assert len(bands.patches) == len(keys)
     for patch, k in zip(bands.patches, keys):
         b = expected_band(k)
         if b.high > b.low:
@@ -142,18 +145,20 @@ def test_expected_bands(tmp_path, report):
             assert patch.get_x() < b.low < patch.get_x() + patch.get_width()
     # rows: the eight formats, then one per variant without a format
     ticks = [t.get_text() for t in ax.get_yticklabels()]
-    assert len(ticks) == 9 and ticks[-1] == "unlabelled"
-    assert ticks[3].startswith("GPTQ 4-bit  1.05–1.10") and ticks[7].endswith("1.15–1.30+  (Problematic)")
+    assert len(ticks) == len(keys) + 1 and ticks[-1] == "unlabelled"
+    b = expected_band("gptq-4")
+    assert ticks[keys.index("gptq-4")] == f"GPTQ  {b.low:.3f}–{b.high:.3f}"
     # points sit on the row of their format (report.expected for the report)
     pts = dict(zip(*[ln.get_data() for ln in ax.get_lines() if ln.get_label() == "measured PPL ratio"][0][::-1]))
     rows = {round(y): x for y, x in pts.items()}
     assert rows[keys.index("gptq-4")] == pytest.approx(report["ppl_ratio"]["value"])
-    assert rows[keys.index("gguf-q4_k_m")] == 1.07 and rows[keys.index("fp16")] == 1.01 and rows[8] == 1.5
+    n = len(keys)
+    assert rows[keys.index("gguf-q4_k_m")] == 1.07 and rows[keys.index("fp16")] == 1.01 and rows[n] == 1.5
     # error bars are the CIs; the one past xmax is at the edge, its value written
     spans = {round(y): (lo, hi) for y, lo, hi in _errorbar_spans(ax)}
     assert spans[keys.index("gptq-4")] == pytest.approx(tuple(report["ppl_ratio"]["ci"]))
     assert spans[keys.index("gguf-q4_k_m")] == pytest.approx((1.05, 1.09))
-    assert spans[8] == pytest.approx((1.4, 1.6))
+    assert spans[n] == pytest.approx((1.4, 1.6))
     assert keys.index("fp16") not in spans  # a bare ratio has no interval
     assert ax.get_xlim()[1] == 3.0 and ax.get_xscale() == "log"
     assert any(t.get_text() == "far off: 45,891× →" for t in ax.texts)
@@ -180,3 +185,80 @@ def test_draws_on_given_axes_without_pyplot_state(tmp_path, report):
     assert (tmp_path / "panel.png").read_bytes()[:8] == PNG_MAGIC
     plot.kld_distribution(kld)  # a standalone figure: pyplot knows nothing of it
     assert plt.get_fignums() == before
+
+
+# ------------------------------------------------------------------ geometry: nothing overlaps
+def _boxes(ax):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(ax.figure)
+    canvas.draw()  # the layout settles, then every extent is final
+    return canvas.get_renderer()
+
+
+def _hit(a, b):
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _labels_clear(ax, patches):
+    r = _boxes(ax)
+    texts = [t.get_window_extent(r) for t in ax.texts]
+    for i, a in enumerate(texts):
+        assert not any(_hit(a, b) for b in texts[i + 1:]), "labels overlap each other"
+        assert not any(_hit(a, p.get_window_extent(r)) for p in patches if p.get_height() > 0), "label on a bar"
+        assert not any(_hit(a, ln.get_window_extent(r)) for ln in ax.get_lines()), "label crosses a line"
+    fig_box = ax.figure.bbox
+    lo, hi = sorted(ax.get_xlim())
+    shown = [t for v, t in zip(ax.get_xticks(), ax.get_xticklabels()) if lo <= v <= hi]  # drawn ones
+    for t in shown:
+        if t.get_visible() and t.get_text():
+            e = t.get_window_extent(r)
+            assert fig_box.x0 <= e.x0 and e.x1 <= fig_box.x1 + 0.5, f"tick label {t.get_text()!r} clipped"
+
+
+@pytest.mark.parametrize("figsize", [(7, 4), (5, 3.2)])
+def test_marker_labels_never_overlap(figsize):
+    from matplotlib.figure import Figure
+
+    o, q, kld = _pair()
+    ax = Figure(figsize=figsize, layout="constrained").add_subplot()
+    plot.kld_distribution(kld, ax=ax, percentiles=(50, 90, 99, 99.9))
+    _labels_clear(ax, ax.patches)
+    ax = Figure(figsize=figsize, layout="constrained").add_subplot()
+    plot.delta_histogram(o, np.minimum(o + 0.001, 0), ax=ax)  # mean and median almost on one x
+    _labels_clear(ax, ax.patches)
+
+
+def _legend_clear(ax):
+    r = _boxes(ax)
+    leg = ax.get_legend().get_window_extent(r)
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)][0]
+    assert not any(_hit(leg, p.get_window_extent(r)) for p in bars.patches if np.isfinite(p.get_height()))
+    for c in ax.containers:
+        if isinstance(c, matplotlib.container.ErrorbarContainer):
+            for seg in c.lines[2][0].get_segments():
+                (x0, y0), (x1, y1) = ax.transData.transform(seg)
+                assert not (leg.x0 < x0 < leg.x1 and min(y0, y1) < leg.y1 and leg.y0 < max(y0, y1))
+
+
+def test_group_deltas_legend_clear_and_red_only_when_significant():
+    o, q, _ = _pair()
+    labels = np.repeat(["prose", "code"], 2000)
+    close = ppldelta.analyze(o, q, groups=np.tile(["prose", "code"], 2000), n_bootstrap=300)  # alike
+    q2 = q.copy()
+    q2[2000:] -= 0.3
+    far = ppldelta.analyze(o, q2, groups=labels, n_bootstrap=300)
+    for r in (close, far):
+        (a_lo, a_hi), (b_lo, b_hi) = (r["groups"][g]["ppl_ratio"]["ci"] for g in ("prose", "code"))
+        apart = a_lo > b_hi or b_lo > a_hi  # the oracle: the CIs do not overlap
+        ax = plot.group_deltas(r)
+        _legend_clear(ax)
+        bars = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)][0]
+        reds = [tuple(p.get_facecolor()[:3]) == matplotlib.colors.to_rgb("#e15759") for p in bars.patches]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        if apart:
+            assert reds == [False, True] and any("suffers most" in t for t in legend)
+        else:
+            assert not any(reds) and not any("suffers most" in t for t in legend)
+            assert "no group differs significantly" in ax.get_title()
+    assert far["suffers_most_significant"] and not close["suffers_most_significant"]
