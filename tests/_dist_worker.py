@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import torch.distributed as dist
 
 import ppldelta
 
@@ -17,6 +16,8 @@ def data(seed=0, n=6000):
 
 
 def worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     o, q, kld, labels = data()
     part = np.array_split(np.arange(o.size), world)[rank]

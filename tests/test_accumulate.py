@@ -4,9 +4,9 @@ import math
 
 import numpy as np
 import pytest
-import torch.multiprocessing as mp
 
 import ppldelta
+from _deps import needs_torch
 from ppldelta.accumulate import exact_sum
 from _dist_worker import data, worker
 
@@ -80,7 +80,10 @@ def test_errors_and_consistency():
         acc.merge(ppldelta.Accumulator(block_size=3))
 
 
+@needs_torch
 def test_distributed_all_reduce_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())

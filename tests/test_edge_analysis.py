@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ppldelta
+from _deps import needs_torch
 from oracle import fsum_delta
 from reliability.fuzz_core import DLPackOnly
 
@@ -277,6 +278,7 @@ def test_dlpack_only_logits_and_outcomes():
     assert ppldelta.paired_outcomes(DLPackOnly(co), co).n == 3
 
 
+@needs_torch
 def test_torch_float64_log_probs_keep_their_precision():
     import torch
 

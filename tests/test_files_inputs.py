@@ -10,13 +10,13 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ppldelta
 from ppldelta.cli import main
 from ppldelta.io import read_values
+from _deps import needs_torch, torch
 
 RNG = np.random.default_rng(3)
 O = -RNG.exponential(2.0, 300)
@@ -43,6 +43,7 @@ def one_error_line(err, name):
 # ------------------------------------------------------------------ .pt: float64 kept, no pickle
 
 
+@needs_torch
 def test_pt_float64_is_read_exactly(tmp_path, npy, capsys):
     x = O + 1e-12  # differences far below float32 resolution
     torch.save(torch.from_numpy(x), tmp_path / "x.pt")
@@ -68,6 +69,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@needs_torch
 @pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
 def test_malicious_pickle_in_pt_never_runs(tmp_path, npy, capsys, how):
     marker = tmp_path / "PWNED"
@@ -90,6 +92,7 @@ def test_malicious_pickle_in_pt_never_runs(tmp_path, npy, capsys, how):
 # ------------------------------------------------------------------ ambiguous multi-array files
 
 
+@needs_torch
 def test_multi_array_files_need_a_key(tmp_path, capsys):
     both = tmp_path / "both.npz"
     np.savez(both, original=O, quantized=Q)

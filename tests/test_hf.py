@@ -7,7 +7,8 @@ import weakref
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # ppldelta.hf needs torch; the core's tests run without it
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
