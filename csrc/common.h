@@ -109,6 +109,22 @@ static inline void pd_two_sum(double a, double b, double *s, double *e)
     *s = t;
 }
 
+/* Neumaier's compensated sum s + c of float64 terms of either sign (the bootstrap's ratios, the
+ * paired moments): error about eps |S| + n eps^2 sum|x|.  pd_csum_value keeps IEEE semantics
+ * for non-finite terms (an infinite s is the result; c is then meaningless). */
+typedef struct {
+    double s, c;
+} pd_csum;
+
+static inline void pd_csum_add(pd_csum *a, double x)
+{
+    double t = a->s + x;
+    a->c += fabs(a->s) >= fabs(x) ? (a->s - t) + x : (x - t) + a->s;
+    a->s = t;
+}
+
+static inline double pd_csum_value(const pd_csum *a) { return isfinite(a->s) ? a->s + a->c : a->s; }
+
 static inline void pd_acc_add(pd_acc *a, double x)
 {
     double t = a->hi + x, err, e2, e3;
@@ -316,8 +332,6 @@ typedef enum {
 } pd_isa;
 
 typedef struct {
-    pd_isa isa;
-    const char *name;
     pd_reduce_fn reduce[PD_NDTYPES];       /* contiguous input, plain lane sums */
     pd_reduce_fn reduce_exact[PD_NDTYPES]; /* contiguous input, TwoSum lanes (double-double) */
     /* (no bfloat16 reductions: torch's bf16 log-prob vectors are widened by the adapter) */
@@ -365,7 +379,6 @@ typedef struct {
 } pd_logits_fns;
 
 typedef struct {
-    pd_isa isa;
     pd_logits_fns fns[PD_NDTYPES]; /* contiguous rows; {NULL} where the ISA has none */
 } pd_logits_kernels;
 

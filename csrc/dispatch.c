@@ -124,8 +124,14 @@ int pd_dispatch_init(void)
             return 0;
         }
     }
-    PyErr_Format(PyExc_ValueError,
-                 "PPLDELTA_SIMD=%s is not one of scalar, sse2, avx2, avx512, neon", env);
+    {
+        char names[128] = "";
+        size_t len = 0;
+        for (i = 0; i < PD_NISA; i++)
+            len += (size_t)PyOS_snprintf(names + len, sizeof names - len, "%s%s", i ? ", " : "",
+                                         pd_isa_names[i]);
+        PyErr_Format(PyExc_ValueError, "PPLDELTA_SIMD=%s is not one of %s", env, names);
+    }
     return -1;
 }
 

@@ -128,35 +128,46 @@ static PyObject **pd_seq_items(PyObject *seq, npy_intp n, const char *name)
     return PySequence_Fast_ITEMS(seq);
 }
 
+/* Items [i, i + m) of the list as doubles into buf (m <= PD_BLOCK): the one conversion loop of
+ * list inputs.  All m items are converted before any value is checked. */
+static int pd_seq_fill(PyObject *seq, npy_intp n, const char *name, npy_intp i, npy_intp m,
+                       double *buf)
+{
+    PyObject **items = pd_seq_items(seq, n, name); /* checked before every block */
+    npy_intp j;
+    if (items == NULL)
+        return -1;
+    for (j = 0; j < m; j++) {
+        PyObject *it = items[i + j];
+#if defined(__GNUC__)
+        /* The float objects are scattered in the heap: fetch ahead, as the loop only needs
+         * their 8-byte payloads. */
+        if (j + 32 < m)
+            __builtin_prefetch(items[i + j + 32]);
+#endif
+        if (PyFloat_Check(it)) /* float and subclasses (np.float64) */
+            buf[j] = PyFloat_AS_DOUBLE(it);
+        else {
+            /* __float__ may run Python code that resizes the list */
+            if (pd_item_to_double(it, name, i + j, &buf[j]) < 0 ||
+                (items = pd_seq_items(seq, n, name)) == NULL)
+                return -1;
+        }
+    }
+    return 0;
+}
+
 /* Values are gathered into a stack block and summed by the float64 kernel: one kernel home. */
-static int pd_seq_sum(PyObject *seq, npy_intp n, const char *name, double tol, int exact,
+static int pd_seq_sum(PyObject *seq, npy_intp n, const char *name, double tol, int mode,
                       pd_acc *acc)
 {
     double buf[PD_BLOCK];
-    pd_reduce_fn kern = pd_reduce_kernel(PD_F64, exact);
+    pd_reduce_fn kern = pd_reduce_kernel(PD_F64, mode);
     npy_intp i = 0;
     while (i < n) {
-        npy_intp m = n - i < PD_BLOCK ? n - i : PD_BLOCK, j, r;
-        PyObject **items = pd_seq_items(seq, n, name); /* checked before every block */
-        if (items == NULL)
+        npy_intp m = n - i < PD_BLOCK ? n - i : PD_BLOCK, r;
+        if (pd_seq_fill(seq, n, name, i, m, buf) < 0)
             return -1;
-        for (j = 0; j < m; j++) {
-            PyObject *it = items[i + j];
-#if defined(__GNUC__)
-            /* The float objects are scattered in the heap: fetch ahead, as the loop only needs
-             * their 8-byte payloads. */
-            if (j + 32 < m)
-                __builtin_prefetch(items[i + j + 32]);
-#endif
-            if (PyFloat_Check(it)) /* float and subclasses (np.float64) */
-                buf[j] = PyFloat_AS_DOUBLE(it);
-            else {
-                /* __float__ may run Python code that resizes the list */
-                if (pd_item_to_double(it, name, i + j, &buf[j]) < 0 ||
-                    (items = pd_seq_items(seq, n, name)) == NULL)
-                    return -1;
-            }
-        }
         r = kern((const char *)buf, m, sizeof(double), tol, acc);
         if (r >= 0) {
             pd_report_bad(name, i + r, "", buf[r], tol);
@@ -174,13 +185,10 @@ static int pd_native_dtype(PyArrayObject *arr, pd_dtype *dt)
     return PyArray_ISNOTSWAPPED(arr) && pd_dtype_of(PyArray_TYPE(arr), 0, dt);
 }
 
-/* Kernel calls are cut into runs of PD_SIGNAL_CHUNK values (a multiple of PD_BLOCK, so the
- * block partition and hence the sum is unchanged): the GIL is released for each run and
- * signals are checked between runs, so Ctrl-C stops a reduction of 10^9 values within a few
- * milliseconds.  Returns the first bad index, -1, or -2 when a signal handler raised. */
-#define PD_SIGNAL_CHUNK ((npy_intp)1 << 22)
+/* Kernel calls are cut into runs of PD_SIGNAL_CHUNK values (input.h).  Returns the first bad
+ * index, -1, or -2 when a signal handler raised. */
 
-static npy_intp pd_run(pd_reduce_fn kern, pd_dtype dt, int exact, const char *p, npy_intp n,
+static npy_intp pd_run(pd_reduce_fn kern, pd_dtype dt, int mode, const char *p, npy_intp n,
                        npy_intp s, npy_intp isz, double tol, pd_acc *acc, int nogil)
 {
     npy_intp done = 0;
@@ -190,7 +198,7 @@ static npy_intp pd_run(pd_reduce_fn kern, pd_dtype dt, int exact, const char *p,
         if (nogil && m > 4096)
             ts = PyEval_SaveThread();
         r = s == isz ? kern(p + done * s, m, s, tol, acc)
-                     : pd_reduce_strided(dt, exact, p + done * s, m, s, tol, acc);
+                     : pd_reduce_strided(dt, mode, p + done * s, m, s, tol, acc);
         if (ts)
             PyEval_RestoreThread(ts);
         if (r >= 0)
@@ -206,7 +214,7 @@ static npy_intp pd_run(pd_reduce_fn kern, pd_dtype dt, int exact, const char *p,
  * C-order index).  cast: read through small float64 buffers (byte-swapped, integer, bool,
  * long double).  *bad receives the first bad index in iteration order, or -1. */
 static int pd_iter_sum(PyArrayObject *arr, NPY_ORDER order, int cast, pd_dtype dt, double tol,
-                       int exact, pd_acc *acc, npy_intp *bad)
+                       int mode, pd_acc *acc, npy_intp *bad)
 {
     npy_uint32 flags = NPY_ITER_EXTERNAL_LOOP | NPY_ITER_ZEROSIZE_OK | NPY_ITER_READONLY;
     PyArray_Descr *dtype = NULL;
@@ -238,7 +246,7 @@ static int pd_iter_sum(PyArrayObject *arr, NPY_ORDER order, int cast, pd_dtype d
     strideptr = NpyIter_GetInnerStrideArray(iter);
     sizeptr = NpyIter_GetInnerLoopSizePtr(iter);
     isz = cast ? (npy_intp)sizeof(double) : (npy_intp)PyArray_ITEMSIZE(arr);
-    kern = pd_reduce_kernel(dt, exact);
+    kern = pd_reduce_kernel(dt, mode);
     needs_api = NpyIter_IterationNeedsAPI(iter);
     do {
         npy_intp cnt = *sizeptr, r;
@@ -252,7 +260,7 @@ static int pd_iter_sum(PyArrayObject *arr, NPY_ORDER order, int cast, pd_dtype d
                 return -1;
             }
         }
-        r = pd_run(kern, dt, exact, dataptr[0], cnt, strideptr[0], isz, tol, acc, !needs_api);
+        r = pd_run(kern, dt, mode, dataptr[0], cnt, strideptr[0], isz, tol, acc, !needs_api);
         if (r == -2) {
             NpyIter_Deallocate(iter);
             return -1;
@@ -301,7 +309,7 @@ static void pd_report_array(PyArrayObject *arr, const char *name, npy_intp index
     pd_report_bad(name, index, where, v, tol);
 }
 
-static int pd_array_sum(PyArrayObject *arr, const char *name, double tol, int exact,
+static int pd_array_sum(PyArrayObject *arr, const char *name, double tol, int mode,
                         pd_acc *acc)
 {
     pd_dtype dt;
@@ -310,21 +318,21 @@ static int pd_array_sum(PyArrayObject *arr, const char *name, double tol, int ex
 
     if (!pd_native_dtype(arr, &dt)) {
         /* Cast on the fly, in C order so the index of an error is the flat C index. */
-        if (pd_iter_sum(arr, NPY_CORDER, 1, PD_F64, tol, exact, acc, &bad) < 0)
+        if (pd_iter_sum(arr, NPY_CORDER, 1, PD_F64, tol, mode, acc, &bad) < 0)
             return -1;
     }
     else if (nd <= 1 || PyArray_IS_C_CONTIGUOUS(arr)) {
         /* One run: contiguous, or 1-D with any stride (negative, zero). */
         npy_intp isz = PyArray_ITEMSIZE(arr);
         npy_intp s = (nd == 1 && !PyArray_IS_C_CONTIGUOUS(arr)) ? PyArray_STRIDE(arr, 0) : isz;
-        bad = pd_run(pd_reduce_kernel(dt, exact), dt, exact, PyArray_BYTES(arr), n, s, isz, tol,
+        bad = pd_run(pd_reduce_kernel(dt, mode), dt, mode, PyArray_BYTES(arr), n, s, isz, tol,
                      acc, 1);
         if (bad == -2)
             return -1;
     }
     else {
         /* Any other layout, in memory order; an error is located again in C order. */
-        if (pd_iter_sum(arr, NPY_KEEPORDER, 0, dt, tol, exact, acc, &bad) < 0)
+        if (pd_iter_sum(arr, NPY_KEEPORDER, 0, dt, tol, mode, acc, &bad) < 0)
             return -1;
         if (bad >= 0) {
             pd_acc scratch = PD_ACC_ZERO;
@@ -339,9 +347,83 @@ static int pd_array_sum(PyArrayObject *arr, const char *name, double tol, int ex
     return 0;
 }
 
-int pd_src_sum(pd_src *src, const char *name, double tol, int exact, pd_acc *acc)
+int pd_src_sum(pd_src *src, const char *name, double tol, int mode, pd_acc *acc)
 {
     if (src->arr)
-        return pd_array_sum(src->arr, name, tol, exact, acc);
-    return pd_seq_sum(src->obj, src->n, name, tol, exact, acc);
+        return pd_array_sum(src->arr, name, tol, mode, acc);
+    return pd_seq_sum(src->obj, src->n, name, tol, mode, acc);
+}
+
+/* ----------------------------------------------------------------------------- readers */
+
+int pd_reader_open(pd_reader *r, pd_src *src, const char *name)
+{
+    PyArrayObject *arr = src->arr;
+    PyArray_Descr *f64;
+    memset(r, 0, sizeof *r);
+    r->src = src;
+    r->name = name;
+    if (arr == NULL)
+        return 0; /* a list or tuple: pd_seq_fill */
+    if (pd_native_dtype(arr, &r->dt) && (PyArray_NDIM(arr) <= 1 || PyArray_IS_C_CONTIGUOUS(arr))) {
+        r->direct = 1;
+        r->p = PyArray_BYTES(arr);
+        r->stride = (PyArray_NDIM(arr) == 1 && !PyArray_IS_C_CONTIGUOUS(arr))
+                        ? PyArray_STRIDE(arr, 0)
+                        : (npy_intp)PyArray_ITEMSIZE(arr);
+        return 0;
+    }
+    /* any other layout or dtype: C order through NpyIter's buffers, cast to float64 */
+    f64 = PyArray_DescrFromType(NPY_DOUBLE);
+    r->iter = NpyIter_New(arr,
+                          NPY_ITER_READONLY | NPY_ITER_EXTERNAL_LOOP | NPY_ITER_BUFFERED |
+                              NPY_ITER_NBO | NPY_ITER_ALIGNED,
+                          NPY_CORDER, NPY_UNSAFE_CASTING, f64);
+    Py_DECREF(f64);
+    if (r->iter == NULL || (r->next = NpyIter_GetIterNext(r->iter, NULL)) == NULL)
+        return -1;
+    r->dataptr = NpyIter_GetDataPtrArray(r->iter);
+    r->strideptr = NpyIter_GetInnerStrideArray(r->iter);
+    r->sizeptr = NpyIter_GetInnerLoopSizePtr(r->iter);
+    return 0;
+}
+
+const double *pd_reader_next(pd_reader *r, double *buf, npy_intp m)
+{
+    npy_intp i = r->pos, j = 0;
+    r->pos += m;
+    if (r->direct) {
+        const char *p = r->p + i * r->stride;
+        if (r->dt == PD_F64 && r->stride == sizeof(double) && ((uintptr_t)p % sizeof(double)) == 0)
+            return (const double *)p; /* in place */
+        for (; j < m; j++)
+            buf[j] = pd_load(r->dt, p + j * r->stride);
+        return buf;
+    }
+    if (r->iter == NULL)
+        return pd_seq_fill(r->src->obj, r->src->n, r->name, i, m, buf) < 0 ? NULL : buf;
+    while (j < m) {
+        npy_intp avail = *r->sizeptr - r->off, take = avail < m - j ? avail : m - j, k;
+        const char *p = r->dataptr[0] + r->off * r->strideptr[0];
+        for (k = 0; k < take; k++)
+            buf[j + k] = pd_load_f64(p + k * r->strideptr[0]);
+        j += take;
+        r->off += take;
+        if (r->off == *r->sizeptr) {
+            r->off = 0;
+            if (!r->next(r->iter) && j < m) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_RuntimeError, "%s ended early", r->name);
+                return NULL;
+            }
+        }
+    }
+    return buf;
+}
+
+void pd_reader_close(pd_reader *r)
+{
+    if (r->iter)
+        NpyIter_Deallocate(r->iter);
+    r->iter = NULL;
 }

@@ -1,8 +1,7 @@
-/* AVX2 + FMA (+F16C) logits row kernels: 8 float32 lanes, see logits_template.h.
- * exp: Cephes-style range reduction x = n ln2 + r (ln2 split in two), degree-6 polynomial,
- * 2^n through the exponent bits; inputs are x - max <= 0; below -87.3 (including -inf) the
- * result is exactly 0, so masked-out tokens contribute nothing.  About 1.3 ulp. */
+/* AVX2 + FMA (+F16C) logits row kernels: 8 float32 lanes, see logits_template.h; the exp of
+ * exp_poly.h with FMAs. */
 #include "common.h"
+#include "exp_poly.h"
 #ifdef PD_X86
 #include <immintrin.h>
 
@@ -38,19 +37,19 @@ PD_TARGET static inline double pd_f_hsum(__m256 v)
 }
 PD_TARGET static inline __m256 pd_f_exp(__m256 x)
 {
-    __m256 n, r, p, keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+    __m256 n, r, p, keep = _mm256_cmp_ps(x, _mm256_set1_ps(PD_EXP_MIN), _CMP_GE_OQ);
     __m256i e;
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+    x = _mm256_max_ps(x, _mm256_set1_ps(PD_EXP_MIN));
+    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(PD_EXP_LOG2E)),
                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PD_EXP_LN2_HI), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PD_EXP_LN2_LO), r);
+    p = _mm256_set1_ps(PD_EXP_P5);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P0));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep); /* exp(-inf) = 0 */
@@ -69,7 +68,6 @@ PD_DEFINE_LOGITS(lg_f16, ld_f16, pd_load_f16, 2)
 PD_DEFINE_LOGITS(lg_bf16, ld_bf16, pd_load_bf16, 2)
 
 const pd_logits_kernels pd_logits_avx2 = {
-    PD_ISA_AVX2,
     {{NULL, NULL, NULL}, PD_LOGITS_TABLE_ENTRY(lg_f32), PD_LOGITS_TABLE_ENTRY(lg_f16),
      PD_LOGITS_TABLE_ENTRY(lg_bf16)}};
 #endif

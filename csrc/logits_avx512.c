@@ -1,6 +1,7 @@
-/* AVX-512F logits row kernels: 16 float32 lanes, see logits_template.h and logits_avx2.c for
- * the exp (same reduction and polynomial; 2^n by vscalefps). */
+/* AVX-512F logits row kernels: 16 float32 lanes, see logits_template.h; the exp of
+ * exp_poly.h with FMAs, 2^n by vscalefps. */
 #include "common.h"
+#include "exp_poly.h"
 #ifdef PD_X86
 #include <immintrin.h>
 
@@ -32,18 +33,18 @@ PD_TARGET static inline double pd_f_hsum(__m512 v)
 PD_TARGET static inline __m512 pd_f_exp(__m512 x)
 {
     __m512 n, r, p;
-    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(PD_EXP_MIN), _CMP_GE_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(PD_EXP_MIN));
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(PD_EXP_LOG2E)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(PD_EXP_LN2_HI), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(PD_EXP_LN2_LO), r);
+    p = _mm512_set1_ps(PD_EXP_P5);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(PD_EXP_P4));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(PD_EXP_P3));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(PD_EXP_P2));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(PD_EXP_P1));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(PD_EXP_P0));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n)); /* exp(-inf) = 0 */
 }
@@ -61,7 +62,6 @@ PD_DEFINE_LOGITS(lg_f16, ld_f16, pd_load_f16, 2)
 PD_DEFINE_LOGITS(lg_bf16, ld_bf16, pd_load_bf16, 2)
 
 const pd_logits_kernels pd_logits_avx512 = {
-    PD_ISA_AVX512,
     {{NULL, NULL, NULL}, PD_LOGITS_TABLE_ENTRY(lg_f32), PD_LOGITS_TABLE_ENTRY(lg_f16),
      PD_LOGITS_TABLE_ENTRY(lg_bf16)}};
 #endif

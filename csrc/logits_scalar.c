@@ -28,6 +28,5 @@ PD_DEFINE_LOGITS(lg_f16, pd_load_f16, pd_load_f16, 2)
 PD_DEFINE_LOGITS(lg_bf16, pd_load_bf16, pd_load_bf16, 2)
 
 const pd_logits_kernels pd_logits_scalar = {
-    PD_ISA_SCALAR,
     {PD_LOGITS_TABLE_ENTRY(lg_f64), PD_LOGITS_TABLE_ENTRY(lg_f32), PD_LOGITS_TABLE_ENTRY(lg_f16),
      PD_LOGITS_TABLE_ENTRY(lg_bf16)}};

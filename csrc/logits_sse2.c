@@ -1,6 +1,7 @@
 /* SSE2 logits row kernels for float32 (the x86-64 baseline): 4 lanes, no FMA or roundps, so
- * the exp of logits_avx2.c with separate multiply/add and round-to-nearest via cvtps2dq. */
+ * the exp of exp_poly.h with separate multiply/add and round-to-nearest via cvtps2dq. */
 #include "common.h"
+#include "exp_poly.h"
 #ifdef PD_X86
 #include <emmintrin.h>
 
@@ -33,21 +34,21 @@ PD_TARGET static inline double pd_f_hsum(__m128 v)
 }
 PD_TARGET static inline __m128 pd_f_exp(__m128 x)
 {
-    __m128 r, p, keep = _mm_cmpge_ps(x, _mm_set1_ps(-87.3f));
+    __m128 r, p, keep = _mm_cmpge_ps(x, _mm_set1_ps(PD_EXP_MIN));
     __m128i ni;
-    x = _mm_max_ps(x, _mm_set1_ps(-87.3f));
-    ni = _mm_cvtps_epi32(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)));
+    x = _mm_max_ps(x, _mm_set1_ps(PD_EXP_MIN));
+    ni = _mm_cvtps_epi32(_mm_mul_ps(x, _mm_set1_ps(PD_EXP_LOG2E)));
     {
         __m128 n = _mm_cvtepi32_ps(ni);
-        r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(0.693359375f)));
-        r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(-2.12194440e-4f)));
+        r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(PD_EXP_LN2_HI)));
+        r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(PD_EXP_LN2_LO)));
     }
-    p = _mm_set1_ps(1.9875691500e-4f);
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.3981999507e-3f));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(8.3334519073e-3f));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(4.1665795894e-2f));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(1.6666665459e-1f));
-    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(5.0000001201e-1f));
+    p = _mm_set1_ps(PD_EXP_P5);
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(PD_EXP_P4));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(PD_EXP_P3));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(PD_EXP_P2));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(PD_EXP_P1));
+    p = _mm_add_ps(_mm_mul_ps(p, r), _mm_set1_ps(PD_EXP_P0));
     p = _mm_add_ps(_mm_mul_ps(p, _mm_mul_ps(r, r)), _mm_add_ps(r, _mm_set1_ps(1.0f)));
     p = _mm_mul_ps(p, _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(ni, _mm_set1_epi32(127)), 23)));
     return _mm_and_ps(p, keep); /* exp(-inf) = 0 */
@@ -58,6 +59,5 @@ PD_TARGET static inline __m128 ld_f32(const char *p) { return _mm_loadu_ps((cons
 PD_DEFINE_LOGITS(lg_f32, ld_f32, pd_load_f32, 4)
 
 const pd_logits_kernels pd_logits_sse2 = {
-    PD_ISA_SSE2,
     {{NULL, NULL, NULL}, PD_LOGITS_TABLE_ENTRY(lg_f32), {NULL, NULL, NULL}, {NULL, NULL, NULL}}};
 #endif

@@ -1,28 +1,34 @@
-/* ppldelta._core: module definition, argument parsing and the reference-compatible results.
+/* ppldelta._core: the Python bindings of the C core, and nothing else.
  *
- * Multi-phase init with module state.  The functions use METH_FASTCALL and build their results
- * in C, so a call on ten-element lists costs about as much as the pure-Python reference.
+ * Multi-phase init with module state.  Every function that takes arguments is METH_FASTCALL |
+ * METH_KEYWORDS, parsed by pd_parse, and cleans up at one `done:` label; results are built in
+ * C, so a call on ten-element lists costs about as much as the pure-Python reference.  The
+ * numerics live elsewhere: reference.c (the reference's formulas, bands, round(x, 4), the fast ->
+ * certificate -> exact chain), moments.c (paired moments), stats.c (bootstrap, segment sums),
+ * logits.c (logits rows), input.c (reading inputs), dispatch.c (the SIMD path).
  */
 #define PPLDELTA_IMPORT_ARRAY
 #include "common.h"
 #include "input.h"
-#include "stats.h"
 #include "logits.h"
+#include "moments.h"
+#include "reference.h"
+#include "stats.h"
+#include <limits.h>
 
-#define PD_DEFAULT_TOL 1e-3
-#include <float.h>
-
-/* How often perplexity_delta was certified from the fast pass or needed the exact pass, and how
- * often a sum needed the superaccumulator pass (testing hook; GIL-protected). */
-static Py_ssize_t pd_n_fast, pd_n_exact;
-static Py_ssize_t pd_n_sacc;
+enum { PD_K_ORIG, PD_K_QUANT, PD_K_ABS, PD_K_REL, PD_K_QUALITY, PD_NKEYS };
+static const char *const pd_key_names[PD_NKEYS] = {
+    "original_perplexity", "quantized_perplexity", "absolute_delta", "relative_delta_pct",
+    "quality"};
 
 typedef struct {
     PyObject *adapter;     /* ppldelta._adapt.as_array, imported on first use */
     PyObject *float_round; /* float.__round__ */
     PyObject *four;        /* 4 */
-    PyObject *k_orig, *k_quant, *k_abs, *k_rel, *k_quality;
-    PyObject *q_excellent, *q_good, *q_acceptable, *q_poor;
+    PyObject *keys[PD_NKEYS];
+    PyObject *quality[PD_NQUALITY];
+    PyTypeObject *moments_type; /* PairedMoments */
+    PyTypeObject *logits_type;  /* LogitsStats */
 } pd_state;
 
 static pd_state *pd_get_state(PyObject *module) { return (pd_state *)PyModule_GetState(module); }
@@ -39,35 +45,10 @@ static PyObject *pd_adapter(pd_state *st)
     return st->adapter;
 }
 
-/* ----------------------------------------------------------------------------- exact sums */
-
-/* The exactly rounded sum (math.fsum's; NaN for -inf and +inf together, +-inf for finite
- * terms whose exact total is beyond DBL_MAX) of an opened, non-empty source: the exact kernels,
- * and where their certificate (common.h: pd_acc_exact) fails, the superaccumulator over the
- * raw values.  Each pass is O(1) memory; an infinite term settles the sum in the first. */
-static int pd_exact_sum(pd_src *src, const char *name, double tol, double *out)
-{
-    pd_acc acc = PD_ACC_ZERO;
-    pd_sacc big;
-    if (pd_src_sum(src, name, tol, PD_MODE_EXACT, &acc) < 0)
-        return -1;
-    if (pd_acc_exact(&acc, out))
-        return 0;
-    pd_n_sacc++;
-    memset(&big, 0, sizeof big);
-    memset(&acc, 0, sizeof acc);
-    acc.sacc = &big;
-    if (pd_src_sum(src, name, tol, PD_MODE_SACC, &acc) < 0)
-        return -1;
-    /* (infinities here only if a list changed between the passes) */
-    *out = pd_acc_inf(&acc) ? pd_acc_value(&acc) : pd_sacc_value(&big);
-    return 0;
-}
-
 /* ----------------------------------------------------------------------------- arguments */
 
-/* Parse (positional-or-keyword names[0..npos), keyword-only names[npos..nnames)).
- * out[] must be pre-filled with NULL; required arguments are the first nreq. */
+/* Parse (positional-or-keyword names[0..npos), keyword-only names[npos..nnames)) into out[],
+ * which must be pre-filled with NULL; required arguments are the first nreq. */
 static int pd_parse(const char *fname, PyObject *const *args, Py_ssize_t nargs,
                     PyObject *kwnames, const char *const *names, int npos, int nnames, int nreq,
                     PyObject **out)
@@ -107,12 +88,15 @@ static int pd_parse(const char *fname, PyObject *const *args, Py_ssize_t nargs,
     return 0;
 }
 
-static int pd_parse_tol(PyObject *obj, double *tol)
+#define PD_PARSE(fname, names, npos, nreq, out)                                               \
+    pd_parse(fname, args, nargs, kwnames, names, npos, (int)(sizeof(names) / sizeof(*names)), \
+             nreq, out)
+
+static int pd_arg_tol(PyObject *obj, double *tol)
 {
-    if (obj == NULL) {
-        *tol = PD_DEFAULT_TOL;
+    *tol = PD_DEFAULT_TOL;
+    if (obj == NULL)
         return 0;
-    }
     *tol = PyFloat_AsDouble(obj);
     if (*tol == -1.0 && PyErr_Occurred())
         return -1;
@@ -123,58 +107,83 @@ static int pd_parse_tol(PyObject *obj, double *tol)
     return 0;
 }
 
-/* Exactly rounded sum of one input, which must not be empty. */
-static int pd_sum_one(pd_state *st, PyObject *obj, const char *name, double tol, npy_intp *n,
-                      double *sum)
+static int pd_arg_double(PyObject *obj, double *v)
 {
-    pd_src src;
+    *v = PyFloat_AsDouble(obj);
+    return *v == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* An integer argument (anything with __index__) that must be >= lo; def when absent. */
+static int pd_arg_ssize(PyObject *obj, const char *name, Py_ssize_t lo, Py_ssize_t def,
+                        Py_ssize_t *v)
+{
+    *v = def;
+    if (obj == NULL)
+        return 0;
+    *v = PyNumber_AsSsize_t(obj, PyExc_OverflowError);
+    if (*v == -1 && PyErr_Occurred())
+        return -1;
+    if (*v < lo) {
+        PyErr_Format(PyExc_ValueError, "%s must be >= %zd, got %zd", name, lo, *v);
+        return -1;
+    }
+    return 0;
+}
+
+static int pd_arg_bool(PyObject *obj, int def, int *v)
+{
+    *v = obj == NULL ? def : PyObject_IsTrue(obj);
+    return *v < 0 ? -1 : 0;
+}
+
+/* ----------------------------------------------------------------------------- inputs */
+
+/* Open one log-prob input (must not be empty unless allow_empty). */
+static int pd_open_one(pd_state *st, PyObject *obj, const char *name, int allow_empty,
+                       pd_src *src)
+{
     PyObject *adapter = pd_adapter(st);
-    int rc;
-    if (adapter == NULL || pd_src_open(adapter, obj, name, &src) < 0)
+    if (adapter == NULL || pd_src_open(adapter, obj, name, src) < 0)
         return -1;
-    *n = src.n;
-    if (src.n == 0) {
+    if (src->n == 0 && !allow_empty) {
         PyErr_Format(PyExc_ValueError, "%s is empty", name);
-        pd_src_close(&src);
+        pd_src_close(src);
         return -1;
     }
-    rc = pd_exact_sum(&src, name, tol, sum);
-    pd_src_close(&src);
-    return rc;
+    return 0;
 }
 
-/* ----------------------------------------------------------------------------- rounding */
-
-/* round(x, 4) bit-for-bit as Python's float.__round__ (correctly rounded decimal, ties to
- * even on the exact binary value), without its dtoa round trip (~0.5 us a call).
- * For a = |x| with p = fl(a * 1e4) < 2^52: e = fma(a, 1e4, -p) is the exact rounding error, so
- * the exact product is p + e; k = floor(p) and d = p - k are exact, d - 0.5 is exact whenever it
- * can be near 0 (Sterbenz), and |e| < ulp(p) <= 0.5 decides the side of a half.  R / 1e4 is
- * then the double nearest R * 10^-4, which is what Python's strtod returns.  Anything outside
- * that range (huge values) goes to float.__round__ itself. */
-static double pd_round4_fast(double x, int *exact)
+/* Open the two inputs of a comparison: non-empty, of one size (both closed on failure). */
+static int pd_open_pair(pd_state *st, PyObject *const *objs, const char *const *names,
+                        pd_src *so, pd_src *sq)
 {
-    double a = fabs(x), p, e, k, t, r;
-    *exact = 1;
-    if (!isfinite(x) || x == 0.0)
-        return x;
-    p = a * 1e4;
-    if (!(p < 4503599627370496.0)) { /* 2^52 */
-        *exact = 0;
-        return x;
+    PyObject *adapter = pd_adapter(st);
+    memset(sq, 0, sizeof *sq);
+    if (adapter == NULL || pd_src_open(adapter, objs[0], names[0], so) < 0)
+        return -1;
+    if (pd_src_open(adapter, objs[1], names[1], sq) < 0)
+        goto fail;
+    if (so->n == 0 || sq->n == 0) {
+        PyErr_Format(PyExc_ValueError, "%s is empty", so->n == 0 ? names[0] : names[1]);
+        goto fail;
     }
-    e = fma(a, 1e4, -p);
-    k = floor(p);
-    t = (p - k) - 0.5;
-    if (t < 0.0 || (t == 0.0 && e < 0.0))
-        r = k;
-    else if (t > 0.0 || e > 0.0)
-        r = k + 1.0;
-    else
-        r = fmod(k, 2.0) == 0.0 ? k : k + 1.0; /* exact tie: to even */
-    return copysign(r / 1e4, x);
+    if (so->n != sq->n) {
+        PyErr_Format(PyExc_ValueError,
+                     "length mismatch: %s has %zd values, %s has %zd (both models must be scored "
+                     "on the same tokens)",
+                     names[0], (Py_ssize_t)so->n, names[1], (Py_ssize_t)sq->n);
+        goto fail;
+    }
+    return 0;
+fail:
+    pd_src_close(so);
+    pd_src_close(sq);
+    return -1;
 }
 
+/* ----------------------------------------------------------------------------- the reference */
+
+/* round(x, 4): pd_round4_fast, or float.__round__ itself beyond its range. */
 static PyObject *pd_round4(pd_state *st, double x)
 {
     PyObject *f, *args[2], *r;
@@ -191,84 +200,47 @@ static PyObject *pd_round4(pd_state *st, double x)
     return r;
 }
 
-static PyObject *pd_round4_py(PyObject *module, PyObject *arg)
+/* The one home of the reference dict: from exactly rounded sums (or sums that the certificate
+ * proved equivalent) and the count. */
+static PyObject *pd_reference_dict(pd_state *st, double sum_o, double sum_q, npy_intp n)
 {
-    double x = PyFloat_AsDouble(arg);
-    if (x == -1.0 && PyErr_Occurred())
+    pd_fields f;
+    PyObject *d, *v;
+    double vals[PD_K_QUALITY];
+    int k;
+    pd_fields_eval(sum_o, sum_q, n, &f);
+    if (isinf(f.ppl_o)) {
+        char buf[40];
+        PyOS_snprintf(buf, sizeof buf, "%.17g", f.avg_o);
+        PyErr_Format(PyExc_ValueError,
+                     "the original model's perplexity overflows a float (mean log-prob %s): "
+                     "original_log_probs contains -inf or its mean is below -709.78, so a "
+                     "relative delta is undefined",
+                     buf);
         return NULL;
-    return pd_round4(pd_get_state(module), x);
+    }
+    vals[PD_K_ORIG] = f.ppl_o;
+    vals[PD_K_QUANT] = f.ppl_q;
+    vals[PD_K_ABS] = f.abs;
+    vals[PD_K_REL] = f.rel;
+    if ((d = PyDict_New()) == NULL)
+        return NULL;
+    for (k = 0; k < PD_K_QUALITY; k++) {
+        if ((v = pd_round4(st, vals[k])) == NULL || PyDict_SetItem(d, st->keys[k], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(v);
+    }
+    if (PyDict_SetItem(d, st->keys[PD_K_QUALITY], st->quality[pd_quality(f.rel)]) < 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
+    return d;
 }
 
-static int pd_dict_set_round(pd_state *st, PyObject *d, PyObject *key, double x)
-{
-    PyObject *v = pd_round4(st, x);
-    int rc;
-    if (v == NULL)
-        return -1;
-    rc = PyDict_SetItem(d, key, v);
-    Py_DECREF(v);
-    return rc;
-}
-
-/* ----------------------------------------------------------------------------- certificate */
-
-/* The reference's formulas, in its order. */
-typedef struct {
-    double avg_o, ppl_o, ppl_q, abs, rel;
-} pd_fields;
-
-static void pd_fields_eval(double so, double sq, npy_intp n, pd_fields *f)
-{
-    double avg_q = sq / (double)n;
-    f->avg_o = so / (double)n;
-    f->ppl_o = exp(-f->avg_o);
-    f->ppl_q = exp(-avg_q);
-    f->abs = f->ppl_q - f->ppl_o;
-    f->rel = f->ppl_o > 0 ? (f->abs / f->ppl_o) * 100 : 0.0;
-}
-
-/* Could round(v', 4) differ from round(v, 4) for some |v' - v| <= d? */
-static int pd_near_round4(double v, double d)
-{
-    double y = fabs(v) * 1e4, fr;
-    if (!isfinite(v) || !isfinite(d) || y >= 1e15)
-        return 1;
-    fr = y - floor(y);
-    return fabs(fr - 0.5) * 1e-4 <= d + fabs(v) * 8 * DBL_EPSILON;
-}
-
-/* The fast kernels' sums so, sq are within PD_FAST_ERR * sum|x| of the exact ones, and
- * sum|x| <= -s + 2 n tol because every x <= tol.  Propagate that through the reference's
- * formulas (mean: e/n plus one rounding of the quotient; exp: relative error = absolute error
- * of its argument, plus its own ulps; then the subtraction and the division) and report
- * whether any rounded field or the quality band could change.  When it could, the caller
- * recomputes with the exact kernels; otherwise the fast result is provably the exact one.
- * q_neginf: sq is -inf from a -inf term (exact), so only the original's perplexity can move. */
-static int pd_fields_fragile(const pd_fields *f, double so, double sq, npy_intp n, double tol,
-                             int q_neginf)
-{
-    const double eps = DBL_EPSILON;
-    double nn = (double)n, eo, eq, dmo, dmq, d_o, d_q, d_abs, d_rel;
-    if (!isfinite(tol) || !isfinite(so) || !(isfinite(sq) || q_neginf))
-        return 1;
-    eo = PD_FAST_ERR * (-so + 2.0 * nn * tol);
-    dmo = eo / nn + 2 * eps * fabs(so / nn);
-    d_o = f->ppl_o * (1.01 * dmo + 4 * eps);
-    if (q_neginf) /* quantized_perplexity, the deltas: inf exactly; quality: poor */
-        return pd_near_round4(f->ppl_o, d_o);
-    eq = PD_FAST_ERR * (-sq + 2.0 * nn * tol);
-    dmq = eq / nn + 2 * eps * fabs(sq / nn);
-    d_q = f->ppl_q * (1.01 * dmq + 4 * eps);
-    d_abs = d_o + d_q + 4 * eps * (f->ppl_o + f->ppl_q);
-    d_rel = 1.01 * 100 * (d_abs / f->ppl_o + fabs(f->abs) * d_o / (f->ppl_o * f->ppl_o)) +
-            8 * eps * fabs(f->rel);
-    return pd_near_round4(f->ppl_o, d_o) || pd_near_round4(f->ppl_q, d_q) ||
-           pd_near_round4(f->abs, d_abs) || pd_near_round4(f->rel, d_rel) ||
-           fabs(f->rel - 1.0) <= d_rel || fabs(f->rel - 5.0) <= d_rel ||
-           fabs(f->rel - 10.0) <= d_rel;
-}
-
-/* ----------------------------------------------------------------------------- functions */
+/* ----------------------------------------------------------------------------- log-prob functions */
 
 static const char *const pd_delta_kw[] = {"original_log_probs", "quantized_log_probs",
                                           "positive_tolerance"};
@@ -285,94 +257,51 @@ static PyObject *pd_perplexity_delta(PyObject *module, PyObject *const *args, Py
                                      PyObject *kwnames)
 {
     pd_state *st = pd_get_state(module);
-    PyObject *a[3] = {NULL, NULL, NULL}, *d = NULL, *quality;
+    PyObject *a[3] = {NULL, NULL, NULL}, *res = NULL;
     pd_src so, sq;
-    pd_acc ao = PD_ACC_ZERO, aq = PD_ACC_ZERO;
-    PyObject *adapter;
-    pd_fields f;
-    double tol, ppl_orig, ppl_quant, absolute, relative;
-    int rc;
-
-    if (pd_parse("perplexity_delta", args, nargs, kwnames, pd_delta_kw, 2, 3, 2, a) < 0 ||
-        pd_parse_tol(a[2], &tol) < 0)
+    double tol, sum_o, sum_q;
+    if (PD_PARSE("perplexity_delta", pd_delta_kw, 2, 2, a) < 0 || pd_arg_tol(a[2], &tol) < 0 ||
+        pd_open_pair(st, a, pd_delta_kw, &so, &sq) < 0)
         return NULL;
-    adapter = pd_adapter(st);
-    if (adapter == NULL || pd_src_open(adapter, a[0], pd_delta_kw[0], &so) < 0)
-        return NULL;
-    if (pd_src_open(adapter, a[1], pd_delta_kw[1], &sq) < 0) {
-        pd_src_close(&so);
-        return NULL;
-    }
-    if (so.n == 0 || sq.n == 0) {
-        PyErr_Format(PyExc_ValueError, "%s is empty", so.n == 0 ? pd_delta_kw[0] : pd_delta_kw[1]);
-        rc = -1;
-    }
-    else if (so.n != sq.n) {
-        PyErr_Format(PyExc_ValueError,
-                     "length mismatch: original_log_probs has %zd values, quantized_log_probs "
-                     "has %zd (both models must be scored on the same tokens)",
-                     (Py_ssize_t)so.n, (Py_ssize_t)sq.n);
-        rc = -1;
-    }
-    else {
-        /* Fast pass (memory bandwidth); the exact pass only when the certificate fails, and
-         * never over an input whose sum a -inf (or +inf) term already settles. */
-        rc = (pd_src_sum(&so, pd_delta_kw[0], tol, PD_MODE_FAST, &ao) < 0 ||
-              pd_src_sum(&sq, pd_delta_kw[1], tol, PD_MODE_FAST, &aq) < 0) ? -1 : 0;
-        if (rc == 0) {
-            double xo = pd_acc_value(&ao), xq = pd_acc_value(&aq);
-            int io = pd_acc_inf(&ao), iq = pd_acc_inf(&aq);
-            pd_fields_eval(xo, xq, so.n, &f);
-            if ((io && (iq || xo == -INFINITY)) ||
-                !pd_fields_fragile(&f, xo, xq, so.n, tol, iq && xq == -INFINITY))
-                pd_n_fast++;
-            else {
-                rc = ((!io && pd_exact_sum(&so, pd_delta_kw[0], tol, &xo) < 0) ||
-                      (!iq && pd_exact_sum(&sq, pd_delta_kw[1], tol, &xq) < 0)) ? -1 : 0;
-                if (rc == 0)
-                    pd_fields_eval(xo, xq, so.n, &f);
-                pd_n_exact++;
-            }
-        }
-    }
+    if (pd_delta_sums(&so, &sq, pd_delta_kw[0], pd_delta_kw[1], tol, &sum_o, &sum_q) < 0)
+        goto done;
+    res = pd_reference_dict(st, sum_o, sum_q, so.n);
+done:
     pd_src_close(&so);
     pd_src_close(&sq);
-    if (rc < 0)
-        return NULL;
+    return res;
+}
 
-    if (isinf(f.ppl_o)) {
-        char buf[40];
-        PyOS_snprintf(buf, sizeof buf, "%.17g", f.avg_o);
-        PyErr_Format(PyExc_ValueError,
-                     "the original model's perplexity overflows a float (mean log-prob %s): "
-                     "original_log_probs contains -inf or its mean is below -709.78, so a "
-                     "relative delta is undefined",
-                     buf);
-        return NULL;
-    }
-    ppl_orig = f.ppl_o;
-    ppl_quant = f.ppl_q;
-    absolute = f.abs;
-    relative = f.rel;
-    if (relative < 1.0)
-        quality = st->q_excellent;
-    else if (relative < 5.0)
-        quality = st->q_good;
-    else if (relative < 10.0)
-        quality = st->q_acceptable;
-    else
-        quality = st->q_poor;
+static const char *const pd_reference_kw[] = {"sum_o", "sum_q", "n"};
 
-    d = PyDict_New();
-    if (d == NULL || pd_dict_set_round(st, d, st->k_orig, ppl_orig) < 0 ||
-        pd_dict_set_round(st, d, st->k_quant, ppl_quant) < 0 ||
-        pd_dict_set_round(st, d, st->k_abs, absolute) < 0 ||
-        pd_dict_set_round(st, d, st->k_rel, relative) < 0 ||
-        PyDict_SetItem(d, st->k_quality, quality) < 0) {
-        Py_XDECREF(d);
+PyDoc_STRVAR(pd_reference_doc,
+"reference(sum_o, sum_q, n)\n--\n\n"
+"perplexity_delta's dict from the exactly rounded sums of the two models' log-probs and the\n"
+"token count (the same C code; ValueError when the original perplexity overflows).\n");
+
+static PyObject *pd_reference(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    PyObject *a[3] = {NULL, NULL, NULL};
+    double so, sq;
+    Py_ssize_t n;
+    if (PD_PARSE("reference", pd_reference_kw, 3, 3, a) < 0 || pd_arg_double(a[0], &so) < 0 ||
+        pd_arg_double(a[1], &sq) < 0 || pd_arg_ssize(a[2], "n", 1, 0, &n) < 0)
         return NULL;
-    }
-    return d;
+    return pd_reference_dict(pd_get_state(module), so, sq, n);
+}
+
+static const char *const pd_quality_kw[] = {"relative_delta_pct"};
+
+static PyObject *pd_quality_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                               PyObject *kwnames)
+{
+    PyObject *a[1] = {NULL}, *q;
+    double rel;
+    if (PD_PARSE("quality", pd_quality_kw, 1, 1, a) < 0 || pd_arg_double(a[0], &rel) < 0)
+        return NULL;
+    q = pd_get_state(module)->quality[pd_quality(rel)];
+    return Py_NewRef(q);
 }
 
 static const char *const pd_ppl_kw[] = {"log_probs", "positive_tolerance"};
@@ -384,14 +313,16 @@ PyDoc_STRVAR(pd_perplexity_doc,
 static PyObject *pd_perplexity(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                                PyObject *kwnames)
 {
-    PyObject *a[2] = {NULL, NULL};
-    npy_intp n;
+    PyObject *a[2] = {NULL, NULL}, *res = NULL;
+    pd_src src;
     double tol, sum;
-    if (pd_parse("perplexity", args, nargs, kwnames, pd_ppl_kw, 1, 2, 1, a) < 0 ||
-        pd_parse_tol(a[1], &tol) < 0 ||
-        pd_sum_one(pd_get_state(module), a[0], pd_ppl_kw[0], tol, &n, &sum) < 0)
+    if (PD_PARSE("perplexity", pd_ppl_kw, 1, 1, a) < 0 || pd_arg_tol(a[1], &tol) < 0 ||
+        pd_open_one(pd_get_state(module), a[0], pd_ppl_kw[0], 0, &src) < 0)
         return NULL;
-    return PyFloat_FromDouble(exp(-(sum / (double)n)));
+    if (pd_exact_sum(&src, pd_ppl_kw[0], tol, &sum) == 0)
+        res = PyFloat_FromDouble(exp(-(sum / (double)src.n)));
+    pd_src_close(&src);
+    return res;
 }
 
 PyDoc_STRVAR(pd_sum_log_probs_doc,
@@ -402,92 +333,177 @@ PyDoc_STRVAR(pd_sum_log_probs_doc,
 static PyObject *pd_sum_log_probs(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                                   PyObject *kwnames)
 {
-    pd_state *st = pd_get_state(module);
-    PyObject *a[2] = {NULL, NULL}, *adapter;
+    PyObject *a[2] = {NULL, NULL}, *res = NULL;
     pd_src src;
     double tol, sum = 0.0;
-    int rc;
-    if (pd_parse("sum_log_probs", args, nargs, kwnames, pd_ppl_kw, 1, 2, 1, a) < 0 ||
-        pd_parse_tol(a[1], &tol) < 0)
+    if (PD_PARSE("sum_log_probs", pd_ppl_kw, 1, 1, a) < 0 || pd_arg_tol(a[1], &tol) < 0 ||
+        pd_open_one(pd_get_state(module), a[0], pd_ppl_kw[0], 1, &src) < 0)
         return NULL;
-    adapter = pd_adapter(st);
-    if (adapter == NULL || pd_src_open(adapter, a[0], pd_ppl_kw[0], &src) < 0)
-        return NULL;
-    rc = src.n > 0 ? pd_exact_sum(&src, pd_ppl_kw[0], tol, &sum) : 0;
+    if (src.n == 0 || pd_exact_sum(&src, pd_ppl_kw[0], tol, &sum) == 0)
+        res = Py_BuildValue("nd", (Py_ssize_t)src.n, sum);
     pd_src_close(&src);
-    if (rc < 0)
+    return res;
+}
+
+static const char *const pd_moments_kw[] = {"original_log_probs", "quantized_log_probs", "codes",
+                                            "n_groups", "block_size", "positive_tolerance"};
+
+static PyStructSequence_Field pd_moments_fields[] = {
+    {"n", "number of token pairs"},
+    {"sum_o", "exactly rounded sum of the original log-probs (math.fsum's)"},
+    {"sum_q", "exactly rounded sum of the quantized log-probs"},
+    {"sum_oo", "compensated sum of o * o"},
+    {"sum_qq", "compensated sum of q * q"},
+    {"sum_oq", "compensated sum of o * q"},
+    {"sum_dp", "compensated sum of dp = exp(q) - exp(o)"},
+    {"sum_dp2", "compensated sum of dp ** 2"},
+    {"sum_dp4", "compensated sum of dp ** 4"},
+    {"n_neginf_o", "number of -inf original log-probs"},
+    {"n_neginf_q", "number of -inf quantized log-probs"},
+    {"group_n", "int64 per-group token counts, or None"},
+    {"group_sum_o", "float64 exactly rounded per-group sums of o, or None"},
+    {"group_sum_q", "float64 exactly rounded per-group sums of q, or None"},
+    {"block_d", "float64 sums of o - q over consecutive blocks of block_size, or None"},
+    {NULL, NULL}};
+
+static PyStructSequence_Desc pd_moments_desc = {
+    "ppldelta._core.PairedMoments",
+    "Moments of paired log-probs from one read of each input (see paired_moments).",
+    pd_moments_fields, 15};
+
+PyDoc_STRVAR(pd_paired_moments_doc,
+"paired_moments(original_log_probs, quantized_log_probs, codes=None, n_groups=0, block_size=0,\n"
+"               positive_tolerance=1e-3)\n--\n\n"
+"PairedMoments of two log-prob inputs, validated as perplexity_delta validates them, in one\n"
+"read of each: exact sums, compensated sums of products and of dp = exp(q) - exp(o), -inf\n"
+"counts, per-group counts and exact sums (codes: intp in [0, n_groups)), block sums of o - q.\n");
+
+static PyObject *pd_new_vec(npy_intp n, int type)
+{
+    npy_intp dims[1] = {n};
+    return PyArray_ZEROS(1, dims, type, 0);
+}
+
+static void *pd_vec_data(PyObject *v) { return v ? PyArray_DATA((PyArrayObject *)v) : NULL; }
+
+static PyObject *pd_paired_moments_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                      PyObject *kwnames)
+{
+    pd_state *st = pd_get_state(module);
+    PyObject *a[6] = {NULL, NULL, NULL, NULL, NULL, NULL}, *res = NULL;
+    PyObject *gn = NULL, *gso = NULL, *gsq = NULL, *bd = NULL;
+    PyArrayObject *codes = NULL;
+    pd_src so, sq;
+    pd_moments m;
+    pd_moments_extra x;
+    Py_ssize_t n_groups, block_size, i;
+    double tol;
+    int opened = 0;
+    memset(&x, 0, sizeof x);
+    if (PD_PARSE("paired_moments", pd_moments_kw, 6, 2, a) < 0 ||
+        pd_arg_ssize(a[3], "n_groups", 0, 0, &n_groups) < 0 ||
+        pd_arg_ssize(a[4], "block_size", 0, 0, &block_size) < 0 || pd_arg_tol(a[5], &tol) < 0)
         return NULL;
-    return Py_BuildValue("nd", (Py_ssize_t)src.n, sum);
-}
-
-static PyObject *pd_path_counts(PyObject *module, PyObject *unused)
-{
-    (void)module;
-    (void)unused;
-    return Py_BuildValue("nnn", pd_n_fast, pd_n_exact, pd_n_sacc);
-}
-
-static PyObject *pd_simd(PyObject *module, PyObject *unused)
-{
-    (void)module;
-    (void)unused;
-    return PyUnicode_FromString(pd_isa_names[pd_dispatch_current()]);
-}
-
-static PyObject *pd_supported_simd(PyObject *module, PyObject *unused)
-{
-    PyObject *lst = PyList_New(0);
-    int i;
-    (void)module;
-    (void)unused;
-    if (lst == NULL)
+    if (pd_open_pair(st, a, pd_moments_kw, &so, &sq) < 0)
         return NULL;
-    for (i = 0; i < PD_NISA; i++) {
-        if (pd_isa_supported((pd_isa)i)) {
-            PyObject *s = PyUnicode_FromString(pd_isa_names[i]);
-            if (s == NULL || PyList_Append(lst, s) < 0) {
-                Py_XDECREF(s);
-                Py_DECREF(lst);
-                return NULL;
+    opened = 1;
+    if (a[2] != NULL && a[2] != Py_None) {
+        const npy_intp *c;
+        PyArrayObject *raw = (PyArrayObject *)PyArray_FromAny(a[2], NULL, 1, 1, 0, NULL);
+        if (raw == NULL)
+            goto done;
+        if (!PyArray_ISINTEGER(raw)) {
+            PyErr_Format(PyExc_TypeError, "paired_moments: codes must be integers, got dtype %S",
+                         (PyObject *)PyArray_DESCR(raw));
+            Py_DECREF(raw);
+            goto done;
+        }
+        /* our own copy: list items' __float__ could otherwise rewrite a caller's codes mid-pass */
+        codes = (PyArrayObject *)PyArray_FROMANY((PyObject *)raw, NPY_INTP, 1, 1,
+                                                 NPY_ARRAY_IN_ARRAY | NPY_ARRAY_ENSURECOPY);
+        Py_DECREF(raw);
+        if (codes == NULL)
+            goto done;
+        if (PyArray_SIZE(codes) != so.n) {
+            PyErr_Format(PyExc_ValueError, "paired_moments: %zd codes for %zd values",
+                         (Py_ssize_t)PyArray_SIZE(codes), (Py_ssize_t)so.n);
+            goto done;
+        }
+        c = (const npy_intp *)PyArray_DATA(codes);
+        for (i = 0; i < so.n; i++)
+            if (c[i] < 0 || c[i] >= n_groups) {
+                PyErr_Format(PyExc_ValueError,
+                             "paired_moments: code %zd at index %zd outside [0, %zd)",
+                             (Py_ssize_t)c[i], i, n_groups);
+                goto done;
             }
-            Py_DECREF(s);
-        }
+        if (!(gn = pd_new_vec(n_groups, NPY_INT64)) || !(gso = pd_new_vec(n_groups, NPY_DOUBLE)) ||
+            !(gsq = pd_new_vec(n_groups, NPY_DOUBLE)))
+            goto done;
+        x.codes = c;
+        x.n_groups = n_groups;
     }
-    return lst;
-}
-
-static PyObject *pd_set_simd(PyObject *module, PyObject *name)
-{
-    int i;
-    (void)module;
-    if (!PyUnicode_Check(name)) {
-        PyErr_SetString(PyExc_TypeError, "_set_simd() takes an ISA name");
-        return NULL;
-    }
-    for (i = 0; i < PD_NISA; i++)
-        if (PyUnicode_CompareWithASCIIString(name, pd_isa_names[i]) == 0) {
-            if (pd_dispatch_set((pd_isa)i) < 0)
-                return NULL;
-            Py_RETURN_NONE;
+    if (block_size > 0 && !(bd = pd_new_vec((so.n + block_size - 1) / block_size, NPY_DOUBLE)))
+        goto done;
+    x.group_n = pd_vec_data(gn);
+    x.group_sum_o = pd_vec_data(gso);
+    x.group_sum_q = pd_vec_data(gsq);
+    x.block_size = block_size;
+    x.block_d = pd_vec_data(bd);
+    if (pd_paired_moments(&so, &sq, pd_moments_kw[0], pd_moments_kw[1], tol, &x, &m) < 0)
+        goto done;
+    if ((res = PyStructSequence_New(st->moments_type)) == NULL)
+        goto done;
+    {
+        PyObject *items[15] = {
+            PyLong_FromSsize_t((Py_ssize_t)so.n), PyFloat_FromDouble(m.sum_o),
+            PyFloat_FromDouble(m.sum_q), PyFloat_FromDouble(m.sum_oo),
+            PyFloat_FromDouble(m.sum_qq), PyFloat_FromDouble(m.sum_oq),
+            PyFloat_FromDouble(m.sum_dp), PyFloat_FromDouble(m.sum_dp2),
+            PyFloat_FromDouble(m.sum_dp4), PyLong_FromSsize_t((Py_ssize_t)m.neginf_o),
+            PyLong_FromSsize_t((Py_ssize_t)m.neginf_q), Py_NewRef(gn ? gn : Py_None),
+            Py_NewRef(gso ? gso : Py_None), Py_NewRef(gsq ? gsq : Py_None),
+            Py_NewRef(bd ? bd : Py_None)};
+        int k, bad = 0;
+        for (k = 0; k < 15; k++) {
+            bad |= items[k] == NULL;
+            PyStructSequence_SetItem(res, k, items[k] ? items[k] : Py_NewRef(Py_None));
         }
-    PyErr_Format(PyExc_ValueError, "unknown SIMD path %R", name);
-    return NULL;
+        if (bad)
+            Py_CLEAR(res);
+    }
+done:
+    if (opened) {
+        pd_src_close(&so);
+        pd_src_close(&sq);
+    }
+    Py_XDECREF(codes);
+    Py_XDECREF(gn);
+    Py_XDECREF(gso);
+    Py_XDECREF(gsq);
+    Py_XDECREF(bd);
+    return res;
 }
 
 /* ----------------------------------------------------------------------------- analysis kernels */
 
-static PyObject *pd_block_bootstrap_py(PyObject *module, PyObject *args)
+static const char *const pd_bootstrap_kw[] = {"num", "den", "n_boot", "seed"};
+
+static PyObject *pd_block_bootstrap_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                       PyObject *kwnames)
 {
-    PyObject *onum, *oden, *res = NULL;
+    PyObject *a[4] = {NULL, NULL, NULL, NULL}, *res = NULL;
     PyArrayObject *num = NULL, *den = NULL, *out = NULL;
     Py_ssize_t n_boot;
     unsigned long long seed;
     npy_intp nb, dims[1];
     (void)module;
-    if (!PyArg_ParseTuple(args, "OOnK:block_bootstrap", &onum, &oden, &n_boot, &seed))
+    if (PD_PARSE("block_bootstrap", pd_bootstrap_kw, 4, 4, a) < 0 ||
+        ((n_boot = PyNumber_AsSsize_t(a[2], PyExc_OverflowError)) == -1 && PyErr_Occurred()) ||
+        ((seed = PyLong_AsUnsignedLongLongMask(a[3])) == (unsigned long long)-1 && PyErr_Occurred()))
         return NULL;
-    num = (PyArrayObject *)PyArray_FROMANY(onum, NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY);
-    den = num ? (PyArrayObject *)PyArray_FROMANY(oden, NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY) : NULL;
+    num = (PyArrayObject *)PyArray_FROMANY(a[0], NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY);
+    den = num ? (PyArrayObject *)PyArray_FROMANY(a[1], NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY) : NULL;
     if (den == NULL)
         goto done;
     nb = PyArray_SIZE(num);
@@ -499,15 +515,13 @@ static PyObject *pd_block_bootstrap_py(PyObject *module, PyObject *args)
         goto done;
     }
     dims[0] = n_boot;
-    out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_DOUBLE);
-    if (out == NULL)
+    if ((out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_DOUBLE)) == NULL)
         goto done;
     Py_BEGIN_ALLOW_THREADS
     pd_block_bootstrap((const double *)PyArray_DATA(num), (const double *)PyArray_DATA(den), nb,
                        n_boot, (uint64_t)seed, (double *)PyArray_DATA(out));
     Py_END_ALLOW_THREADS
-    res = (PyObject *)out;
-    out = NULL;
+    res = Py_NewRef(out);
 done:
     Py_XDECREF(num);
     Py_XDECREF(den);
@@ -515,9 +529,12 @@ done:
     return res;
 }
 
-static PyObject *pd_segment_sums_py(PyObject *module, PyObject *args)
+static const char *const pd_segment_kw[] = {"codes", "n_groups", "values"};
+
+static PyObject *pd_segment_sums_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                    PyObject *kwnames)
 {
-    PyObject *ocodes, *ovals, *res = NULL;
+    PyObject *a[3] = {NULL, NULL, NULL}, *res = NULL;
     PyArrayObject *codes = NULL, *vals = NULL, *counts = NULL, *sums = NULL;
     Py_ssize_t n_groups;
     pd_acc *acc = NULL;
@@ -525,10 +542,11 @@ static PyObject *pd_segment_sums_py(PyObject *module, PyObject *args)
     const npy_intp *c;
     int rc;
     (void)module;
-    if (!PyArg_ParseTuple(args, "OnO:segment_sums", &ocodes, &n_groups, &ovals))
+    if (PD_PARSE("segment_sums", pd_segment_kw, 3, 3, a) < 0 ||
+        ((n_groups = PyNumber_AsSsize_t(a[1], PyExc_OverflowError)) == -1 && PyErr_Occurred()))
         return NULL;
-    codes = (PyArrayObject *)PyArray_FROMANY(ocodes, NPY_INTP, 1, 1, NPY_ARRAY_IN_ARRAY);
-    vals = codes ? (PyArrayObject *)PyArray_FROMANY(ovals, NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY) : NULL;
+    codes = (PyArrayObject *)PyArray_FROMANY(a[0], NPY_INTP, 1, 1, NPY_ARRAY_IN_ARRAY);
+    vals = codes ? (PyArrayObject *)PyArray_FROMANY(a[2], NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY) : NULL;
     if (vals == NULL)
         goto done;
     n = PyArray_SIZE(codes);
@@ -557,7 +575,7 @@ static PyObject *pd_segment_sums_py(PyObject *module, PyObject *args)
     rc = pd_segment_sums(c, (const double *)PyArray_DATA(vals), n, n_groups, acc,
                          (npy_intp *)PyArray_DATA(counts), (double *)PyArray_DATA(sums));
     Py_END_ALLOW_THREADS
-    res = rc < 0 ? PyErr_NoMemory() : Py_BuildValue("OO", counts, sums);
+    res = rc < 0 ? PyErr_NoMemory() : PyTuple_Pack(2, counts, sums);
 done:
     PyMem_Free(acc);
     Py_XDECREF(codes);
@@ -566,6 +584,8 @@ done:
     Py_XDECREF(sums);
     return res;
 }
+
+/* ----------------------------------------------------------------------------- logits */
 
 /* A logits matrix argument: 2-D ndarray with contiguous rows, float64/32/16 or, with bf16
  * set, 16-bit integers holding bfloat16 bits. */
@@ -608,127 +628,207 @@ static int pd_mat_from(PyObject *obj, const char *name, int bf16, pd_mat *m)
     return 0;
 }
 
-static PyObject *pd_new_vec(npy_intp n, int type)
-{
-    npy_intp dims[1] = {n};
-    return PyArray_SimpleNew(1, dims, type);
-}
+enum { PD_L_LP_A, PD_L_LP_B, PD_L_KLD, PD_L_KLD_REV, PD_L_SAME, PD_L_RANK_B, PD_L_RANK_A, PD_NL };
 
-static PyObject *pd_logits_stats(PyObject *module, PyObject *args, PyObject *kwds)
+static PyStructSequence_Field pd_logits_fields[] = {
+    {"lp_a", "float64 log-softmax of a at the targets (NaN where ignored), or None"},
+    {"lp_b", "float64 log-softmax of b at the targets, or None"},
+    {"kld", "float64 KL(P||Q) per row, or None"},
+    {"kld_rev", "float64 KL(Q||P) per row, or None"},
+    {"same_top1", "bool: argmax a == argmax b, or None"},
+    {"rank_b", "int64 #{j : b_j > b[argmax a]}, or None"},
+    {"rank_a", "int64 #{j : a_j > a[argmax b]}, or None"},
+    {NULL, NULL}};
+
+static PyStructSequence_Desc pd_logits_desc = {
+    "ppldelta._core.LogitsStats", "Per-row results of logits_stats (None where not computed).",
+    pd_logits_fields, PD_NL};
+
+static const char *const pd_logits_kw[] = {"a",    "b",    "targets", "ignore_index",
+                                           "bf16", "topk", "threads"};
+
+PyDoc_STRVAR(pd_logits_stats_doc,
+"logits_stats(a, b=None, targets=None, ignore_index=-100, bf16=False, topk=True, threads=1)\n"
+"--\n\nLogitsStats(lp_a, lp_b, kld, kld_rev, same_top1, rank_b, rank_a) per row; None where not\n"
+"computed.");
+
+static PyObject *pd_logits_stats(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                 PyObject *kwnames)
 {
-    static char *kwlist[] = {"a", "b", "targets", "ignore_index", "bf16", "topk", "threads", NULL};
-    PyObject *oa, *ob = Py_None, *ot = Py_None, *res = NULL;
-    PyObject *lp_a = NULL, *lp_b = NULL, *kld = NULL, *kld_rev = NULL, *same = NULL, *rank = NULL,
-             *rank_a = NULL;
+    pd_state *st = pd_get_state(module);
+    PyObject *a[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL}, *res = NULL, *v[PD_NL] = {NULL};
     PyArrayObject *tarr = NULL;
     const pd_logits_fns *fn;
     long long ignore = -100;
-    int bf16 = 0, topk = 1, threads = 1, kind = 0, rc;
-    pd_mat a, b;
-    pd_logits_out out = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    long threads_l = 1;
+    int bf16, topk, kind = 0, rc, k;
+    pd_mat ma, mb;
+    pd_logits_out out;
     const npy_int64 *tg = NULL;
     npy_intp bad = -1;
-    (void)module;
-    memset(&b, 0, sizeof b);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OOLppi:logits_stats", kwlist, &oa, &ob, &ot,
-                                     &ignore, &bf16, &topk, &threads))
+    memset(&mb, 0, sizeof mb);
+    if (PD_PARSE("logits_stats", pd_logits_kw, 7, 1, a) < 0 || pd_arg_bool(a[4], 0, &bf16) < 0 ||
+        pd_arg_bool(a[5], 1, &topk) < 0)
         return NULL;
-    if (pd_mat_from(oa, "original_logits", bf16, &a) < 0)
+    if (a[3] && (ignore = PyLong_AsLongLong(a[3])) == -1 && PyErr_Occurred())
         return NULL;
-    if (ob != Py_None) {
-        if (pd_mat_from(ob, "quantized_logits", bf16, &b) < 0)
+    if (a[6] && (threads_l = PyLong_AsLong(a[6])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (threads_l > INT_MAX || threads_l < INT_MIN) {
+        PyErr_SetString(PyExc_OverflowError, "threads does not fit a C int");
+        return NULL;
+    }
+    if (pd_mat_from(a[0], "original_logits", bf16, &ma) < 0)
+        return NULL;
+    if (a[1] && a[1] != Py_None) {
+        if (pd_mat_from(a[1], "quantized_logits", bf16, &mb) < 0)
             return NULL;
-        if (b.rows != a.rows || b.V != a.V || b.dt != a.dt) {
+        if (mb.rows != ma.rows || mb.V != ma.V || mb.dt != ma.dt) {
             PyErr_Format(PyExc_ValueError,
                          "shape/dtype mismatch: original_logits is (%zd, %zd), quantized_logits is "
                          "(%zd, %zd)%s",
-                         (Py_ssize_t)a.rows, (Py_ssize_t)a.V, (Py_ssize_t)b.rows, (Py_ssize_t)b.V,
-                         b.dt != a.dt ? " with a different dtype" : "");
+                         (Py_ssize_t)ma.rows, (Py_ssize_t)ma.V, (Py_ssize_t)mb.rows,
+                         (Py_ssize_t)mb.V, mb.dt != ma.dt ? " with a different dtype" : "");
             return NULL;
         }
     }
-    if (ot != Py_None) {
+    if (a[2] && a[2] != Py_None) {
         /* native, aligned, contiguous int64 (a copy only when the input is not) */
-        tarr = (PyArrayObject *)PyArray_FROMANY(ot, NPY_INT64, 1, 1, NPY_ARRAY_IN_ARRAY);
+        tarr = (PyArrayObject *)PyArray_FROMANY(a[2], NPY_INT64, 1, 1, NPY_ARRAY_IN_ARRAY);
         if (tarr == NULL)
             goto done;
-        if (PyArray_DIM(tarr, 0) != a.rows) {
+        if (PyArray_DIM(tarr, 0) != ma.rows) {
             PyErr_Format(PyExc_ValueError, "targets has %zd values for %zd logits rows",
-                         (Py_ssize_t)PyArray_DIM(tarr, 0), (Py_ssize_t)a.rows);
+                         (Py_ssize_t)PyArray_DIM(tarr, 0), (Py_ssize_t)ma.rows);
             goto done;
         }
         tg = (const npy_int64 *)PyArray_DATA(tarr);
-        if (!(lp_a = pd_new_vec(a.rows, NPY_DOUBLE)))
+        if (!(v[PD_L_LP_A] = pd_new_vec(ma.rows, NPY_DOUBLE)) ||
+            (mb.base && !(v[PD_L_LP_B] = pd_new_vec(ma.rows, NPY_DOUBLE))))
             goto done;
-        out.lp_a = (double *)PyArray_DATA((PyArrayObject *)lp_a);
-        if (b.base) {
-            if (!(lp_b = pd_new_vec(a.rows, NPY_DOUBLE)))
-                goto done;
-            out.lp_b = (double *)PyArray_DATA((PyArrayObject *)lp_b);
-        }
     }
-    if (b.base) {
-        if (!(kld = pd_new_vec(a.rows, NPY_DOUBLE)) || !(kld_rev = pd_new_vec(a.rows, NPY_DOUBLE)) ||
-            !(same = pd_new_vec(a.rows, NPY_BOOL)))
+    if (mb.base) {
+        if (!(v[PD_L_KLD] = pd_new_vec(ma.rows, NPY_DOUBLE)) ||
+            !(v[PD_L_KLD_REV] = pd_new_vec(ma.rows, NPY_DOUBLE)) ||
+            !(v[PD_L_SAME] = pd_new_vec(ma.rows, NPY_BOOL)))
             goto done;
-        out.kld = (double *)PyArray_DATA((PyArrayObject *)kld);
-        out.kld_rev = (double *)PyArray_DATA((PyArrayObject *)kld_rev);
-        out.same_top1 = (npy_bool *)PyArray_DATA((PyArrayObject *)same);
-        if (topk) {
-            if (!(rank = pd_new_vec(a.rows, NPY_INT64)) || !(rank_a = pd_new_vec(a.rows, NPY_INT64)))
-                goto done;
-            out.rank_b = (npy_int64 *)PyArray_DATA((PyArrayObject *)rank);
-            out.rank_a = (npy_int64 *)PyArray_DATA((PyArrayObject *)rank_a);
-        }
+        if (topk && (!(v[PD_L_RANK_B] = pd_new_vec(ma.rows, NPY_INT64)) ||
+                     !(v[PD_L_RANK_A] = pd_new_vec(ma.rows, NPY_INT64))))
+            goto done;
     }
-    fn = pd_logits_kernel(a.dt); /* resolved under the GIL (_set_simd may run concurrently) */
+    out = (pd_logits_out){pd_vec_data(v[PD_L_LP_A]),    pd_vec_data(v[PD_L_LP_B]),
+                          pd_vec_data(v[PD_L_KLD]),     pd_vec_data(v[PD_L_KLD_REV]),
+                          pd_vec_data(v[PD_L_SAME]),    pd_vec_data(v[PD_L_RANK_B]),
+                          pd_vec_data(v[PD_L_RANK_A])};
+    fn = pd_logits_kernel(ma.dt); /* resolved under the GIL (_set_simd may run concurrently) */
     Py_BEGIN_ALLOW_THREADS
-    rc = pd_logits_run(fn, &a, &b, tg, (npy_int64)ignore, threads, &out, &bad, &kind);
+    rc = pd_logits_run(fn, &ma, &mb, tg, (npy_int64)ignore, (int)threads_l, &out, &bad, &kind);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         if (kind == 1)
             PyErr_Format(PyExc_ValueError, "targets[%zd] = %lld is outside the vocabulary [0, %zd)",
-                         (Py_ssize_t)bad, (long long)tg[bad], (Py_ssize_t)a.V);
+                         (Py_ssize_t)bad, (long long)tg[bad], (Py_ssize_t)ma.V);
         else
             PyErr_Format(PyExc_ValueError,
                          "logits row %zd contains NaN or +inf, or is entirely -inf%s",
-                         (Py_ssize_t)bad, b.base ? " (in original_logits or quantized_logits)" : "");
+                         (Py_ssize_t)bad, mb.base ? " (in original_logits or quantized_logits)" : "");
         goto done;
     }
-#define PD_OR_NONE(x) ((x) ? (x) : Py_None)
-    res = Py_BuildValue("OOOOOOO", PD_OR_NONE(lp_a), PD_OR_NONE(lp_b), PD_OR_NONE(kld),
-                        PD_OR_NONE(kld_rev), PD_OR_NONE(same), PD_OR_NONE(rank),
-                        PD_OR_NONE(rank_a));
-#undef PD_OR_NONE
+    if ((res = PyStructSequence_New(st->logits_type)) == NULL)
+        goto done;
+    for (k = 0; k < PD_NL; k++)
+        PyStructSequence_SetItem(res, k, Py_NewRef(v[k] ? v[k] : Py_None));
 done:
-    Py_XDECREF(lp_a);
-    Py_XDECREF(lp_b);
-    Py_XDECREF(kld);
-    Py_XDECREF(kld_rev);
-    Py_XDECREF(same);
-    Py_XDECREF(rank);
-    Py_XDECREF(rank_a);
+    for (k = 0; k < PD_NL; k++)
+        Py_XDECREF(v[k]);
     Py_XDECREF(tarr);
     return res;
 }
 
+/* ----------------------------------------------------------------------------- SIMD, testing hooks */
+
+static const char *const pd_x_kw[] = {"x"};
+
+static PyObject *pd_round4_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    PyObject *a[1] = {NULL};
+    double x;
+    if (PD_PARSE("_round4", pd_x_kw, 1, 1, a) < 0 || pd_arg_double(a[0], &x) < 0)
+        return NULL;
+    return pd_round4(pd_get_state(module), x);
+}
+
+static PyObject *pd_path_counts(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return Py_BuildValue("nnn", pd_n_fast, pd_n_exact, pd_n_sacc);
+}
+
+static PyObject *pd_simd(PyObject *module, PyObject *unused)
+{
+    (void)module;
+    (void)unused;
+    return PyUnicode_FromString(pd_isa_names[pd_dispatch_current()]);
+}
+
+static PyObject *pd_supported_simd(PyObject *module, PyObject *unused)
+{
+    PyObject *lst = PyList_New(0), *s = NULL;
+    int i;
+    (void)module;
+    (void)unused;
+    for (i = 0; lst != NULL && i < PD_NISA; i++) {
+        if (!pd_isa_supported((pd_isa)i))
+            continue;
+        if ((s = PyUnicode_FromString(pd_isa_names[i])) == NULL || PyList_Append(lst, s) < 0)
+            Py_CLEAR(lst);
+        Py_XDECREF(s);
+    }
+    return lst;
+}
+
+static const char *const pd_name_kw[] = {"name"};
+
+static PyObject *pd_set_simd(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                             PyObject *kwnames)
+{
+    PyObject *a[1] = {NULL};
+    int i;
+    (void)module;
+    if (PD_PARSE("_set_simd", pd_name_kw, 1, 1, a) < 0)
+        return NULL;
+    if (!PyUnicode_Check(a[0])) {
+        PyErr_SetString(PyExc_TypeError, "_set_simd() takes an ISA name");
+        return NULL;
+    }
+    for (i = 0; i < PD_NISA; i++)
+        if (PyUnicode_CompareWithASCIIString(a[0], pd_isa_names[i]) == 0)
+            return pd_dispatch_set((pd_isa)i) < 0 ? NULL : Py_NewRef(Py_None);
+    PyErr_Format(PyExc_ValueError, "unknown SIMD path %R", a[0]);
+    return NULL;
+}
+
+#define PD_FASTCALL(f) (PyCFunction)(void (*)(void))(f), METH_FASTCALL | METH_KEYWORDS
+
 static PyMethodDef pd_methods[] = {
-    {"logits_stats", (PyCFunction)(void (*)(void))pd_logits_stats, METH_VARARGS | METH_KEYWORDS,
-     "logits_stats(a, b=None, targets=None, ignore_index=-100, bf16=False, topk=True, threads=1)\n"
-     "--\n\n(lp_a, lp_b, kld, kld_rev, same_top1, rank_b, rank_a) per row; None where not computed."},
-    {"block_bootstrap", pd_block_bootstrap_py, METH_VARARGS,
+    {"perplexity_delta", PD_FASTCALL(pd_perplexity_delta), pd_perplexity_delta_doc},
+    {"reference", PD_FASTCALL(pd_reference), pd_reference_doc},
+    {"quality", PD_FASTCALL(pd_quality_py),
+     "quality(relative_delta_pct)\n--\n\nThe quality band: < 1 excellent, < 5 good, < 10 "
+     "acceptable, else (and NaN) poor."},
+    {"perplexity", PD_FASTCALL(pd_perplexity), pd_perplexity_doc},
+    {"sum_log_probs", PD_FASTCALL(pd_sum_log_probs), pd_sum_log_probs_doc},
+    {"paired_moments", PD_FASTCALL(pd_paired_moments_py), pd_paired_moments_doc},
+    {"logits_stats", PD_FASTCALL(pd_logits_stats), pd_logits_stats_doc},
+    {"block_bootstrap", PD_FASTCALL(pd_block_bootstrap_py),
      "block_bootstrap(num, den, n_boot, seed)\n--\n\n"
      "Replicates sum(num[idx]) / sum(den[idx]) over blocks drawn with replacement."},
-    {"segment_sums", pd_segment_sums_py, METH_VARARGS,
+    {"segment_sums", PD_FASTCALL(pd_segment_sums_py),
      "segment_sums(codes, n_groups, values)\n--\n\n"
      "(counts, sums): per-group counts and exactly rounded sums in one pass."},
-    {"perplexity_delta", (PyCFunction)(void (*)(void))pd_perplexity_delta,
-     METH_FASTCALL | METH_KEYWORDS, pd_perplexity_delta_doc},
-    {"perplexity", (PyCFunction)(void (*)(void))pd_perplexity, METH_FASTCALL | METH_KEYWORDS,
-     pd_perplexity_doc},
-    {"sum_log_probs", (PyCFunction)(void (*)(void))pd_sum_log_probs,
-     METH_FASTCALL | METH_KEYWORDS, pd_sum_log_probs_doc},
-    {"_round4", pd_round4_py, METH_O,
+    {"_round4", PD_FASTCALL(pd_round4_py),
      "_round4(x)\n--\n\nround(x, 4) as the core computes it (testing hook)."},
     {"_path_counts", pd_path_counts, METH_NOARGS,
      "_path_counts()\n--\n\n(fast, exact, sacc): certified fast results of perplexity_delta, its exact\n"
@@ -736,44 +836,60 @@ static PyMethodDef pd_methods[] = {
     {"simd", pd_simd, METH_NOARGS, "simd()\n--\n\nName of the active SIMD path."},
     {"supported_simd", pd_supported_simd, METH_NOARGS,
      "supported_simd()\n--\n\nSIMD paths this CPU and build can run."},
-    {"_set_simd", pd_set_simd, METH_O,
+    {"_set_simd", PD_FASTCALL(pd_set_simd),
      "_set_simd(name)\n--\n\nPin the SIMD path (testing hook; process-wide)."},
     {NULL, NULL, 0, NULL}};
 
 /* ----------------------------------------------------------------------------- module */
 
+/* A module constant: steals value (NULL: an error already set). */
+static int pd_add(PyObject *module, const char *name, PyObject *value)
+{
+    int rc = value ? PyModule_AddObjectRef(module, name, value) : -1;
+    Py_XDECREF(value);
+    return rc;
+}
+
 static int pd_exec(PyObject *module)
 {
     pd_state *st = pd_get_state(module);
-    if (PyArray_ImportNumPyAPI() < 0)
+    PyObject *names, *thresholds;
+    int k;
+    if (PyArray_ImportNumPyAPI() < 0 || pd_dispatch_init() < 0)
         return -1;
-    if (pd_dispatch_init() < 0)
-        return -1;
-#define PD_STR(field, text)                                   \
-    if ((st->field = PyUnicode_InternFromString(text)) == NULL) \
-        return -1;
-    PD_STR(k_orig, "original_perplexity")
-    PD_STR(k_quant, "quantized_perplexity")
-    PD_STR(k_abs, "absolute_delta")
-    PD_STR(k_rel, "relative_delta_pct")
-    PD_STR(k_quality, "quality")
-    PD_STR(q_excellent, "excellent")
-    PD_STR(q_good, "good")
-    PD_STR(q_acceptable, "acceptable")
-    PD_STR(q_poor, "poor")
-#undef PD_STR
-    if ((st->four = PyLong_FromLong(4)) == NULL)
-        return -1;
-    if ((st->float_round = PyObject_GetAttrString((PyObject *)&PyFloat_Type, "__round__")) == NULL)
-        return -1;
-    {
-        PyObject *tol = PyFloat_FromDouble(PD_DEFAULT_TOL);
-        int rc = tol ? PyModule_AddObjectRef(module, "POSITIVE_TOLERANCE", tol) : -1;
-        Py_XDECREF(tol);
-        if (rc < 0)
+    for (k = 0; k < PD_NKEYS; k++)
+        if ((st->keys[k] = PyUnicode_InternFromString(pd_key_names[k])) == NULL)
             return -1;
+    if ((names = PyTuple_New(PD_NQUALITY)) == NULL ||
+        (thresholds = PyTuple_New(PD_NQUALITY - 1)) == NULL) {
+        Py_XDECREF(names);
+        return -1;
     }
-    if (PyModule_AddIntConstant(module, "BLOCK", PD_BLOCK) < 0)
+    for (k = 0; k < PD_NQUALITY; k++) {
+        if ((st->quality[k] = PyUnicode_InternFromString(pd_quality_names[k])) == NULL)
+            break;
+        PyTuple_SET_ITEM(names, k, Py_NewRef(st->quality[k]));
+        if (k < PD_NQUALITY - 1) {
+            PyObject *t = PyFloat_FromDouble(pd_quality_thresholds[k]);
+            if (t == NULL)
+                break;
+            PyTuple_SET_ITEM(thresholds, k, t);
+        }
+    }
+    if (k < PD_NQUALITY) {
+        Py_DECREF(names);
+        Py_DECREF(thresholds);
+        return -1;
+    }
+    if (pd_add(module, "QUALITIES", names) < 0 || pd_add(module, "QUALITY_THRESHOLDS", thresholds) < 0 ||
+        (st->four = PyLong_FromLong(4)) == NULL ||
+        (st->float_round = PyObject_GetAttrString((PyObject *)&PyFloat_Type, "__round__")) == NULL ||
+        (st->moments_type = PyStructSequence_NewType(&pd_moments_desc)) == NULL ||
+        (st->logits_type = PyStructSequence_NewType(&pd_logits_desc)) == NULL ||
+        PyModule_AddType(module, st->moments_type) < 0 ||
+        PyModule_AddType(module, st->logits_type) < 0 ||
+        pd_add(module, "POSITIVE_TOLERANCE", PyFloat_FromDouble(PD_DEFAULT_TOL)) < 0 ||
+        PyModule_AddIntConstant(module, "BLOCK", PD_BLOCK) < 0)
         return -1;
     return 0;
 }
@@ -785,26 +901,26 @@ static int pd_traverse(PyObject *module, visitproc visit, void *arg)
         return 0;
     Py_VISIT(st->adapter);
     Py_VISIT(st->float_round);
+    Py_VISIT(st->moments_type);
+    Py_VISIT(st->logits_type);
     return 0;
 }
 
 static int pd_clear(PyObject *module)
 {
     pd_state *st = pd_get_state(module);
+    int k;
     if (st == NULL)
         return 0;
     Py_CLEAR(st->adapter);
     Py_CLEAR(st->float_round);
     Py_CLEAR(st->four);
-    Py_CLEAR(st->k_orig);
-    Py_CLEAR(st->k_quant);
-    Py_CLEAR(st->k_abs);
-    Py_CLEAR(st->k_rel);
-    Py_CLEAR(st->k_quality);
-    Py_CLEAR(st->q_excellent);
-    Py_CLEAR(st->q_good);
-    Py_CLEAR(st->q_acceptable);
-    Py_CLEAR(st->q_poor);
+    Py_CLEAR(st->moments_type);
+    Py_CLEAR(st->logits_type);
+    for (k = 0; k < PD_NKEYS; k++)
+        Py_CLEAR(st->keys[k]);
+    for (k = 0; k < PD_NQUALITY; k++)
+        Py_CLEAR(st->quality[k]);
     return 0;
 }
 

@@ -39,6 +39,6 @@ PD_DEFINE_REDUCE(reduce_f32, ld_f32, pd_load_f32, 4)
 PD_DEFINE_REDUCE(reduce_f16, ld_f16, pd_load_f16, 2)
 
 const pd_kernels pd_kernels_avx512 = {
-    PD_ISA_AVX512, "avx512", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, NULL},
+    {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, NULL},
     {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, NULL}};
 #endif

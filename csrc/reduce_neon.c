@@ -29,6 +29,7 @@ static inline float64x2_t ld_f32(const char *p) { return vcvt_f64_f32(vld1_f32((
 PD_DEFINE_REDUCE(reduce_f64, ld_f64, pd_load_f64, 8)
 PD_DEFINE_REDUCE(reduce_f32, ld_f32, pd_load_f32, 4)
 
-const pd_kernels pd_kernels_neon = {PD_ISA_NEON, "neon", {reduce_f64_fast, reduce_f32_fast, NULL, NULL},
+const pd_kernels pd_kernels_neon = {
+    {reduce_f64_fast, reduce_f32_fast, NULL, NULL},
     {reduce_f64_exact, reduce_f32_exact, NULL, NULL}};
 #endif

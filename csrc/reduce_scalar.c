@@ -34,5 +34,5 @@ npy_intp pd_reduce_strided(pd_dtype dt, int mode, const char *p, npy_intp n, npy
 }
 
 const pd_kernels pd_kernels_scalar = {
-    PD_ISA_SCALAR, "scalar", {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, NULL},
+    {reduce_f64_fast, reduce_f32_fast, reduce_f16_fast, NULL},
     {reduce_f64_exact, reduce_f32_exact, reduce_f16_exact, NULL}};

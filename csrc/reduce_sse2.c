@@ -27,6 +27,7 @@ PD_TARGET static inline __m128d ld_f32(const char *p)
 PD_DEFINE_REDUCE(reduce_f64, ld_f64, pd_load_f64, 8)
 PD_DEFINE_REDUCE(reduce_f32, ld_f32, pd_load_f32, 4)
 
-const pd_kernels pd_kernels_sse2 = {PD_ISA_SSE2, "sse2", {reduce_f64_fast, reduce_f32_fast, NULL, NULL},
+const pd_kernels pd_kernels_sse2 = {
+    {reduce_f64_fast, reduce_f32_fast, NULL, NULL},
     {reduce_f64_exact, reduce_f32_exact, NULL, NULL}};
 #endif

@@ -69,16 +69,14 @@ void pd_block_bootstrap(const double *num, const double *den, npy_intp nb, npy_i
     npy_intp r, k;
     pd_rng_seed(&rng, seed);
     for (r = 0; r < n_boot; r++) {
-        double sn = 0.0, cn = 0.0, sd = 0.0;
+        pd_csum sn = {0.0, 0.0}; /* compensated numerator: its terms have both signs */
+        double sd = 0.0;
         for (k = 0; k < nb; k++) {
             uint32_t i = pd_rng_below(&rng, (uint32_t)nb);
-            /* Neumaier on the numerator: its terms have both signs */
-            double t = sn + num[i];
-            cn += fabs(sn) >= fabs(num[i]) ? (sn - t) + num[i] : (num[i] - t) + sn;
-            sn = t;
+            pd_csum_add(&sn, num[i]);
             sd += den[i]; /* integer token counts: exact below 2^53 */
         }
-        out[r] = (sn + cn) / sd;
+        out[r] = (sn.s + sn.c) / sd; /* (NaN once a term is infinite) */
     }
 }
 

@@ -104,6 +104,11 @@ def test_hidden_ties_sum_exactly(isa, case):
     assert _core.sum_log_probs(x.tolist(), positive_tolerance=tol)[1] == want
     assert _core.sum_log_probs(x[::-1].copy(), positive_tolerance=tol)[1] == want
     assert _core.sum_log_probs(np.repeat(x, 2)[::2], positive_tolerance=tol)[1] == want  # strided
+    # paired_moments: the same exact sums from its one read of both inputs
+    m = _core.paired_moments(x, x[::-1], positive_tolerance=tol)
+    assert m.sum_o == want and m.sum_q == want
+    m = _core.paired_moments(x.tolist(), np.repeat(x, 2)[::2], positive_tolerance=tol)
+    assert m.sum_o == want and m.sum_q == want
 
 
 @FIXTURE_OK
@@ -126,6 +131,10 @@ def test_hidden_ties_perplexity_delta_and_groups(isa, case, data):
     codes = np.tile([0, 1], n)
     counts, sums = _core.segment_sums(codes, 2, np.ravel(np.column_stack([x, other])))
     assert sums[0] == _fsum(x) and sums[1] == _fsum(other)
+    m = _core.paired_moments(np.ravel(np.column_stack([x, other])),
+                             np.ravel(np.column_stack([q, other])), codes, 2, positive_tolerance=tol)
+    assert m.group_sum_o.tolist() == [_fsum(x), _fsum(other)]
+    assert m.group_sum_q.tolist() == [_fsum(q), _fsum(other)] and m.group_n.tolist() == [n, n]
 
 
 def test_lane_errors_that_cancel(isa):
