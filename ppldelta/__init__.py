@@ -10,7 +10,8 @@ and top-token agreement from logits, confidence intervals, per-domain breakdowns
 from ._core import POSITIVE_TOLERANCE, perplexity, perplexity_delta, simd, supported_simd
 from . import distributed, hf, llamacpp, lmeval, plot
 from .accumulate import Accumulator
-from .analysis import Report, analyze
+from .analysis import analyze
+from .report import Report
 from .bands import Band, expected_band
 from .flips import FlipReport, choice_flips, paired_outcomes, pass_at_k
 from .logits import kl_divergence, token_log_probs

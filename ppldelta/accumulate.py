@@ -16,17 +16,17 @@ import math
 
 import numpy as np
 
+from . import paired
 from ._core import POSITIVE_TOLERANCE
-from .analysis import (PCTS_DP, PCTS_KLD, _PER_TOKEN, Report, _bootstrap_blocks, _delta_p_extra,
-                       _expected, _group_entry, _paired_stats, _prepare, _rate, _reference_from_sums,
-                       _unc)
+from .report import (DistMoments, GroupMoments, Histogram, Moments, Report, block_sums, build,
+                     check_confidence, reference)
 
 _SHIFT = 1127  # 2^-1127 divides every float64 (smallest subnormal 2^-1074 = 2^52 * 2^-1126)
 _KLD_EDGES = np.concatenate([[0.0], np.logspace(-12, 3, 1501)])
 _DP_EDGES = np.linspace(-1.0, 1.0, 20001)
 _SUMS = ("lo", "lq", "oo", "qq", "oq", "dp", "dp2", "dp4", "kld", "kld2", "kldr", "kldr2")
 _COUNTS = ("same", "top5", "top10")
-_KEYS = dict(zip(_PER_TOKEN, ("kld", "kldr", "same", "top5", "top10")))  # analyze's names -> ours
+_KEYS = dict(zip(paired.PER_TOKEN, ("kld", "kldr", "same", "top5", "top10")))  # analyze's names -> ours
 
 
 def exact_sum(x) -> int:
@@ -54,32 +54,6 @@ def _to_float(v: int) -> float:
         return v / (1 << _SHIFT)  # Python's int / int is correctly rounded
     except OverflowError:
         return math.inf if v > 0 else -math.inf
-
-
-def _hist_percentiles(hist, edges, n, lo, hi, pcts, log, n_inf=0):
-    """Percentiles (numpy 'linear' ranks) from a histogram, interpolated within the bin; the
-    n_inf largest values are +inf (as numpy, a rank that interpolates towards one is inf)."""
-    cum = np.cumsum(hist)
-    out = {}
-    for key, p in pcts:
-        if p == 0:
-            out[key] = lo
-            continue
-        if p == 100:
-            out[key] = hi
-            continue
-        k = p / 100 * (n - 1)
-        if k > n - 1 - n_inf:
-            out[key] = math.inf
-            continue
-        b = int(np.searchsorted(cum, k, side="right"))
-        b = min(b, hist.size - 1)
-        before = cum[b - 1] if b > 0 else 0
-        frac = (k - before + 0.5) / max(hist[b], 1)
-        a, z = edges[b], edges[b + 1]
-        v = (a * (z / a) ** frac) if (log and a > 0) else a + (z - a) * frac
-        out[key] = float(min(max(v, lo), hi))
-    return out
 
 
 def _bad(msg):
@@ -266,19 +240,24 @@ class Accumulator:
                original_logits=None, quantized_logits=None, targets=None, ignore_index=-100):
         """Add a chunk of tokens (same arguments and checks as ppldelta.analyze).  A chunk that
         fails a check changes nothing."""
-        p = _prepare(original_log_probs, quantized_log_probs, groups,
-                     dict(zip(_PER_TOKEN, (kld, kld_reverse, same_top1, top1_in_top5, top1_in_top10))),
-                     original_logits, quantized_logits, targets, ignore_index,
-                     kld_reverse is not None or (self.has or {}).get("kldr", False), chunk=True)
-        lo, lq, n = p["lo"], p["lq"], p["n"]
-        arrs = {_KEYS[k]: v for k, v in p["extras"].items()}
+        p = paired.read(original_log_probs, quantized_log_probs, groups=groups,
+                        per_token=dict(zip(paired.PER_TOKEN, (kld, kld_reverse, same_top1, top1_in_top5,
+                                                              top1_in_top10))),
+                        original_logits=original_logits, quantized_logits=quantized_logits,
+                        targets=targets, ignore_index=ignore_index,
+                        reverse=kld_reverse is not None or (self.has or {}).get("kldr", False))
+        m = paired.moments(p.lp)  # validates the log-probs (the messages of perplexity_delta)
+        if m.n_neginf_o:  # a -inf original log-prob: the total's perplexity overflows too
+            reference(m.sum_o, m.sum_q, m.n)
+        lo, lq, n = p.lo, p.lq, p.n
+        arrs = {_KEYS[k]: v for k, v in p.extras.items() if k in _KEYS}
         has = {k: k in arrs for k in _KEYS.values()}
         if self.has is not None and has != self.has:
             raise ValueError(f"every update must carry the same per-token arrays: first had "
                              f"{sorted(k for k, v in self.has.items() if v)}, this one "
                              f"{sorted(k for k, v in has.items() if v)}")
         self.has = has
-        self.ignored += p["n_ignored"]
+        self.ignored += p.n_ignored
         fo, fq = np.isfinite(lo), np.isfinite(lq)
         self.neginf["o"] += int(n - fo.sum())
         self.neginf["q"] += int(n - fq.sum())
@@ -302,9 +281,9 @@ class Accumulator:
         self.n += n
         d = lo - lq  # nll_q - nll_o
         self._add_blocks(self.blocks, d)
-        if p["names"] is not None:
-            for code, name in enumerate(p["names"]):
-                sel = p["codes"] == code
+        if p.names is not None:
+            for code, name in enumerate(p.names):
+                sel = p.codes == code
                 if not sel.any():
                     continue
                 g = self.groups.setdefault(name, _new_group())
@@ -335,12 +314,7 @@ class Accumulator:
         mm[0], mm[1] = min(mm[0], float(x.min())), max(mm[1], float(x.max()))
 
     def _add_blocks(self, blocks, d):
-        if d.size == 0:
-            return
-        starts = np.arange(0, d.size, self.block_size)
-        with np.errstate(invalid="ignore"):
-            num = np.add.reduceat(d, starts)
-        den = np.diff(np.append(starts, d.size)).astype(np.float64)
+        num, den = block_sums(d, self.block_size)
         blocks[0] = np.concatenate([blocks[0], num])
         blocks[1] = np.concatenate([blocks[1], den])
 
@@ -417,51 +391,31 @@ class Accumulator:
         n = self.n
         if n == 0:
             raise ValueError("the accumulator is empty")
-        if not 0 < confidence < 1:
-            raise ValueError("confidence must be in (0, 1)")
-        so = -math.inf if self.neginf["o"] else self._sum("lo")
-        sq = -math.inf if self.neginf["q"] else self._sum("lq")
-        ref = _reference_from_sums(so, sq, n)  # perplexity_delta's ValueError if PPL(base) is inf
-        boot = self._boot(self.blocks, (so - sq) / n, n_bootstrap, seed, confidence)
-        data = {"reference": ref, "n_tokens": n, "n_ignored": self.ignored, "confidence": confidence,
-                "protocol": protocol}
-        data.update(_paired_stats(n, -so, -sq, self._sum("oo"), self._sum("qq"), self._sum("oq"), boot))
-        data["bootstrap"] = {"n_bootstrap": int(n_bootstrap), "block_size": self.block_size,
-                             "n_blocks": boot["n_blocks"], "seed": seed}
-        data["kld"] = self._dist("kld", "kld", _KLD_EDGES, PCTS_KLD, True) if self.has["kld"] else None
-        if self.has["kldr"]:
-            data["kld_reverse"] = self._dist("kldr", "kldr", _KLD_EDGES, PCTS_KLD, True)
-        dp = self._dist("dp", "dp", _DP_EDGES, PCTS_DP, False)
-        dp = {k: (None if v is None else 100 * v) for k, v in dp.items()}
-        data["delta_p"] = _delta_p_extra(dp, n, self._sum("dp2"), self._sum("dp4"))
-        data["same_top1"] = _rate(n, self.counts["same"]) if self.has["same"] else None
-        data["top1_in_top5"] = 100 * self.counts["top5"] / n if self.has["top5"] else None
-        data["top1_in_top10"] = 100 * self.counts["top10"] / n if self.has["top10"] else None
-        data["groups"] = None
-        data["suffers_most"] = None
+        check_confidence(confidence)
+        has = self.has
+        groups = None
         if self.groups:
-            gout = {}
-            for i, name in enumerate(sorted(self.groups)):  # sorted: independent of merge order
-                g = self.groups[name]
-                go = _to_float(g["lo"])
-                gq = -math.inf if g["inf"]["q"] else _to_float(g["lq"])
-                gb = self._boot(g["blocks"], (go - gq) / g["n"], n_bootstrap, seed + i + 1, confidence)
-                kld = (math.inf if g["inf"]["kld"] else _to_float(g["kld"]) / g["n"]) if self.has["kld"] else None
-                gout[name] = _group_entry(name, g["n"], go, gq, gb, kld,
-                                          100 * g["same"] / g["n"] if self.has["same"] else None)
-            data["groups"] = gout
-            data["suffers_most"] = max(gout, key=lambda k: gout[k]["reference"]["relative_delta_pct"])
-        data["expected"] = _expected(expected, data["ppl_ratio"]["value"], data["ppl_ratio"]["ci"])
-        return Report(data)
+            groups = [GroupMoments(name, g["n"], _to_float(g["lo"]), -math.inf if g["inf"]["q"] else _to_float(g["lq"]),
+                                   _canonical(g["blocks"]), i,
+                                   (math.inf if g["inf"]["kld"] else _to_float(g["kld"])) if has["kld"] else None,
+                                   g["same"] if has["same"] else None)
+                      for i, (name, g) in enumerate(sorted(self.groups.items()))]  # sorted: any merge order
+        return build(Moments(
+            n, -math.inf if self.neginf["o"] else self._sum("lo"), -math.inf if self.neginf["q"] else self._sum("lq"),
+            self._sum("oo"), self._sum("qq"), self._sum("oq"), self._sum("dp"), self._sum("dp2"),
+            self._sum("dp4"), self._percentiles("dp", _DP_EDGES, False), _canonical(self.blocks), self.block_size,
+            *(DistMoments(self._sum(k), self._sum(k + "2"), self._percentiles(k, _KLD_EDGES, True)) if has[k] else None
+              for k in ("kld", "kldr")),
+            {name: self.counts[k] for name, k in (("same_top1", "same"), ("top1_in_top5", "top5"),
+                                                 ("top1_in_top10", "top10")) if has[k]},
+            groups, self.ignored), confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
+            expected=expected, protocol=protocol)
 
-    def _boot(self, blocks, mean, n_boot, seed, confidence):
-        order = np.lexsort((blocks[1], blocks[0]))  # canonical: independent of merge order
-        return _bootstrap_blocks(blocks[0][order], blocks[1][order], mean, n_boot, seed, confidence)
+    def _percentiles(self, key, edges, log):
+        return Histogram(self.hist[key], edges, self.n, *self.minmax[key], log, self.inf[key][0])
 
-    def _dist(self, hkey, skey, edges, pcts, log):
-        n = self.n
-        mean, unc = _unc(n, self._sum(skey), self._sum(skey + "2"))
-        lo, hi = self.minmax[hkey]
-        out = {"mean": mean, "stderr": unc}
-        out.update(_hist_percentiles(self.hist[hkey], edges, n, lo, hi, pcts, log, self.inf[skey][0]))
-        return out
+
+def _canonical(blocks):
+    """Bootstrap blocks in a canonical order: the report is independent of the merge order."""
+    order = np.lexsort((blocks[1], blocks[0]))
+    return blocks[0][order], blocks[1][order]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from ._core import quality
+
 _LLAMACPP = ("llama.cpp tools/perplexity/README.md (github.com/ggml-org/llama.cpp; WikiText-2 test, "
              "n_ctx 512, no imatrix): ")
 _TORCHAO = ("torchao torchao/quantization/README.md, Benchmarks (github.com/pytorch/ao; lm-eval wikitext "
@@ -47,13 +49,9 @@ def _where(x, rng, higher_is_worse=True):
     return "within expected band"
 
 
-def _quality(ratio):  # the reference's 1 / 5 / 10 % thresholds, applied to the band's high end
-    pct = (ratio - 1) * 100
-    return "excellent" if pct < 1 else "good" if pct < 5 else "acceptable" if pct < 10 else "poor"
-
-
 def _band(fmt, bits, low, high, source, kld=None, same_top1=None):
-    return Band(fmt, bits, low, high, False, _quality(high), kld, same_top1, source)
+    # acceptable: the reference's quality word (its 1 / 5 / 10 % thresholds) of the band's high end
+    return Band(fmt, bits, low, high, False, quality((high - 1) * 100), kld, same_top1, source)
 
 
 # ratios are rounded to 4 decimals from the published perplexities (llama.cpp's LLaMA 3 8B

@@ -9,7 +9,9 @@ import argparse
 import os
 import sys
 
-QUALITY_ORDER = ["excellent", "good", "acceptable", "poor"]
+from ._core import QUALITIES
+
+QUALITY_ORDER = list(QUALITIES)  # kept for old callers: the reference's quality words, best first
 _COMPARE_EPILOG = """\
 files: .npy, .npz, .pt/.pth, .safetensors, .json, .jsonl, or text with one number per line;
   only regular files are read (not devices or pipes).
@@ -34,7 +36,7 @@ def _parser():
     c.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     c.add_argument("--expected", metavar="FORMAT", help="quantization format for the expected band, e.g. gguf-q4_k_m")
     c.add_argument("--confidence", type=float, default=0.95)
-    c.add_argument("--fail-on", choices=QUALITY_ORDER[1:], metavar="QUALITY",
+    c.add_argument("--fail-on", choices=QUALITIES[1:], metavar="QUALITY",
                    help="exit 1 when the quality is this or worse (good, acceptable, poor)")
     c.add_argument("--max-relative-delta", type=float, metavar="PCT",
                    help="exit 1 when the relative perplexity delta exceeds PCT percent")
@@ -46,8 +48,9 @@ def _parser():
 
 
 def _gate(result: dict, args) -> str | None:
+    """Why the quality gate fails for the reference dict ``result`` (None: it passes)."""
     q = result["quality"]
-    if args.fail_on and QUALITY_ORDER.index(q) >= QUALITY_ORDER.index(args.fail_on):
+    if args.fail_on and QUALITIES.index(q) >= QUALITIES.index(args.fail_on):
         return f"quality is {q!r} (relative perplexity delta {result['relative_delta_pct']}%), fail-on {args.fail_on!r}"
     if args.max_relative_delta is not None and result["relative_delta_pct"] > args.max_relative_delta:
         return (f"relative perplexity delta {result['relative_delta_pct']}% exceeds "
@@ -72,7 +75,7 @@ def _inputs(args):
 
 
 def _compare(args) -> int:
-    from . import analyze
+    from .analysis import analyze
     from .io import _one_line, read_labels
 
     orig, quant, extra = _inputs(args)
@@ -118,10 +121,11 @@ def _quiet_stdout():
 def _demo(args) -> int:
     import textwrap
 
-    from . import analyze, choice_flips
-    from .analysis import _p_eq
+    from .analysis import analyze
+    from .flips import choice_flips
     from .demo import ORIGINAL_NOTE, OWN_MODEL_NOTE, featured, load_demo
     from .io import to_json
+    from .report import _p_eq
 
     data = load_demo()
     variants = args.variant or list(data.variants)
@@ -156,12 +160,12 @@ def _demo(args) -> int:
     print()
     print("verdict: how large the loss is (the reference's 1/5/10 % thresholds, once the 95 % CI excludes no "
           "change) and where the CI lies against the published range for the variant's format ("
-          + ", ".join(f"{v}: {r['expected']['format']}" for v, r in reports.items() if r["expected"]) + ")."
+          + ", ".join(f"{v}: {r.expected.format}" for v, r in reports.items() if r.expected) + ")."
           if md else "\n".join(textwrap.wrap(
               "verdict: how large the loss is (the reference's 1/5/10 % thresholds, once the 95 % CI "
               "excludes no change) and where the CI lies against the published range for the variant's "
-              "format (" + ", ".join(f"{v}: {r['expected']['format']}" for v, r in reports.items()
-                                     if r["expected"]) + ").", 100)))
+              "format (" + ", ".join(f"{v}: {r.expected.format}" for v, r in reports.items()
+                                     if r.expected) + ").", 100)))
     print(f"\n{h2}Full report for {show}" + (" (4-bit, groups of 128: the common setting; "
                                              "--variant picks others)" if show == "rtn4_g128" else "") + "\n")
     print(reports[show].to_markdown() if md else reports[show])
@@ -196,20 +200,17 @@ def _summary_table(reports, domains, md, flips=None):
         head[4:] = ["mean KLD", "same top-1 %"] + [f"{g} Δ %" for g in domains] + ["suffers most", "cloze flips", "verdict", "why"]
     rows = []
     for v, r in reports.items():
-        d = r.to_dict()
-        ratio, ci = d["ppl_ratio"]["value"], d["ppl_ratio"]["ci"]
-        row = [v, _num(d["ppl"]["quantized"]["value"], 3), _num((ratio - 1) * 100, sign=True),
+        ratio, ci = r.ppl_ratio.value, r.ppl_ratio.ci
+        row = [v, _num(r.ppl.quantized.value, 3), _num((ratio - 1) * 100, sign=True),
                "-" if ci[0] is None else f"{_num((ci[0] - 1) * 100, sign=True)}…{_num((ci[1] - 1) * 100, sign=True)}",
-               f"{d['kld']['mean']:.4f}" if d.get("kld") else "-",
-               f"{d['same_top1']['pct']:.1f}" if d.get("same_top1") else "-"]
+               f"{r.kld.mean:.4f}" if r.kld else "-", f"{r.same_top1.pct:.1f}" if r.same_top1 else "-"]
         if md:
-            g = d["groups"]
-            row += [_num((g[x]["ppl_ratio"]["value"] - 1) * 100, sign=True) for x in domains]
-            row += [d["suffers_most"] + ("" if d.get("suffers_most_significant") else " (not significant)"),
+            row += [_num((r.groups[x].ppl_ratio.value - 1) * 100, sign=True) for x in domains]
+            row += [r.suffers_most + ("" if r.suffers_most_significant else " (not significant)"),
                     f"{flips[v].flips} ({flips[v].right_to_wrong} right->wrong)" if v in flips else "-",
-                    d["verdict"]["headline"], d["verdict"]["reason"]]
+                    r.verdict.headline, r.verdict.reason]
         else:
-            row.append(d["verdict"]["headline"])
+            row.append(r.verdict.headline)
         rows.append(row)
     if md:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

@@ -20,62 +20,6 @@ def _threads(threads):
     return int(threads)
 
 
-def _as_rows(x, name, bf16):
-    """(rows, vocab) ndarray view of logits of shape (..., vocab), and whether it holds bf16."""
-    if hasattr(x, "detach"):  # torch
-        t = x.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if str(t.dtype) == "torch.bfloat16":
-            t = t.contiguous().view(dtype=__import__("torch").int16)
-            bf16 = True
-        x = t.numpy()
-    a = _adapt.as_array(x, name)
-    if a.ndim < 1:
-        raise ValueError(f"{name} must have a vocabulary axis")
-    if a.dtype.kind not in "fiu":
-        raise TypeError(f"{name} has dtype {a.dtype}: logits must be real numbers")
-    if bf16 and a.dtype not in (np.uint16, np.int16):
-        raise TypeError(f"{name}: bf16=True needs the raw 16-bit pattern (uint16/int16), got {a.dtype}")
-    if not bf16 and a.dtype not in (np.float64, np.float32, np.float16):
-        a = a.astype(np.float64)
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    lead = a.shape[:-1]
-    a = a.reshape(-1, a.shape[-1])  # a view whenever the layout allows
-    if a.shape[1] > 1 and a.strides[1] != a.itemsize:
-        a = np.ascontiguousarray(a)
-    return a, lead, bf16
-
-
-def _targets(targets, lead, vocab, ignore_index):
-    """Flat int64 targets, each a token id in [0, vocab) or ignore_index, checked in the given
-    dtype (a uint64 2^64 - 100 is out of range, not -100)."""
-    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
-    ignore_index = int(ignore_index)
-    if not -2 ** 63 <= ignore_index < 2 ** 63:
-        raise ValueError(f"ignore_index {ignore_index} does not fit in int64")
-    t = _adapt.as_array(targets, "targets")
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"targets must be integers (token ids), got {t.dtype}")
-    if t.shape != lead:
-        raise ValueError(f"targets has shape {t.shape}, logits have leading shape {lead}")
-    flat = t.reshape(-1)
-    if flat.size:
-        # compare as Python ints against the dtype's range: no wrap-around in any integer type
-        info = np.iinfo(flat.dtype)
-        ok = (flat >= 0) & (flat <= flat.dtype.type(min(vocab - 1, info.max))) if vocab > 0 else \
-            np.zeros(flat.shape, bool)
-        if info.min <= ignore_index <= info.max:
-            ok |= flat == flat.dtype.type(ignore_index)
-        if not ok.all():
-            i = int(np.flatnonzero(~ok)[0])
-            raise ValueError(f"targets[{i}] = {int(flat[i])} is outside the vocabulary [0, {vocab}) "
-                             f"and is not ignore_index ({ignore_index})")
-    return np.ascontiguousarray(flat.astype(np.int64))
-
-
 def token_log_probs(logits, targets, *, ignore_index=-100, bf16=False, threads=1):
     """log_softmax(logits)[..., target] as float64, shape ``targets.shape``.
 
@@ -85,10 +29,10 @@ def token_log_probs(logits, targets, *, ignore_index=-100, bf16=False, threads=1
     be averaged in silently (``ppldelta.perplexity`` would name them).  Drop them with
     ``lp[targets != ignore_index]``.  ``threads``: rows are split across threads (0 = all CPUs).
     """
-    a, lead, bf16 = _as_rows(logits, "logits", bf16)
-    t = _targets(targets, lead, a.shape[1], ignore_index)
-    lp, *_ = _core.logits_stats(a, None, t, ignore_index=ignore_index, bf16=bf16,
-                                threads=_threads(threads))
+    a, lead, bf16 = _adapt.as_rows(logits, "logits", bf16)
+    t = _adapt.as_targets(targets, lead, a.shape[1], ignore_index)
+    lp = _core.logits_stats(a, None, t, ignore_index=ignore_index, bf16=bf16,
+                            threads=_threads(threads)).lp_a
     return lp.reshape(lead)
 
 
@@ -108,8 +52,8 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
       ``p_original``, ``p_quantized``, ``delta_p`` = p_quantized - p_original, and ``scored``:
       targets != ignore_index (``kld[scored]`` drops the ignored positions).
     """
-    a, lead, bf16a = _as_rows(original_logits, "original_logits", bf16)
-    b, lead_b, bf16b = _as_rows(quantized_logits, "quantized_logits", bf16)
+    a, lead, bf16a = _adapt.as_rows(original_logits, "original_logits", bf16)
+    b, lead_b, bf16b = _adapt.as_rows(quantized_logits, "quantized_logits", bf16)
     if lead != lead_b or a.shape[1] != b.shape[1]:
         raise ValueError(f"shape mismatch: original_logits {lead + (a.shape[1],)}, "
                          f"quantized_logits {lead_b + (b.shape[1],)}")
@@ -118,9 +62,11 @@ def kl_divergence(original_logits, quantized_logits, *, targets=None, ignore_ind
         a = _widen(a, bf16a, dt)
         b = _widen(b, bf16b, dt)
         bf16a = bf16b = False
-    t = _targets(targets, lead, a.shape[1], ignore_index) if targets is not None else None
-    lp_a, lp_b, kld, kld_rev, same, rank, rank_a = _core.logits_stats(
-        a, b, t, ignore_index=ignore_index, bf16=bf16a, topk=topk, threads=_threads(threads))
+    t = _adapt.as_targets(targets, lead, a.shape[1], ignore_index) if targets is not None else None
+    r = _core.logits_stats(a, b, t, ignore_index=ignore_index, bf16=bf16a, topk=topk,
+                           threads=_threads(threads))
+    lp_a, lp_b, kld, kld_rev, same, rank, rank_a = (r.lp_a, r.lp_b, r.kld, r.kld_rev, r.same_top1,
+                                                    r.rank_b, r.rank_a)
     out = {"kld": kld.reshape(lead), "same_top1": same.reshape(lead)}
     if reverse:
         out["kld_reverse"] = kld_rev.reshape(lead)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._adapt import as_array
-from .analysis import _groups_apart
+from ._adapt import as_f64
+from ._core import QUALITIES
 from .bands import expected_band
 from .bands import formats as band_formats
+from .report import Report
 
 # the quality word of a band's high end (the reference's 1/5/10 % thresholds) -> band colour
-_ACCEPTABLE_COLOR = {"excellent": "#59a14f", "good": "#edc948", "acceptable": "#f28e2b", "poor": "#e15759"}
+_ACCEPTABLE_COLOR = dict(zip(QUALITIES, ("#59a14f", "#edc948", "#f28e2b", "#e15759")))
 _ROW_PT = 11  # height of one label row, points (fontsize 8 plus its box)
 _LOG_TICKS = (0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 10, 20, 50, 100, 1e3, 1e4, 1e5)
 
@@ -29,8 +30,9 @@ def _new_axes(ax, figsize):
     return Figure(figsize=figsize, layout="constrained").add_subplot()
 
 
-def _as_dict(report) -> dict:
-    return report.to_dict() if hasattr(report, "to_dict") else report
+def _as_report(report) -> Report:
+    """A Report, from a Report or its to_dict()."""
+    return report if isinstance(report, Report) else Report(report)
 
 
 def _ci_errorbar(ax, pos, cis, *, horizontal=False, **kw):
@@ -50,10 +52,6 @@ def _ci_errorbar(ax, pos, cis, *, horizontal=False, **kw):
 def _axes_x(ax, x):
     """Where data coordinate x lies across the axes, 0 (left) .. 1 (right), at the current limits."""
     return ax.transAxes.inverted().transform(ax.transData.transform((x, 0)))[0]
-
-
-def _f64(x, name):
-    return np.asarray(as_array(x, name), dtype=np.float64).reshape(-1)
 
 
 def _headroom(ax, rows, log=False):
@@ -86,8 +84,8 @@ def delta_histogram(original_log_probs, quantized_log_probs, ax=None, bins=100):
     """Histogram of the per-token change in log-prob, quantized - original (log count axis, so the
     tails show), with the mean (= -ln PPL ratio) and the median marked.  Non-finite differences
     (a -inf log-prob) are left out of the histogram and counted in the title."""
-    lo = _f64(original_log_probs, "original_log_probs")
-    lq = _f64(quantized_log_probs, "quantized_log_probs")
+    lo = as_f64(original_log_probs, "original_log_probs")
+    lq = as_f64(quantized_log_probs, "quantized_log_probs")
     if lo.shape != lq.shape:
         raise ValueError(f"length mismatch: {lo.size} original log-probs, {lq.size} quantized")
     with np.errstate(invalid="ignore"):
@@ -113,7 +111,7 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
     """Histogram of per-token KL divergence on a log x axis, with the percentiles (linear
     interpolation, as in analyze()) marked and labelled.  Values at or below the smallest
     positive value shown (exact zeros, rounding) are counted in the first bin."""
-    k = _f64(kld, "kld")
+    k = as_f64(kld, "kld")
     k = k[np.isfinite(k)]
     if k.size == 0:
         raise ValueError("no finite KL divergence values to plot")
@@ -140,27 +138,27 @@ def group_deltas(report, ax=None):
     (ratio - 1) * 100, as error bars.  The group that suffers most is highlighted (red, and said
     so in the legend and under its bar) only when its CI lies above every other group's; the
     legend sits in headroom above the bars."""
-    d = _as_dict(report)
-    groups = d.get("groups")
+    r = _as_report(report)
+    groups = r.groups
     if not groups:
         raise ValueError("the report has no groups: run analyze(..., groups=labels)")
     names = list(groups)
-    rel = [groups[g]["reference"]["relative_delta_pct"] for g in names]
-    cis = [[None if c is None else (c - 1) * 100 for c in groups[g]["ppl_ratio"]["ci"]] for g in names]
-    apart = d.get("suffers_most_significant", _groups_apart(d))
-    worst = d.get("suffers_most") if apart else None
+    rel = [groups[g].reference["relative_delta_pct"] for g in names]
+    cis = [[None if c is None else (c - 1) * 100 for c in groups[g].ppl_ratio.ci] for g in names]
+    apart = r.suffers_most_significant
+    worst = r.suffers_most if apart else None
     x = np.arange(len(names))
     ax = _new_axes(ax, (2 + 1.3 * len(names), 4))
     ax.bar(x, rel, width=0.6, color="#4e79a7", alpha=0.85, label="relative PPL delta")
     if worst is not None:
         ax.patches[names.index(worst)].set_facecolor("#e15759")
         ax.bar([np.nan], [np.nan], color="#e15759", alpha=0.85, label="suffers most: its CI lies above the others'")
-    _ci_errorbar(ax, x, cis, color="black", label=f"{d.get('confidence', 0.95):.0%} CI (block bootstrap)")
+    _ci_errorbar(ax, x, cis, color="black", label=f"{r.confidence:.0%} CI (block bootstrap)")
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, [f"{g}\n{v:+.2f} %\n{groups[g]['n_tokens']:,} tokens"
+    ax.set_xticks(x, [f"{g}\n{v:+.2f} %\n{groups[g].n_tokens:,} tokens"
                       + ("\nsuffers most" if g == worst else "") for g, v in zip(names, rel)])
     ax.set_ylabel("relative perplexity delta, %")
-    ax.set_title(f"Perplexity delta per group (overall {d['reference']['relative_delta_pct']:+.2f} %)"
+    ax.set_title(f"Perplexity delta per group (overall {r.reference['relative_delta_pct']:+.2f} %)"
                  + ("" if apart or apart is None else "\nno group differs significantly (CIs overlap)"),
                  fontsize=10)
     ends = [v for v in rel + [c for ci in cis for c in ci if c is not None] if np.isfinite(v)]
@@ -174,8 +172,10 @@ def group_deltas(report, ax=None):
 
 def _measured(value, fmt):
     """(ratio, (lo, hi) | None, format | None) from a Report/dict or a (ratio, (lo, hi)) pair."""
-    if hasattr(value, "to_dict") or isinstance(value, dict):
-        d = _as_dict(value)
+    if isinstance(value, Report):
+        return value.ppl_ratio.value, value.ppl_ratio.ci, fmt or (value.expected.format if value.expected else None)
+    if hasattr(value, "to_dict") or isinstance(value, dict):  # a report's dict (only these keys are read)
+        d = value.to_dict() if hasattr(value, "to_dict") else value
         return d["ppl_ratio"]["value"], d["ppl_ratio"]["ci"], fmt or (d.get("expected") or {}).get("format")
     if isinstance(value, (tuple, list)):
         ratio, ci = value

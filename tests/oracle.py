@@ -3,7 +3,7 @@ import math
 
 
 def reference_delta(original, quantized):
-    """shared/seeds/000: the reference, verbatim in its formulas and order."""
+    """The reference perplexity-delta formula, verbatim in its formulas and order."""
     n = len(original)
     assert n == len(quantized) and n > 0
     avg_orig = sum(original) / n

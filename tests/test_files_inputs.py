@@ -215,7 +215,7 @@ def test_unexpected_analysis_exception_is_not_exit_1(npy, capsys, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("something odd\nsecond line")
 
-    monkeypatch.setattr(ppldelta, "analyze", boom)
+    monkeypatch.setattr(ppldelta.analysis, "analyze", boom)  # the cli imports it from its module
     assert main(["compare", *npy]) == 2
     err = capsys.readouterr().err
     one_error_line(err, "RuntimeError: something odd")
