@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import ppldelta  # noqa: E402
 from _probe import read_seconds  # noqa: E402
-from oracle import reference_delta as reference  # noqa: E402  (shared/seeds/000, verbatim)
+from oracle import reference_delta as reference  # noqa: E402  (the reference formula, verbatim)
 
 try:
     import torch

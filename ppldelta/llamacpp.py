@@ -13,7 +13,8 @@ written in the machine's native byte order (little-endian in practice)::
     int32    tokens[n_chunk * n_ctx]      # the tokenized text, chunk after chunk
     uint16   rows[n_chunk][n_ctx - 1 - n_ctx/2][nv]   # nv = 2*((n_vocab+1)/2) + 4
 
-Chunks are consecutive, non-overlapping windows of ``n_ctx`` tokens.  Each is
+Chunks are consecutive, non-overlapping windows of ``n_ctx`` tokens (the
+layout of the ``"llama.cpp"`` protocol in ``ppldelta.protocols``).  Each is
 evaluated from an empty KV cache with its first token replaced by BOS when the
 vocabulary adds one; the replacement is temporary, so ``tokens`` holds the
 original text tokens.  Only the second half of a chunk is scored: row ``r``
@@ -31,6 +32,16 @@ decodes to ``min_log_prob`` (``<= -16`` whenever the logits span 16 nats).
 
 Every function here works chunk by chunk on a memory map, so files of tens of
 gigabytes are never loaded whole.
+
+Two KLD routes.  :func:`kld_statistics` is llama-perplexity ``--kl-divergence``
+itself: the base file plus the quantized model's *exact* logits (from
+llama-cpp-python through :func:`chunk_logits`, or any float array), with
+llama.cpp's float32 arithmetic, its ``-16`` cutoff and its percentile rule, so
+:func:`format_kld_statistics` prints the same digits as the tool.
+:func:`compare_logits_files` compares two stored files instead; the quantized
+side is then decoded from uint16 too, so every quantized log-prob more than 16
+nats below its row's maximum reads as that row's floor (PPL(Q) off by up to
+about 4e-5 relative, the low KLD percentiles by 0.1-10 %).
 """
 
 from __future__ import annotations
@@ -42,6 +53,10 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from .io import atomic_write
+from .logits import token_log_probs as _kernel_log_probs
+from .protocols import chunk_first_scored as _first_scored
+from .protocols import chunk_rows as _rows_per_chunk
+from .protocols import chunks as _chunks
 
 __all__ = [
     "LogitsFile",
@@ -50,6 +65,10 @@ __all__ = [
     "write_logits_file",
     "compare_logits_files",
     "token_log_probs",
+    "chunk_logits",
+    "kld_statistics",
+    "format_kld_statistics",
+    "prompt_bytes",
 ]
 
 MAGIC = b"_logits_"
@@ -67,14 +86,6 @@ _OPEN: weakref.WeakSet = weakref.WeakSet()
 def _row_width(n_vocab: int) -> int:
     """uint16 values per stored row (llama.cpp's ``nv``)."""
     return 2 * ((n_vocab + 1) // 2) + 4
-
-
-def _first_scored(n_ctx: int) -> int:
-    return n_ctx // 2
-
-
-def _rows_per_chunk(n_ctx: int) -> int:
-    return n_ctx - 1 - _first_scored(n_ctx)
 
 
 def _decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
@@ -317,6 +328,21 @@ def write_logits_file(
             raise ValueError(f"got logits for {written} chunks, tokens give {n_chunk}")
 
 
+def _floored_kld(lb: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """llama.cpp's KLD of decoded rows: ``sum p_i (lb_i - lq_i)`` over the entries with
+    ``lb_i > KLD_FLOOR``, float64.
+
+    This is llama.cpp's statistic, not the C kernel's KL (``ppldelta.kl_divergence``): it is
+    neither renormalized (decoded rows sum to 1 only to within the decode error) nor clamped at
+    0, and it drops the floor entries.  The kernel's KL of the same rows differs by up to the
+    decode error and the floor mass (about 1e-2 relative on small vocabularies), and its clamp
+    makes the difference unrecoverable for rows whose KL is below that error.
+    """
+    lb64 = lb.astype(np.float64)
+    terms = np.exp(lb64) * (lb64 - lq)
+    return np.where(lb > np.float32(KLD_FLOOR), terms, 0.0).sum(axis=1)
+
+
 def compare_logits_files(base_path: str | os.PathLike, quant_path: str | os.PathLike) -> dict:
     """Per-token comparison of two llama.cpp logits files of the same text.
 
@@ -369,9 +395,7 @@ def compare_logits_files(base_path: str | os.PathLike, quant_path: str | os.Path
             out["base_log_probs"][idx] = lb[rows, targets[idx]]
             out["quant_log_probs"][idx] = lq[rows, targets[idx]]
             out["same_top1"][idx] = lb.argmax(axis=1) == lq.argmax(axis=1)
-            lb64 = lb.astype(np.float64)
-            terms = np.exp(lb64) * (lb64 - lq)
-            out["kld"][idx] = np.where(lb > np.float32(KLD_FLOOR), terms, 0.0).sum(axis=1)
+            out["kld"][idx] = _floored_kld(lb, lq)
     out["p_base"] = np.exp(out["base_log_probs"])
     out["p_quant"] = np.exp(out["quant_log_probs"])
     out["delta_p"] = out["p_quant"] - out["p_base"]
@@ -386,6 +410,36 @@ def _logits_all(llama) -> bool | None:
     return None if flag is None else bool(flag)
 
 
+def _bos_of(llama, add_bos):
+    if add_bos is None:  # ask the vocabulary, as llama.cpp does (llama_vocab_get_add_bos)
+        add_bos = bool(getattr(getattr(llama, "_model", None), "add_bos_token", lambda: True)())
+    return llama.token_bos() if add_bos else None
+
+
+def _eval_chunks(llama, tokens: np.ndarray, n_ctx: int, add_bos: bool | None):
+    """Yield ``(window, scores of its scored positions)`` per llama.cpp chunk (see token_log_probs)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            "token_log_probs needs llama-cpp-python: pip install llama-cpp-python"
+        ) from exc
+    if _logits_all(llama) is False:
+        raise ValueError("the Llama object must be created with logits_all=True "
+                         "(Llama.scores only holds every position's logits then)")
+    if llama.n_ctx() < n_ctx:
+        raise ValueError(f"the Llama context ({llama.n_ctx()}) is smaller than n_ctx={n_ctx}")
+    if tokens.size // n_ctx == 0:
+        raise ValueError(f"need at least n_ctx={n_ctx} tokens, got {tokens.size}")
+    for w in _chunks(tokens.size, n_ctx, _first_scored(n_ctx), _bos_of(llama, add_bos)):
+        chunk = tokens[w.start : w.end].tolist()
+        if w.bos is not None:
+            chunk[0] = w.bos
+        llama.reset()
+        llama.eval(chunk)
+        yield w, llama.scores[w.a - w.start : w.b - w.start]
+
+
 def token_log_probs(
     llama,
     tokens: np.ndarray,
@@ -397,7 +451,7 @@ def token_log_probs(
     """log p(next token) from a llama-cpp-python ``Llama`` with llama.cpp's protocol.
 
     Mirrors ``llama-perplexity``: ``tokens`` (the whole text tokenized once,
-    e.g. ``llama.tokenize(text.encode(), add_bos=True)``) is cut into
+    e.g. ``llama.tokenize(prompt_bytes(data), add_bos=True)``) is cut into
     ``len(tokens) // n_ctx`` non-overlapping chunks; each chunk is evaluated
     from an empty cache with its first token replaced by BOS (when ``add_bos``;
     ``None`` asks the model's vocabulary, like llama.cpp, defaulting to True),
@@ -410,36 +464,313 @@ def token_log_probs(
     context of at least ``n_ctx``: ``Llama.eval`` only keeps the logits of
     every position (``Llama.scores``) in that mode.
     """
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(
-            "token_log_probs needs llama-cpp-python: pip install llama-cpp-python"
-        ) from exc
     if protocol != "llama.cpp":
         raise ValueError(f"unknown protocol {protocol!r}; only 'llama.cpp' is implemented")
-    if _logits_all(llama) is False:
-        raise ValueError("the Llama object must be created with logits_all=True "
-                         "(Llama.scores only holds every position's logits then)")
-    if llama.n_ctx() < n_ctx:
-        raise ValueError(f"the Llama context ({llama.n_ctx()}) is smaller than n_ctx={n_ctx}")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-    n_chunk = tokens.size // n_ctx
-    if n_chunk == 0:
-        raise ValueError(f"need at least n_ctx={n_ctx} tokens, got {tokens.size}")
-    if add_bos is None:
-        add_bos = bool(getattr(getattr(llama, "_model", None), "add_bos_token", lambda: True)())
-    first, rows = _first_scored(n_ctx), _rows_per_chunk(n_ctx)
-    out = np.empty(n_chunk * rows, dtype=np.float64)
-    for i in range(n_chunk):
-        chunk = tokens[i * n_ctx : (i + 1) * n_ctx].tolist()
-        if add_bos:
-            chunk[0] = llama.token_bos()
-        llama.reset()
-        llama.eval(chunk)
-        logits = np.asarray(llama.scores[first : n_ctx - 1], dtype=np.float64)
-        hi = logits.max(axis=1, keepdims=True)
-        log_z = hi[:, 0] + np.log(np.exp(logits - hi).sum(axis=1))
-        targets = tokens[i * n_ctx + first + 1 : (i + 1) * n_ctx]
-        out[i * rows : (i + 1) * rows] = logits[np.arange(rows), targets] - log_z
+    rows = _rows_per_chunk(n_ctx)
+    out = np.empty((tokens.size // n_ctx) * rows, dtype=np.float64)
+    for i, (w, scores) in enumerate(_eval_chunks(llama, tokens, n_ctx, add_bos)):
+        logits = np.asarray(scores, dtype=np.float64)
+        out[i * rows : (i + 1) * rows] = _kernel_log_probs(logits, tokens[w.a + 1 : w.b + 1])
     return out
+
+
+def chunk_logits(llama, tokens: np.ndarray, *, n_ctx: int = 512,
+                 add_bos: bool | None = None) -> Iterator[np.ndarray]:
+    """The exact float32 logits llama-perplexity scores, one chunk at a time.
+
+    Same chunks, BOS rule and requirements as :func:`token_log_probs`
+    (``Llama(..., logits_all=True)``); yields a float32 copy ``(n_ctx - 1 -
+    n_ctx//2, n_vocab)`` per chunk: the logits at positions ``n_ctx//2 ..
+    n_ctx-2``.  Pass ``tokens=base.tokens`` of a :class:`LogitsFile` to feed
+    :func:`kld_statistics`, as ``llama-perplexity --kl-divergence`` does.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+    for _, scores in _eval_chunks(llama, tokens, n_ctx, add_bos):
+        yield np.array(scores, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------- llama.cpp's KLD
+_F32 = np.float32
+
+
+def _expf(x: np.ndarray) -> np.ndarray:
+    """C's ``expf`` of float32 values: exp in float64, rounded once to float32."""
+    return np.exp(x.astype(np.float64)).astype(_F32)
+
+
+def _percentile_f32(values: np.ndarray, fraction: float) -> float:
+    """llama.cpp's ``percentile`` lambda: float32 position and interpolation."""
+    if fraction <= 0:
+        return float(values[0])
+    if fraction >= 1:
+        return float(values[-1])
+    p = _F32(fraction) * _F32(values.size - 1)
+    ip = int(p)
+    p = _F32(p - _F32(ip))
+    nxt = values[min(ip + 1, values.size - 1)]
+    return float((_F32(1) - p) * values[ip] + p * nxt)
+
+
+def _median_f32(values: np.ndarray) -> float:
+    n = values.size
+    if n % 2 == 0:
+        return float(_F32(0.5) * (values[n // 2] + values[n // 2 - 1]))
+    return float(values[n // 2])
+
+
+def _mean_and_uncertainty(s: float, s2: float, n: int) -> tuple[float, float]:
+    if n < 1:
+        return 0.0, 0.0
+    f = s / n
+    df = s2 / n - f * f
+    return f, (np.sqrt(df / (n - 1)) if df > 0 and n > 10 else 0.0)
+
+
+#: The percentiles llama-perplexity prints (KLD; Δp adds 75 % and 25 %).
+KLD_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.100, 0.050, 0.010, 0.001)
+DELTA_P_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.750, 0.250, 0.100, 0.050, 0.010, 0.001)
+
+
+def kld_statistics(base, quant_logits) -> dict:
+    """llama-perplexity ``--kl-divergence``, reproduced: the base file plus exact logits.
+
+    ``base``: a :class:`LogitsFile` or its path (``--kl-divergence-base``).
+    ``quant_logits``: the quantized model's float logits of the same chunks,
+    an iterable yielding one ``(rows_per_chunk or n_ctx, n_vocab)`` array per
+    chunk (:func:`chunk_logits` of a llama-cpp-python model over
+    ``base.tokens``, or any model's logits), or one ``(n_chunk, ., n_vocab)``
+    array.  Everything is computed as ``perplexity.cpp`` computes it
+    (``kl_divergence``, ``log_softmax`` with the base row): float32 logits,
+    log-sum-exp and per-token NLL, the base log-probs decoded in float32, KLD
+    ``sum_i p_i (log p_i - log q_i)`` accumulated in double over the entries
+    whose decoded base log-prob is ``> -16`` only (this is llama.cpp's KLD
+    definition; ``ppldelta.kl_divergence`` sums the whole vocabulary), top
+    token agreement between the logits' argmax and the decoded base argmax,
+    percentiles at float32 fractions (``0.999f``) interpolated in float32,
+    and the ± of each mean from the sums of squares (products of float32
+    values rounded to float32, as in the C++ code).
+
+    Returns a dict: ``per_token`` (``nll``, ``nll_base``, ``kld``,
+    ``delta_p``: float32 arrays, chunk-major; ``same_top``: bool) and the
+    values of llama.cpp's final printout under the names of
+    :func:`format_kld_statistics`: ``ppl`` / ``ppl_base`` / ``ln_ratio`` /
+    ``ratio`` / ``diff`` / ``kld`` / ``delta_p`` / ``rms_delta_p`` /
+    ``same_top`` as ``(value, ±)``, ``cor``, ``kld_percentiles`` and
+    ``delta_p_percentiles`` (``{"max", 0.999, ..., "median", ..., "min"}``),
+    plus ``n`` (scored tokens) and ``definition`` (``"llama.cpp"``).
+    """
+    own = not isinstance(base, LogitsFile)
+    lf = read_logits_file(base) if own else base
+    try:
+        return _kld_statistics(lf, quant_logits)
+    finally:
+        if own:
+            lf.close()
+
+
+def _kld_statistics(lf: LogitsFile, quant_logits) -> dict:
+    rows, n_vocab, first = lf.rows_per_chunk, lf.n_vocab, lf.first_scored
+    n = lf.n_scored
+    nll = np.empty(n, _F32)
+    nll_base = np.empty(n, _F32)
+    kld = np.empty(n, np.float64)
+    same = np.empty(n, bool)
+    got = 0
+    for i, chunk in enumerate(quant_logits):
+        if i >= lf.n_chunk:
+            raise ValueError(f"more logit chunks than the {lf.n_chunk} chunks of {lf.path}")
+        x_all = np.asarray(chunk)
+        if x_all.ndim != 2 or x_all.shape[1] != n_vocab or x_all.shape[0] not in (rows, lf.n_ctx):
+            raise ValueError(f"chunk {i}: logits shape {x_all.shape}, expected ({rows} or "
+                             f"{lf.n_ctx}, n_vocab={n_vocab})")
+        if x_all.shape[0] == lf.n_ctx:
+            x_all = x_all[first : lf.n_ctx - 1]
+        targets = np.asarray(lf.tokens[i, first + 1 :], dtype=np.intp)
+        for block in _row_blocks(rows, n_vocab):
+            x = np.asarray(x_all[block], dtype=_F32)
+            stored = lf._rows[i][block]
+            tok = targets[block]
+            r = np.arange(x.shape[0])
+            o = i * rows + block.start
+            mx = x.max(axis=1)
+            sum_exp = _expf(x - mx[:, None]).sum(axis=1, dtype=np.float64)
+            lse = np.log(sum_exp).astype(_F32)
+            nll[o : o + r.size] = (mx + lse) - x[r, tok]
+            params = np.ascontiguousarray(stored[:, :4]).view(_F32)
+            scale, min_lp = params[:, :1], params[:, 1:2]
+            lpb = stored[:, 4 : 4 + n_vocab].astype(_F32)
+            lpb *= scale
+            lpb += min_lp
+            nll_base[o : o + r.size] = -lpb[r, tok]
+            same[o : o + r.size] = x.argmax(axis=1) == lpb.argmax(axis=1)
+            # sum over lpb > -16 of float(p_base * float(lpb - x + (max + lse))), in double
+            diff = lpb - x
+            diff += (mx + lse)[:, None]
+            terms = _expf(lpb)
+            terms *= diff
+            terms[lpb <= _F32(KLD_FLOOR)] = 0
+            kld[o : o + r.size] = terms.sum(axis=1, dtype=np.float64)
+        got += 1
+    if got != lf.n_chunk:
+        raise ValueError(f"got logits for {got} chunks, {lf.path} has {lf.n_chunk}")
+    return _summarize(nll, nll_base, kld, same)
+
+
+def _summarize(nll, nll_base, kld, same) -> dict:
+    """The final block of llama.cpp's ``kl_divergence`` from per-token float32 values."""
+    n = nll.size
+    f64 = np.float64
+    s_nll, s_nll2 = nll.sum(dtype=f64), (nll * nll).sum(dtype=f64)
+    s_b, s_b2 = nll_base.sum(dtype=f64), (nll_base * nll_base).sum(dtype=f64)
+    s_nb = (nll * nll_base).sum(dtype=f64)
+    p_diff = _expf(-nll) - _expf(-nll_base)
+    p_diff2 = p_diff * p_diff  # float32 product, then double sums
+    s_pd, s_pd2 = p_diff.sum(dtype=f64), p_diff2.sum(dtype=f64)
+    s_pd4 = (p_diff2.astype(f64) ** 2).sum()
+    s_k, s_k2 = kld.sum(), (kld * kld).sum()
+
+    log_ppl, log_ppl_unc = _mean_and_uncertainty(s_nll, s_nll2, n)
+    log_base, log_base_unc = _mean_and_uncertainty(s_b, s_b2, n)
+    cov = 0.0 if n < 10 else (s_nb / n - (s_nll / n) * (s_b / n)) / (n - 1)
+    ppl, ppl_base = float(np.exp(log_ppl)), float(np.exp(log_base))
+    ppl_unc, ppl_base_unc = ppl * log_ppl_unc, ppl_base * log_base_unc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cor = float(np.float64(cov) / (log_ppl_unc * log_base_unc))
+    ln_ratio = log_ppl - log_base
+    ln_ratio_unc = float(np.sqrt(log_ppl_unc ** 2 + log_base_unc ** 2 - 2.0 * cov))
+    ratio = float(np.exp(ln_ratio))
+    diff_unc = float(np.sqrt(ppl_unc ** 2 + ppl_base_unc ** 2 - 2.0 * ppl * ppl_base * cov))
+    mse, mse_unc = _mean_and_uncertainty(s_pd2, s_pd4, n)
+    rms = float(np.sqrt(mse))
+    top = float(same.sum()) / n
+    k_sorted = np.sort(kld.astype(_F32))
+    p_sorted = np.sort(p_diff)
+    kp = {"max": float(k_sorted[-1])}
+    kp.update({f: _percentile_f32(k_sorted, f) for f in KLD_PERCENTILES[:4]})
+    kp["median"] = _median_f32(k_sorted)
+    kp.update({f: _percentile_f32(k_sorted, f) for f in KLD_PERCENTILES[4:]})
+    kp["min"] = float(k_sorted[0])
+    pp = {"max": float(p_sorted[-1])}
+    pp.update({f: _percentile_f32(p_sorted, f) for f in DELTA_P_PERCENTILES[:5]})
+    pp["median"] = _median_f32(p_sorted)
+    pp.update({f: _percentile_f32(p_sorted, f) for f in DELTA_P_PERCENTILES[5:]})
+    pp["min"] = float(p_sorted[0])
+    return {
+        "definition": "llama.cpp",
+        "n": n,
+        "ppl": (ppl, ppl_unc),
+        "ppl_base": (ppl_base, ppl_base_unc),
+        "cor": cor,
+        "ln_ratio": (float(ln_ratio), ln_ratio_unc),
+        "ratio": (ratio, ratio * ln_ratio_unc),
+        "diff": (ppl - ppl_base, diff_unc),
+        "kld": tuple(float(v) for v in _mean_and_uncertainty(s_k, s_k2, n)),
+        "kld_percentiles": kp,
+        "delta_p": tuple(float(v) for v in _mean_and_uncertainty(s_pd, s_pd2, n)),
+        "delta_p_percentiles": pp,
+        "rms_delta_p": (rms, float(0.5 / rms * mse_unc) if rms > 0 else float("nan")),
+        "same_top": (top, float(np.sqrt(top * (1 - top) / (n - 1)))),
+        "per_token": {"nll": nll, "nll_base": nll_base, "kld": kld.astype(_F32),
+                      "delta_p": p_diff, "same_top": same},
+    }
+
+
+def _pct_label(f: float) -> str:
+    return f"{100 * f:4.1f}%"
+
+
+def format_kld_statistics(stats: dict) -> str:
+    """The final block of ``llama-perplexity --kl-divergence``, line for line and digit for digit.
+
+    ``stats`` is :func:`kld_statistics`'s result.  llama.cpp prints this block
+    only for at least 100 scored tokens.
+    """
+    v = stats
+    kp, pp = v["kld_percentiles"], v["delta_p_percentiles"]
+    lines = [
+        "====== Perplexity statistics ======",
+        "Mean PPL(Q)                   : %10.6f ± %10.6f" % v["ppl"],
+        "Mean PPL(base)                : %10.6f ± %10.6f" % v["ppl_base"],
+        "Cor(ln(PPL(Q)), ln(PPL(base))): %6.2f%%" % (100.0 * v["cor"]),
+        "Mean ln(PPL(Q)/PPL(base))     : %10.6f ± %10.6f" % v["ln_ratio"],
+        "Mean PPL(Q)/PPL(base)         : %10.6f ± %10.6f" % v["ratio"],
+        "Mean PPL(Q)-PPL(base)         : %10.6f ± %10.6f" % v["diff"],
+        "",
+        "====== KL divergence statistics ======",
+        "Mean    KLD: %10.6f ± %10.6f" % v["kld"],
+        "Maximum KLD: %10.6f" % kp["max"],
+    ]
+    lines += ["%s   KLD: %10.6f" % (_pct_label(f), kp[f]) for f in KLD_PERCENTILES[:4]]
+    lines.append("Median  KLD: %10.6f" % kp["median"])
+    lines += ["%s   KLD: %10.6f" % (_pct_label(f), kp[f]) for f in KLD_PERCENTILES[4:]]
+    lines += [
+        "Minimum KLD: %10.6f" % kp["min"],
+        "",
+        "====== Token probability statistics ======",
+        "Mean    Δp: %6.3f ± %5.3f %%" % (100.0 * v["delta_p"][0], 100.0 * v["delta_p"][1]),
+        "Maximum Δp: %6.3f%%" % (100.0 * pp["max"]),
+    ]
+    lines += ["%s   Δp: %6.3f%%" % (_pct_label(f), 100.0 * pp[f]) for f in DELTA_P_PERCENTILES[:5]]
+    lines.append("Median  Δp: %6.3f%%" % (100.0 * pp["median"]))
+    lines += ["%s   Δp: %6.3f%%" % (_pct_label(f), 100.0 * pp[f]) for f in DELTA_P_PERCENTILES[5:]]
+    lines += [
+        "Minimum Δp: %6.3f%%" % (100.0 * pp["min"]),
+        "RMS Δp    : %6.3f ± %5.3f %%" % (100.0 * v["rms_delta_p"][0], 100.0 * v["rms_delta_p"][1]),
+        "Same top p: %6.3f ± %5.3f %%" % (100.0 * v["same_top"][0], 100.0 * v["same_top"][1]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- -f text
+_SPACE = b" \t\n\v\f\r"
+_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("'"): b"'", ord('"'): b'"',
+            ord("\\"): b"\\"}
+
+
+def _strtol16(two: bytes) -> int | None:
+    """C's ``strtol(two, &end, 16)`` when it consumes both bytes, else None."""
+    hexd = b"0123456789abcdefABCDEF"
+    if two[1] in hexd and two[0] in hexd:
+        return int(two, 16)
+    if two[1] in hexd and two[0] in _SPACE + b"+":
+        return int(two[1:], 16)
+    if two[1] in hexd and two[0] == ord("-"):
+        return -int(two[1:], 16)
+    return None
+
+
+def prompt_bytes(data: bytes, *, escape: bool = True) -> bytes:
+    """The text llama.cpp's tools see when given ``-f FILE`` holding ``data``.
+
+    ``common_params_parse`` reads the file, drops ONE trailing newline, and,
+    unless ``--no-escape`` is passed, processes backslash escapes (``\\n``,
+    ``\\r``, ``\\t``, ``\\'``, ``\\"``, ``\\\\``, ``\\xHH``; any other
+    backslash stays) before ``llama-perplexity`` / ``llama-tokenize`` tokenize
+    it (``common_tokenize`` with add_special = the vocabulary's add-BOS flag,
+    parse_special = false).  Tokenize the result with
+    ``Llama.tokenize(prompt_bytes(data), add_bos=True)`` to get their tokens.
+    """
+    data = bytes(data)
+    if data.endswith(b"\n"):
+        data = data[:-1]
+    if not escape or b"\\" not in data:
+        return data
+    out = bytearray()
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i]
+        if c == 0x5C and i + 1 < n:
+            i += 1
+            e = data[i]
+            if e in _ESCAPES:
+                out += _ESCAPES[e]
+            elif e == ord("x") and i + 2 < n and (val := _strtol16(data[i + 1 : i + 3])) is not None:
+                out.append(val & 0xFF)
+                i += 2
+            else:
+                out += bytes((0x5C, e))
+        else:
+            out.append(c)
+        i += 1
+    return bytes(out)

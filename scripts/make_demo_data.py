@@ -25,7 +25,9 @@ Steps
 2. Run (about 15 minutes on 2 CPU cores)::
 
        python scripts/make_demo_data.py --out ppldelta/data/demo_smollm2.npz \\
-           --gguf-dir /tmp/smollm2/model --data-dir /work/shared/data
+           --gguf-dir /tmp/smollm2/model --data-dir DATA
+
+   where ``DATA`` holds ``wikitext-2-v1-test.txt`` and ``HumanEval.jsonl.gz``.
 
 What it does
 ------------
@@ -37,9 +39,10 @@ What it does
   "code" = HumanEval ``prompt + canonical_solution`` of the problems in order,
   concatenated.  Each domain is tokenized on its own (no special tokens) and cut to
   ``--tokens`` tokens.
-- Sliding-window scoring, max_length 512, stride 256: every token after the first
-  of each domain is scored exactly once, with all the left context the window
-  allows (labels of the overlap are not scored).
+- Windows of ``ppldelta.protocols`` protocol "hf" (the Hugging Face recipe's windows),
+  max_length 512, stride 256: every token after the first of each domain is scored
+  exactly once, with all the left context the window allows (labels of the overlap
+  are not scored).
 - Variants, all built from the float32 original; weights of every ``nn.Linear``
   except ``lm_head`` (embeddings are untouched):
     * ``rtnB_gG``: round-to-nearest, asymmetric, per group of G consecutive input
@@ -51,8 +54,9 @@ What it does
       dynamic qconfig (qint8 per-tensor weights, dynamically quantized activations)
       on every ``nn.Linear`` except ``lm_head``.
 - Lock step: every window is run through the original and every variant; the
-  per-token statistics are computed from that window's logits immediately
-  (float64 log_softmax), nothing of size tokens x vocab is kept.
+  per-token statistics are computed from that window's logits immediately by
+  ppldelta's C kernels (``ppldelta.token_log_probs`` / ``ppldelta.kl_divergence``,
+  float64 accumulation), nothing of size tokens x vocab is kept.
 - Optional multiple-choice cloze set from WikiText sentences (not the ones used
   for "prose"): context = first part of a sentence, 4 choices = its true 5-word
   continuation + the 5-word continuations of 3 other sentences; the summed
@@ -77,6 +81,9 @@ import warnings
 import numpy as np
 import torch
 import torch.nn as nn
+
+import ppldelta
+from ppldelta import protocols
 
 MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -125,16 +132,10 @@ def tokenize_domain(tok, text, n_tokens):
 
 def windows(n, max_length, stride):
     """Yield (begin, end, first_scored): positions [first_scored, end) are scored
-    from the window ids[begin:end]; every position 1..n-1 exactly once."""
-    prev_end = 0
-    for begin in range(0, n, stride):
-        end = min(begin + max_length, n)
-        first = max(prev_end, begin + 1)
-        if first < end:
-            yield begin, end, first
-        prev_end = end
-        if end == n:
-            break
+    from the window ids[begin:end]; every position 1..n-1 exactly once (the windows
+    of protocol "hf")."""
+    for w in protocols.plan("hf", n, max_length, stride):
+        yield w.start, w.end, w.a + 1
 
 
 # ------------------------------------------------------------------ quantization
@@ -160,20 +161,13 @@ def quant_linears(model):
 
 
 # ----------------------------------------------------------------------- scoring
-@torch.no_grad()
-def per_token_stats(lo_orig64, logits_var32, targets):
-    """lo_orig64: float64 log-probs (T, V) of the original; logits_var32: float32
-    logits (T, V) of a variant; targets: (T,) long."""
-    lv = torch.log_softmax(logits_var32.double(), dim=-1)
-    lp = lv.gather(1, targets[:, None])[:, 0]
-    kld = (lo_orig64.exp() * (lo_orig64 - lv)).sum(-1).clamp(min=0.0)
-    top1_orig = lo_orig64.argmax(-1)
-    topk = logits_var32.topk(10, dim=-1).indices
-    top1 = (topk[:, 0] == top1_orig)
-    hit = topk == top1_orig[:, None]
-    top5 = hit[:, :5].any(-1)
-    top10 = hit.any(-1)
-    return lp, kld, top1, top5, top10
+def per_token_stats(logits_orig, logits_var, targets):
+    """(log-prob, KLD, same top-1, top-1 in top-5, top-1 in top-10) per row of a variant,
+    numpy, from the (T, V) float32 logits of the original and the variant and the (T,)
+    targets: ppldelta's C kernels."""
+    st = ppldelta.kl_divergence(logits_orig, logits_var, targets=targets)
+    return (st["quantized_log_probs"], st["kld"], st["same_top1"], st["top1_in_top5"],
+            st["top1_in_top10"])
 
 
 def make_mc_items(wiki_text, n_items, rng, skip_chars, tok):
@@ -227,7 +221,8 @@ def main():
     ap.add_argument("--out", default="ppldelta/data/demo_smollm2.npz")
     ap.add_argument("--gguf-dir", default="/tmp/smollm2/model")
     ap.add_argument("--gguf-file", default=GGUF_NAME)
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", required=True,
+                    help="folder with wikitext-2-v1-test.txt and HumanEval.jsonl.gz")
     ap.add_argument("--tokens", type=int, default=6000, help="tokens per domain")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--stride", type=int, default=256)
@@ -323,18 +318,18 @@ def main():
                 keep = n_sc + 1
                 tgt = ids[first:end]
                 covered[first:end] += 1
-                lo = torch.log_softmax(model(inp, logits_to_keep=keep).logits[0, :-1].double(), -1)
+                lo = model(inp, logits_to_keep=keep).logits[0, :-1]
                 cols["domain"].append(np.full(n_sc, di, np.uint8))
                 cols["targets"].append(tgt.numpy().astype(np.int32))
-                cols["original"].append(lo.gather(1, tgt[:, None])[:, 0].float().numpy())
+                cols["original"].append(ppldelta.token_log_probs(lo, tgt).astype(np.float32))
                 for v in variant_names:
                     lv = run_variant(v, inp, keep)[:-1]
                     lp, kld, t1, t5, t10 = per_token_stats(lo, lv, tgt)
-                    cols[f"lp_{v}"].append(lp.float().numpy())
-                    cols[f"kld_{v}"].append(kld.float().numpy())
-                    cols[f"top1_{v}"].append(t1.numpy().astype(np.uint8))
-                    cols[f"top5_{v}"].append(t5.numpy().astype(np.uint8))
-                    cols[f"top10_{v}"].append(t10.numpy().astype(np.uint8))
+                    cols[f"lp_{v}"].append(lp.astype(np.float32))
+                    cols[f"kld_{v}"].append(kld.astype(np.float32))
+                    cols[f"top1_{v}"].append(t1.astype(np.uint8))
+                    cols[f"top5_{v}"].append(t5.astype(np.uint8))
+                    cols[f"top10_{v}"].append(t10.astype(np.uint8))
                 wi += 1
                 el = time.time() - t0
                 log(f"window {wi}/{n_win} ({dname} {begin}:{end}, scored {n_sc}) "
@@ -410,10 +405,12 @@ def main():
         "protocol": {"max_length": args.max_length, "stride": args.stride,
                      "scored": "every token after the first of each domain, exactly once, "
                                "with all left context the window allows",
-                     "logprob": "float64 log_softmax of float32 logits, stored as float32",
-                     "kld": "KL(P_original || P_variant) in nats, float64",
+                     "logprob": "log_softmax of float32 logits (ppldelta C kernel, float64 "
+                                "accumulation), stored as float32",
+                     "kld": "KL(P_original || P_variant) in nats (ppldelta C kernel)",
                      "top1": "argmax of variant == argmax of original",
-                     "top5/top10": "original's argmax within the variant's top-5 / top-10"},
+                     "top5/top10": "original's argmax within the variant's top-5 / top-10 "
+                                   "(ties not counted against it)"},
         "variants": {
             **{v: f"RTN asymmetric fake-quant, {b} bits, group {g} (integer zero point, "
                   "min/max), all nn.Linear except lm_head" for v, b, g in RTN_VARIANTS},

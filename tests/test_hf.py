@@ -147,7 +147,7 @@ def test_input_types_batching_and_row_chunks(gpt2, monkeypatch):
     for bs in (2, 5):
         np.testing.assert_allclose(hf.token_log_probs(gpt2, ids, max_length=32, stride=12, batch_size=bs,
                                                       progress=False), ref, atol=1e-5, rtol=0)
-    monkeypatch.setattr(hf, "_ROW_BUDGET", 3 * V_GPT2)  # 3 rows per log-softmax chunk
+    monkeypatch.setattr(hf._kl_torch, "ROW_BUDGET", 3 * V_GPT2)  # 3 rows per log-softmax chunk
     np.testing.assert_allclose(hf.token_log_probs(gpt2, ids, max_length=32, stride=12, progress=False),
                                ref, atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
@@ -307,7 +307,7 @@ def test_gptq_protocol_hand_computation(tiny, seqlen, n):
         hf.score(tiny, ids[:seqlen - 1], max_length=seqlen, protocol="gptq", progress=False)
 
 
-# ---------------------------------------------------------------------------- seed 001
+# ---------------------------------------------------------------------------- window-mean loop
 class CacheLM(torch.nn.Module):
     """A causal "language model" for which context matters, without training: the logit of
     token v at position t is log(0.1 + how often v occurred at positions <= t in the window).
@@ -343,8 +343,8 @@ def topic_stream(n, vocab=64, topic_len=100, words=8, seed=2):
 
 
 @torch.inference_mode()
-def _seed001_literal(model, ids, max_length, stride):
-    """Seed 001's loop as printed (with labels=, which it forgot)."""
+def _window_mean_literal(model, ids, max_length, stride):
+    """The stride loop as commonly copied, as printed (with labels=, which it forgets)."""
     seq_len = len(ids)
     nlls = []
     for i in range(0, seq_len, stride):
@@ -355,33 +355,33 @@ def _seed001_literal(model, ids, max_length, stride):
 
 
 @pytest.mark.parametrize("which", ["gpt2", "cache"])
-def test_seed001_loop_is_biased(gpt2, which):
+def test_window_mean_loop_is_biased(gpt2, which):
     model = gpt2 if which == "gpt2" else CacheLM()
     ids = _ids(300, V_GPT2, seed=4) if which == "gpt2" else topic_stream(520)
     L, S = 32, 16
-    seed_ppl = hf.seed001_perplexity(model, ids, L, S)
-    if which == "gpt2":  # the seed's loop, literally (with labels=): exp(unweighted mean of window means)
-        literal, nlls = _seed001_literal(model, ids, L, S)
-        assert seed_ppl == pytest.approx(literal, rel=1e-5)
-    vals, proto = hf.score(model, ids, max_length=L, stride=S, protocol="seed001", progress=False)
-    assert seed_ppl == pytest.approx(math.exp(-np.mean(vals)), rel=1e-12)
+    wm_ppl = hf.window_mean_perplexity(model, ids, L, S)
+    if which == "gpt2":  # the loop as commonly copied, literally (with labels=): exp(unweighted mean of window means)
+        literal, nlls = _window_mean_literal(model, ids, L, S)
+        assert wm_ppl == pytest.approx(literal, rel=1e-5)
+    vals, proto = hf.score(model, ids, max_length=L, stride=S, protocol="window-mean", progress=False)
+    assert wm_ppl == pytest.approx(math.exp(-np.mean(vals)), rel=1e-12)
     correct = ppldelta.perplexity(hf.token_log_probs(model, ids, max_length=L, stride=S, progress=False))
-    assert abs(seed_ppl / correct - 1) > 1e-3
+    assert abs(wm_ppl / correct - 1) > 1e-3
 
     # why: the same windows, each token counted once and token-weighted, is the HF recipe's
-    # (= protocol "hf"); the seed counts the overlap twice (once with little context) and
+    # (= protocol "hf"); the loop counts the overlap twice (once with little context) and
     # weighs the short tail windows like full ones
     sizes = proto.notes["window_sizes"]
     assert sum(sizes) == proto.n_scored > len(ids) - 1
     assert sizes[0] == L - 1 and sizes[-1] < S
     per_token = hf.token_log_probs(model, ids, max_length=L, stride=S, protocol="hf", progress=False)
     dedup = ppldelta.perplexity(per_token)
-    assert dedup != pytest.approx(seed_ppl, rel=1e-3)
+    assert dedup != pytest.approx(wm_ppl, rel=1e-3)
     if which == "cache":
         # with a model that needs context, re-scoring the overlap from the window start inflates it
-        assert seed_ppl > 1.1 * correct and seed_ppl > dedup
+        assert wm_ppl > 1.1 * correct and wm_ppl > dedup
         lp_l = lambda **kw: ppldelta.perplexity(hf.token_log_probs(model, ids, progress=False, **kw))
-        print(f"\n[tiny CacheLM, {len(ids)} tokens, L={L}] seed001={seed_ppl:.4f} sliding(S={S})={correct:.4f} "
+        print(f"\n[tiny CacheLM, {len(ids)} tokens, L={L}] window-mean={wm_ppl:.4f} sliding(S={S})={correct:.4f} "
               f"sliding(S={L})={lp_l(max_length=L, stride=L):.4f} sliding(S=4)={lp_l(max_length=L, stride=4):.4f} "
               f"hf={dedup:.4f} gptq={lp_l(max_length=L, protocol='gptq'):.4f} "
               f"llama.cpp={lp_l(max_length=L, protocol='llama.cpp', bos_token_id=0):.4f} "
@@ -399,8 +399,8 @@ def test_docs_illustration_numbers():
     assert ppl(stride=16, protocol="hf") == 15.75 and round(hf.hf_recipe_perplexity(m, ids, 32, 16), 2) == 15.76
     assert ppl(stride=32, protocol="hf") == 21.95
     assert ppl(protocol="llama.cpp", bos_token_id=0) == 16.27 and ppl(protocol="gptq") == 21.69
-    assert round(hf.seed001_perplexity(m, ids, 32, 16), 2) == 21.54
-    vals, proto = hf.score(m, ids, max_length=32, stride=16, protocol="seed001", progress=False)
+    assert round(hf.window_mean_perplexity(m, ids, 32, 16), 2) == 21.54
+    vals, proto = hf.score(m, ids, max_length=32, stride=16, protocol="window-mean", progress=False)
     sizes = np.array(proto.notes["window_sizes"])
     assert proto.n_scored == 991 and list(sizes[-4:]) == [31, 31, 23, 7]
     assert round(math.exp(-(vals * sizes).sum() / sizes.sum()), 2) == 21.02
@@ -411,13 +411,26 @@ def test_docs_illustration_numbers():
     assert round(float(np.mean(per)), 2) == 23.42 and round(ppldelta.perplexity(np.concatenate(lps)), 2) == 15.90
 
 
-def test_seed001_one_token_tail_window_is_nan(gpt2):
+def test_window_mean_one_token_tail_window_is_nan(gpt2):
     ids = _ids(2 * 16 + 1, V_GPT2)  # a window starting at the last token has nothing to score
-    ppl = hf.seed001_perplexity(gpt2, ids, 32, 16)
+    ppl = hf.window_mean_perplexity(gpt2, ids, 32, 16)
     assert math.isnan(ppl)
     assert "NaN" in hf.last_protocol.notes["warning"]
     with pytest.raises(ValueError):
-        hf.compare_models(gpt2, gpt2, ids, protocol="seed001", progress=False)
+        hf.compare_models(gpt2, gpt2, ids, protocol="window-mean", progress=False)
+
+
+
+def test_old_window_mean_names_warn(gpt2):
+    ids = _ids(70, V_GPT2)
+    ref = hf.window_mean_perplexity(gpt2, ids, 32, 16)
+    with pytest.warns(DeprecationWarning, match="window_mean_perplexity"):
+        assert hf.seed001_perplexity(gpt2, ids, 32, 16) == ref  # deprecated alias
+    with pytest.warns(DeprecationWarning, match="window-mean"):
+        vals, proto = hf.score(gpt2, ids, max_length=32, stride=16, protocol="seed001", progress=False)  # deprecated alias
+    assert proto.name == "window-mean" and math.exp(-np.mean(vals)) == pytest.approx(ref, rel=1e-12)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="per-token"):
+        hf.compare_models(gpt2, gpt2, ids, protocol="seed001", progress=False)  # deprecated alias
 
 
 # ---------------------------------------------------------------------------- evaluate_perplexity
@@ -452,7 +465,7 @@ def test_evaluate_perplexity_with_objects_list_and_file(gpt2, tokenizer, tmp_pat
     assert res.n_tokens == len(ids) - 1 == res.protocol.n_scored
     notes = res.protocol.notes
     assert notes["tokenizer"] == "tiny-wordlevel-test"
-    assert notes["tokens_sha256"] == hf._ids_sha256(ids)
+    assert notes["tokens_sha256"] == hf._load.ids_sha256(ids)
     assert notes["add_special_tokens"] is False and notes["join"] == "\n\n" and notes["n_texts"] == 15
     assert "PPL" in str(res)
 
@@ -483,7 +496,7 @@ def test_evaluate_perplexity_with_objects_list_and_file(gpt2, tokenizer, tmp_pat
 
 
 def test_loading_from_local_paths(gpt2, tokenizer, tmp_path):
-    # the from_pretrained path of seed 001's signature, offline: models saved to disk
+    # the from_pretrained path of the evaluate_perplexity(model, quant_path) signature, offline: models saved to disk
     orig, quant_dir = tmp_path / "orig", tmp_path / "quant"
     gpt2.save_pretrained(orig)
     tokenizer.save_pretrained(orig)
@@ -580,9 +593,9 @@ def test_tokenizer_bos_probe():
         def encode(self, text, add_special_tokens=True):
             raise NotImplementedError
 
-    assert hf._tokenizer_bos(Flagged(True)) == 7 and hf._tokenizer_bos(Flagged(False)) is False
-    assert hf._tokenizer_bos(Flagged(None)) is None
-    assert hf._tokenizer_bos(_wordlevel(True)) == 2 and hf._tokenizer_bos(_wordlevel(False)) is False
+    assert hf._load.tokenizer_bos(Flagged(True)) == 7 and hf._load.tokenizer_bos(Flagged(False)) is False
+    assert hf._load.tokenizer_bos(Flagged(None)) is None
+    assert hf._load.tokenizer_bos(_wordlevel(True)) == 2 and hf._load.tokenizer_bos(_wordlevel(False)) is False
 
 
 def test_texts_string_is_text_when_it_cannot_be_a_path(gpt2, tokenizer, tmp_path):
@@ -609,10 +622,10 @@ def test_texts_string_is_text_when_it_cannot_be_a_path(gpt2, tokenizer, tmp_path
 @given(st.text(min_size=1, max_size=300))
 def test_load_texts_string_rule(s):
     if "\n" in s or "\r" in s:
-        assert hf._load_texts(s) == ([s], "string", False)
+        assert hf._load.load_texts(s) == ([s], "string", False)
         return
     try:
-        out = hf._load_texts(s)
+        out = hf._load.load_texts(s)
     except (FileNotFoundError, ValueError, OSError) as e:  # ValueError: NUL in a path
         assert len(str(e)) < len(repr(s[:80])) + 120  # at most 80 characters of it quoted
         assert len(s) <= 80 or s not in str(e)
@@ -629,7 +642,7 @@ def _capture_analyze(monkeypatch):
         seen.update(kw, lo=np.array(lo), lq=np.array(lq))
         return real(lo, lq, **kw)
 
-    monkeypatch.setattr(ppldelta, "analyze", spy)
+    monkeypatch.setattr(ppldelta.analysis, "analyze", spy)
     return seen
 
 
@@ -676,7 +689,7 @@ def test_compare_perturbed_matches_full_logit_bruteforce(tiny, monkeypatch, batc
     ids = _ids(90, _vocab(tiny), seed=9)
     quant = _perturbed(tiny)
     seen = _capture_analyze(monkeypatch)
-    monkeypatch.setattr(hf, "_ROW_BUDGET", 7 * _vocab(tiny))  # several row chunks per window
+    monkeypatch.setattr(hf._kl_torch, "ROW_BUDGET", 7 * _vocab(tiny))  # several row chunks per window
     groups = np.where(np.arange(90) < 45, "first", "second")
     rep = hf.compare_models(tiny, quant, ids, max_length=24, stride=10, groups=groups, batch_size=batch_size,
                             progress=False, n_bootstrap=100)
@@ -795,7 +808,7 @@ def test_compare_torch_path_equals_c_kernels(gpt2, monkeypatch):
     hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=20)
     seen_c = dict(seen_c)
     seen_t = _capture_analyze(monkeypatch)
-    monkeypatch.setattr(hf, "_kl_stats", hf._kl_stats_torch)
+    monkeypatch.setattr(hf._kl_torch, "kl_stats", hf._kl_torch.kl_stats_torch)
     hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=20)
     for k in ("kld", "lo", "lq"):
         np.testing.assert_allclose(seen_t[k], seen_c[k], atol=1e-5, rtol=0)
@@ -858,20 +871,20 @@ def test_kl_stats_torch_matches_c_kernels():
     t = torch.randint(0, 301, (37,), generator=g)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         x, y = a.to(dt), b.to(dt)
-        mine = hf._kl_stats_torch(x, y)
+        mine = hf._kl_torch.kl_stats_torch(x, y)
         ref = ppldelta.kl_divergence(x, y, targets=t)
         np.testing.assert_allclose(mine["kld"], ref["kld"], atol=2e-5, rtol=1e-5, err_msg=f"kld {dt}")
         # the accelerator branch of the log-probs: float64, equal to the C kernel's
         oracle = torch.log_softmax(x.double(), -1).gather(-1, t[:, None])[:, 0].numpy()
-        np.testing.assert_allclose(hf._log_probs_rows_torch(x, t), oracle, atol=1e-12, rtol=0)
-        np.testing.assert_allclose(hf._log_probs_rows(x, t), oracle, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(hf._kl_torch.log_probs_rows_torch(x, t), oracle, atol=1e-12, rtol=0)
+        np.testing.assert_allclose(hf._kl_torch.log_probs_rows(x, t), oracle, atol=1e-6, rtol=0)
         for k in ("same_top1", "top1_in_top5", "top1_in_top10", "quantized_top1_in_original_top5",
                   "quantized_top1_in_original_top10"):
             if k in ref:
                 np.testing.assert_array_equal(mine[k], ref[k], err_msg=f"{k} {dt}")
-    out = hf._kl_stats_torch(a.view(37, 1, 301), b.view(37, 1, 301))
+    out = hf._kl_torch.kl_stats_torch(a.view(37, 1, 301), b.view(37, 1, 301))
     assert out["kld"].shape == (37, 1) and "original_log_probs" not in out
-    assert hf._kl_stats_torch(a[:0], b[:0])["same_top1"].dtype == bool
+    assert hf._kl_torch.kl_stats_torch(a[:0], b[:0])["same_top1"].dtype == bool
 
 
 # ---------------------------------------------------------------------------- quantization_report
@@ -901,7 +914,7 @@ def test_quantization_report_rows(gpt2, tokenizer):
     md = rep.to_markdown()
     assert md.splitlines()[0].startswith("| Variant | Perplexity")
     assert "| perturbed |" in md and "gptq-4" in md and "prose delta" in md
-    assert rep.protocol.notes["tokens_sha256"] == hf._ids_sha256(ids)
+    assert rep.protocol.notes["tokens_sha256"] == hf._load.ids_sha256(ids)
     with pytest.raises(ValueError):
         hf.quantization_report(gpt2, {"q": quant}, texts, tokenizer=tokenizer, groups=["a"], progress=False)
 

@@ -112,7 +112,7 @@ def test_compare_models_with_quanto_model(original, quantized, monkeypatch):
         seen.update(kw, lo=np.array(lo), lq=np.array(lq))
         return real(lo, lq, **kw)
 
-    monkeypatch.setattr(ppldelta, "analyze", spy)
+    monkeypatch.setattr(ppldelta.analysis, "analyze", spy)
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(3, V, (90,), generator=g)
     L, S = 24, 10
