@@ -8,7 +8,7 @@ and top-token agreement from logits, confidence intervals, per-domain breakdowns
 'poor'
 """
 from ._core import POSITIVE_TOLERANCE, perplexity, perplexity_delta, simd, supported_simd
-from . import distributed, hf, llamacpp, lmeval, plot
+from . import distributed, hf, llamacpp, lmeval, plot, protocols
 from .accumulate import Accumulator
 from .analysis import analyze
 from .report import Report
@@ -25,6 +25,7 @@ __all__ = [
     "llamacpp",
     "lmeval",
     "plot",
+    "protocols",
     # functions and types
     "Accumulator",
     "POSITIVE_TOLERANCE",

@@ -10,6 +10,16 @@ from ppldelta import _core  # noqa: E402
 ISAS = _core.supported_simd()
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models run on one torch thread: as fast, and no fight with other jobs for the cores."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Run a test once per SIMD path this CPU supports (restoring the default afterwards)."""

@@ -84,3 +84,20 @@ def logits_oracle(a, b, targets):
     return {"lp_a": la[rows, t], "lp_b": lb[rows, t], "kld": kl(a, b, la, lb), "kld_rev": kl(b, a, lb, la),
             "same": ia == ib, "top5": rank_b < 5, "top10": rank_b < 10, "rtop5": rank_a < 5,
             "rtop10": rank_a < 10}
+
+
+def lane_errors_that_cancel(block):
+    """Values whose TwoSum errors in one SIMD lane (+ulp/4, -2^-200, -ulp/4) sum to 0 in floating
+    point while the exact sum needs the hidden -2^-200 to round: (values, math.fsum of them)."""
+    import math
+
+    import numpy as np
+
+    B = 2.0 ** 40
+    ulp = math.ulp(B)
+    x = np.zeros(2 * block)
+    x[0:128:32] = [-B, -0.75 * ulp, -2.0 ** -200, -0.25 * ulp]
+    x[block] = -1.5 * ulp
+    want = -(B + 3 * ulp)
+    assert math.fsum(x.tolist()) == want
+    return x, want

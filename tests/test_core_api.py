@@ -7,7 +7,7 @@ import pytest
 
 import ppldelta
 from ppldelta import _core
-from oracle import fsum_delta
+from oracle import fsum_delta, lane_errors_that_cancel
 
 BLOCK = _core.BLOCK
 NAMES = ("original_log_probs", "quantized_log_probs")
@@ -231,13 +231,7 @@ def test_paired_moments_infinities(isa):
 
 def test_paired_moments_exact_on_hard_sums(isa):
     # lane errors that cancel (test_exact): the superaccumulator decides, for totals and groups
-    B = 2.0 ** 40
-    ulp = math.ulp(B)
-    x = np.zeros(2 * BLOCK)
-    x[0:128:32] = [-B, -0.75 * ulp, -2.0 ** -200, -0.25 * ulp]
-    x[BLOCK] = -1.5 * ulp
-    want = -(B + 3 * ulp)
-    assert math.fsum(x.tolist()) == want
+    x, want = lane_errors_that_cancel(BLOCK)
     other = -np.random.default_rng(3).exponential(1.0, x.size)
     for form in (x, x.tolist()):
         m = _core.paired_moments(form, other, np.zeros(x.size, np.intp), 1)

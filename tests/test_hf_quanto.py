@@ -20,12 +20,7 @@ WORDS = ("the cat sat on a mat while dogs ran past quiet old houses near green f
          "rivers under grey skies every morning before noon").split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")
