@@ -191,6 +191,42 @@ def main() -> int:
                 run(Case.of(op, *args, isa=isa, argerr=argerr))
         for x in (0.00005, 0.00015, -2.5e-5, 1e300, -0.0, 5e-324, INF, NAN, 4.5e11 + 0.12345):
             run(Case.of("round4", isa=isa, x=x))
+    # the analysis layer's entry points: paired moments (groups, blocks, every input kind and
+    # error), the reference dict from sums, the quality bands
+    for isa in isas:
+        _core._set_simd(isa)
+        for desc, a in list(arrays()) + list(sequences()):
+            try:
+                n = int(np.asarray(a, dtype=np.float64).size)
+                q = np.asarray(a, dtype=np.float64).reshape(-1) - 0.01
+            except Exception:
+                continue
+            for kw in ({}, {"codes": np.arange(n) % 3, "n_groups": 3, "block_size": 7}):
+                for args in ((a, q), (a, a)):
+                    try:
+                        _core.paired_moments(*args, **kw)
+                        outcomes["moments:ok"] = outcomes.get("moments:ok", 0) + 1
+                    except (ValueError, TypeError) as exc:
+                        k = "moments:" + type(exc).__name__
+                        outcomes[k] = outcomes.get(k, 0) + 1
+                    checks += 1
+        for desc, a in bad_inputs():
+            for kw in ({}, {"codes": [0, 5], "n_groups": 2}, {"codes": [0.5], "n_groups": 1}):
+                try:
+                    _core.paired_moments(a, np.full(1073, -1.0), **kw)
+                except (ValueError, TypeError, OverflowError):
+                    pass
+                checks += 1
+    _core._set_simd(default)
+    for so, sq, n in ((-10.0, -11.0, 5), (-1.0, -INF, 1), (-INF, -1.0, 1), (-1e308, -1e308, 2), (-1.0, -1.0, 0)):
+        try:
+            _core.reference(so, sq, n)
+        except ValueError:
+            pass
+        checks += 1
+    for pct in (-1.0, 0.5, 1.0, 4.99, 5.0, 10.0, INF, NAN):
+        assert _core.quality(pct) in _core.QUALITIES
+        checks += 1
     # the remaining entry points
     assert default in isas and "scalar" in isas
     for isa in isas:
@@ -206,9 +242,9 @@ def main() -> int:
     _core._set_simd(default)
     counts = _core._path_counts()
     assert len(counts) == 3 and all(isinstance(c, int) for c in counts)
-    assert counts[2] > 0, "the math.fsum fallback was not reached"
+    assert counts[2] > 0, "the superaccumulator fallback was not reached"
     print(f"valgrind_entry_points: {checks} checks on SIMD paths {' '.join(isas)} "
-          f"(default {default}); path counts fast/exact/fsum {counts}; outcomes {outcomes}; "
+          f"(default {default}); path counts fast/exact/superaccumulator {counts}; outcomes {outcomes}; "
           f"{time.perf_counter() - t0:.1f} s")
     return 0
 
