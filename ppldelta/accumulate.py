@@ -27,6 +27,7 @@ _DP_EDGES = np.linspace(-1.0, 1.0, 20001)
 _SUMS = ("lo", "lq", "oo", "qq", "oq", "dp", "dp2", "dp4", "kld", "kld2", "kldr", "kldr2")
 _COUNTS = ("same", "top5", "top10")
 _KEYS = dict(zip(paired.PER_TOKEN, ("kld", "kldr", "same", "top5", "top10")))  # analyze's names -> ours
+_BKEYS = dict(zip(paired.BOUNDS, ("kldlo", "kldhi", "kldrlo", "kldrhi")))  # KLD bounds (optional)
 
 
 def exact_sum(x) -> int:
@@ -110,7 +111,7 @@ def _checked_state(state):
         raise ValueError(f"unknown Accumulator state version {version!r}")
     base = ("version", "block_size", "n", "has", "sums", "counts", "neginf", "hist", "minmax",
             "blocks", "groups")
-    _keys(state, "state", base + (("inf", "ignored") if version == 2 else ()))
+    _keys(state, "state", base + (("inf", "ignored") if version == 2 else ()), ("bounds",) if version == 2 else ())
     st = {"block_size": state["block_size"]}
     if isinstance(st["block_size"], bool) or not isinstance(st["block_size"], (int, np.integer)) or \
             st["block_size"] < 1:
@@ -204,7 +205,39 @@ def _checked_state(state):
         st["groups"][name] = out
     if total > n:
         _bad(f"the groups hold {total} tokens, more than n = {n}")
+    st["bounds"] = _checked_bounds(state.get("bounds"), n, has)
     return st
+
+
+def _checked_bounds(b, n, has):
+    """The optional per-token KLD bounds of a state: {key: {sum, inf, hist, minmax}}."""
+    if b is None:
+        return None
+    _keys(b, "bounds", (), _BKEYS.values())
+    if set(b) not in ({"kldlo", "kldhi"}, {"kldrlo", "kldrhi"}, set(_BKEYS.values())) or (
+            "kldlo" in b and not has["kld"]) or ("kldrlo" in b and not has["kldr"]):
+        _bad("bounds come in (lo, hi) pairs, each with its KLD estimate")
+    out = {}
+    size = _KLD_EDGES.size - 1
+    for k, e in b.items():
+        what = f"bounds[{k!r}]"
+        _keys(e, what, ("sum", "inf", "hist", "minmax"))
+        h = _keys(e["hist"], f"{what}['hist']", ("nonzero", "counts"))
+        idx = [_count(i, f"{what} bin index", size - 1) for i in h["nonzero"]]
+        cnt = [_count(c, f"{what} count", n) for c in h["counts"]]
+        if len(idx) != len(cnt) or len(set(idx)) != len(idx) or sum(cnt) != n:
+            _bad(f"{what}: histogram counts must add up to n = {n}")
+        full = np.zeros(size, np.int64)
+        full[np.asarray(idx, dtype=np.intp)] = cnt
+        inf = e["inf"]
+        if not (isinstance(inf, (list, tuple)) and len(inf) == 2):
+            _bad(f"{what}['inf'] must be [count of +inf, count of -inf]")
+        mm = e["minmax"]
+        if not (isinstance(mm, (list, tuple)) and len(mm) == 2):
+            _bad(f"{what}['minmax'] must be [min, max]")
+        out[k] = {"sum": _hexint(e["sum"], f"{what}['sum']"), "inf": [_count(c, f"{what}['inf']", n) for c in inf],
+                  "hist": full, "minmax": [float(v) for v in mm]}
+    return out
 
 
 def _new_group():
@@ -233,16 +266,19 @@ class Accumulator:
         self.minmax = {k: [math.inf, -math.inf] for k in self.hist}
         self.blocks = [np.zeros(0), np.zeros(0)]
         self.groups = {}
+        self.bounds = None  # per-token KLD bounds: {key: {sum, inf, hist, minmax}} for the keys carried
 
     # ------------------------------------------------------------------ update
     def update(self, original_log_probs=None, quantized_log_probs=None, *, groups=None, kld=None,
                kld_reverse=None, same_top1=None, top1_in_top5=None, top1_in_top10=None,
-               original_logits=None, quantized_logits=None, targets=None, ignore_index=-100):
+               original_logits=None, quantized_logits=None, targets=None, ignore_index=-100,
+               kld_bounds=None, kld_reverse_bounds=None):
         """Add a chunk of tokens (same arguments and checks as ppldelta.analyze).  A chunk that
         fails a check changes nothing."""
         p = paired.read(original_log_probs, quantized_log_probs, groups=groups,
                         per_token=dict(zip(paired.PER_TOKEN, (kld, kld_reverse, same_top1, top1_in_top5,
-                                                              top1_in_top10))),
+                                                              top1_in_top10)),
+                                       **paired.bounds(kld, kld_bounds, kld_reverse, kld_reverse_bounds)),
                         original_logits=original_logits, quantized_logits=quantized_logits,
                         targets=targets, ignore_index=ignore_index,
                         reverse=kld_reverse is not None or (self.has or {}).get("kldr", False))
@@ -256,7 +292,21 @@ class Accumulator:
             raise ValueError(f"every update must carry the same per-token arrays: first had "
                              f"{sorted(k for k, v in self.has.items() if v)}, this one "
                              f"{sorted(k for k, v in has.items() if v)}")
+        bx = {_BKEYS[k]: v for k, v in p.extras.items() if k in _BKEYS}
+        if self.n and set(bx) != set(self.bounds or {}):
+            raise ValueError("every update must carry the same KLD bounds (kld_bounds, kld_reverse_bounds)")
         self.has = has
+        if bx:
+            self.bounds = self.bounds or {k: {"sum": 0, "inf": [0, 0], "hist": np.zeros(_KLD_EDGES.size - 1, np.int64),
+                                              "minmax": [math.inf, -math.inf]} for k in bx}
+            for k, v in bx.items():
+                e = self.bounds[k]
+                fin = np.isfinite(v)
+                e["inf"][0] += int(np.count_nonzero(v == np.inf))
+                e["inf"][1] += int(np.count_nonzero(v == -np.inf))
+                e["sum"] += exact_sum(v[fin])
+                e["hist"] += np.histogram(np.clip(v, _KLD_EDGES[0], _KLD_EDGES[-1]), bins=_KLD_EDGES)[0]
+                e["minmax"] = [min(e["minmax"][0], float(v.min())), max(e["minmax"][1], float(v.max()))]
         self.ignored += p.n_ignored
         fo, fq = np.isfinite(lo), np.isfinite(lq)
         self.neginf["o"] += int(n - fo.sum())
@@ -327,7 +377,19 @@ class Accumulator:
             return self
         if self.has is not None and other.has != self.has:
             raise ValueError("the accumulators carry different per-token arrays")
+        if self.n and set(self.bounds or {}) != set(other.bounds or {}):
+            raise ValueError("the accumulators carry different KLD bounds")
         self.has = other.has if self.has is None else self.has
+        if other.bounds:
+            if not self.bounds:
+                self.bounds = {k: {"sum": 0, "inf": [0, 0], "hist": np.zeros(_KLD_EDGES.size - 1, np.int64),
+                                   "minmax": [math.inf, -math.inf]} for k in other.bounds}
+            for k, o in other.bounds.items():
+                e = self.bounds[k]
+                e["sum"] += o["sum"]
+                e["inf"] = [a + b for a, b in zip(e["inf"], o["inf"])]
+                e["hist"] = e["hist"] + o["hist"]
+                e["minmax"] = [min(e["minmax"][0], o["minmax"][0]), max(e["minmax"][1], o["minmax"][1])]
         self.n += other.n
         self.ignored += other.ignored
         for k in _SUMS:
@@ -353,7 +415,11 @@ class Accumulator:
 
     def state_dict(self) -> dict:
         """JSON-serialisable state (exact integers as hex strings)."""
-        return {
+        extra = {} if not self.bounds else {"bounds": {
+            k: {"sum": hex(e["sum"]), "inf": list(e["inf"]), "minmax": list(e["minmax"]),
+                "hist": {"nonzero": np.flatnonzero(e["hist"]).tolist(), "counts": e["hist"][e["hist"] != 0].tolist()}}
+            for k, e in self.bounds.items()}}
+        return {**extra,
             "version": 2, "block_size": self.block_size, "n": self.n, "has": self.has,
             "sums": {k: hex(v) for k, v in self.sums.items()}, "counts": dict(self.counts),
             "neginf": dict(self.neginf), "inf": {k: list(v) for k, v in self.inf.items()},
@@ -377,6 +443,7 @@ class Accumulator:
         acc.n, acc.has, acc.ignored = st["n"], st["has"], st["ignored"]
         acc.sums, acc.counts, acc.neginf, acc.inf = st["sums"], st["counts"], st["neginf"], st["inf"]
         acc.hist, acc.minmax, acc.blocks, acc.groups = st["hist"], st["minmax"], st["blocks"], st["groups"]
+        acc.bounds = st["bounds"]
         return acc
 
     # ------------------------------------------------------------------ report
@@ -386,8 +453,10 @@ class Accumulator:
             return math.nan if pos and neg else math.inf if pos else -math.inf
         return _to_float(self.sums[key])
 
-    def report(self, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=None, protocol=None) -> Report:
-        """The analysis of everything accumulated (structure of ppldelta.analyze's report)."""
+    def report(self, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=None, protocol=None,
+               kld_definition=None) -> Report:
+        """The analysis of everything accumulated (structure of ppldelta.analyze's report;
+        ``kld_definition`` as in analyze)."""
         n = self.n
         if n == 0:
             raise ValueError("the accumulator is empty")
@@ -408,8 +477,20 @@ class Accumulator:
               for k in ("kld", "kldr")),
             {name: self.counts[k] for name, k in (("same_top1", "same"), ("top1_in_top5", "top5"),
                                                  ("top1_in_top10", "top10")) if has[k]},
-            groups, self.ignored), confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
+            groups, self.ignored, *(self._bound_pair(lo, hi) for lo, hi in (("kldlo", "kldhi"), ("kldrlo", "kldrhi"))),
+            kld_definition), confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
             expected=expected, protocol=protocol)
+
+    def _bound_pair(self, lo, hi):
+        if not self.bounds or lo not in self.bounds:
+            return None
+        out = []
+        for k in (lo, hi):
+            e = self.bounds[k]
+            pos, neg = e["inf"]
+            s = math.inf if pos else _to_float(e["sum"])
+            out.append(DistMoments(s, math.nan, Histogram(e["hist"], _KLD_EDGES, self.n, *e["minmax"], True, pos)))
+        return tuple(out)
 
     def _percentiles(self, key, edges, log):
         return Histogram(self.hist[key], edges, self.n, *self.minmax[key], log, self.inf[key][0])

@@ -26,7 +26,7 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
             quantized_logits=None, targets=None, ignore_index=-100, kld=None, kld_reverse=None,
             same_top1=None, top1_in_top5=None, top1_in_top10=None, reverse_kld=False,
             confidence=0.95, n_bootstrap=1000, block_size=None, seed=0, expected=None,
-            protocol=None) -> Report:
+            protocol=None, kld_bounds=None, kld_reverse_bounds=None, kld_definition=None) -> Report:
     """Analyse paired per-token log-probs of an original and a quantized model.
 
     Per-token KL divergence and top-token agreement come either precomputed (``kld``,
@@ -39,11 +39,16 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
     {name: slice | (start, stop) | indices}.
     ``expected``: a format name for the expected band (see ppldelta.expected_band).
     ``block_size``: bootstrap block length in tokens (default sqrt(n), at most 512).
+    ``kld_bounds`` / ``kld_reverse_bounds``: (lower, upper) per-token bounds of ``kld`` /
+    ``kld_reverse`` when those are estimates (ppldelta.refstats.compare): the report gains
+    bounds on the mean and each percentile; ``kld_definition`` names what ``kld`` measures
+    (default 'full vocabulary', or 'reference top-K estimate' with bounds).
     """
     check_confidence(confidence)
     p = paired.read(original_log_probs, quantized_log_probs, groups=groups,
                     per_token=dict(zip(paired.PER_TOKEN, (kld, kld_reverse, same_top1, top1_in_top5,
-                                                          top1_in_top10))),
+                                                          top1_in_top10)),
+                               **paired.bounds(kld, kld_bounds, kld_reverse, kld_reverse_bounds)),
                     original_logits=original_logits, quantized_logits=quantized_logits, targets=targets,
                     ignore_index=ignore_index, reverse=reverse_kld)
     n, x = p.n, p.extras
@@ -52,7 +57,7 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
     with np.errstate(all="ignore"):  # -inf log-probs: inf and NaN where the report expects them
         dp = np.exp(p.lq) - np.exp(p.lo)
         dists = {k: DistMoments(float(np.sum(x[k])), float(np.sum(x[k] * x[k])), Sample(x[k]))
-                 for k in ("kld", "kld_reverse") if k in x}
+                 for k in ("kld", "kld_reverse") + paired.BOUNDS if k in x}
         d = p.lo - p.lq if p.names else None  # nll_q - nll_o, for the groups' bootstrap blocks
     groups_m = None
     if p.names:
@@ -71,5 +76,6 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
         n, m.sum_o, m.sum_q, m.sum_oo, m.sum_qq, m.sum_oq, m.sum_dp, m.sum_dp2, m.sum_dp4, Sample(dp),
         (m.block_d, block_lengths(n, bs)), bs, dists.get("kld"), dists.get("kld_reverse"),
         {k: int(np.count_nonzero(v)) for k, v in x.items() if not k.startswith("kld")}, groups_m,
-        p.n_ignored), confidence=confidence, n_bootstrap=n_bootstrap, seed=seed, expected=expected,
+        p.n_ignored, *(((dists[k + "_lo"], dists[k + "_hi"]) if k + "_lo" in dists else None)
+                       for k in ("kld", "kld_reverse")), kld_definition), confidence=confidence, n_bootstrap=n_bootstrap, seed=seed, expected=expected,
         protocol=protocol)

@@ -21,6 +21,23 @@ PER_TOKEN = ("kld", "kld_reverse", "same_top1", "top1_in_top5", "top1_in_top10")
 # the other direction of the top-k agreement, reported when the statistics come from logits
 CROSS = {"q_top1_in_base_top5": "quantized_top1_in_original_top5",
          "q_top1_in_base_top10": "quantized_top1_in_original_top10"}
+# per-token (lower, upper) bounds of an estimated KLD (ppldelta.refstats), by the estimate's name
+BOUNDS = ("kld_lo", "kld_hi", "kld_reverse_lo", "kld_reverse_hi")
+
+
+def bounds(kld, kld_bounds, kld_reverse, kld_reverse_bounds) -> dict:
+    """The per-token arrays of ``kld_bounds=(lo, hi)`` / ``kld_reverse_bounds`` by BOUNDS name
+    (each needs its estimate)."""
+    out = {}
+    for name, est, pair in (("kld", kld, kld_bounds), ("kld_reverse", kld_reverse, kld_reverse_bounds)):
+        if pair is None:
+            continue
+        if est is None:
+            raise ValueError(f"{name}_bounds needs {name} (the estimate the bounds belong to)")
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise ValueError(f"{name}_bounds must be a pair (lower, upper) of per-token arrays")
+        out[name + "_lo"], out[name + "_hi"] = pair
+    return out
 
 
 @dataclass
@@ -54,6 +71,8 @@ def read(original_log_probs, quantized_log_probs, *, groups=None, per_token=None
             raise ValueError("pass both original_logits and quantized_logits")
         from .logits import kl_divergence
 
+        if any(per_token.get(k) is not None for k in BOUNDS):
+            raise ValueError("KLD bounds belong to KLD estimates, not to logits (full vocabulary)")
         kl = kl_divergence(original_logits, quantized_logits, targets=targets,
                            ignore_index=ignore_index, reverse=reverse)
         per_token = {k: kl.get(k) for k in PER_TOKEN}
@@ -79,6 +98,10 @@ def read(original_log_probs, quantized_log_probs, *, groups=None, per_token=None
         n = lo.size
         extras = {k: _adapt.as_per_token(v, k, n, keep) for k, v in per_token.items() if v is not None}
         names, codes = _adapt.group_codes(groups, n, keep) if groups is not None else (None, None)
+        for k in ("kld", "kld_reverse"):
+            if k + "_lo" in extras and (extras[k + "_lo"] > extras[k + "_hi"]).any():
+                i = int(np.flatnonzero(extras[k + "_lo"] > extras[k + "_hi"])[0])
+                raise ValueError(f"{k}_bounds: lower bound above the upper bound at index {i}")
     except (TypeError, ValueError) as exc:
         err = exc
     else:

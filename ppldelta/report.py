@@ -28,6 +28,14 @@ undefined (too few tokens, infinite values) or an input that was not given.
 - ``bootstrap`` [Bootstrap: n_bootstrap, block_size, n_blocks, seed].
 - ``kld`` [Distribution: mean, stderr, then the PCTS_KLD keys max ... min], KL(base || Q) in
   nats; ``kld_reverse`` (present only when given): KL(Q || base).
+- ``kld_definition`` (str, in every report): what ``kld`` measures: 'full vocabulary' (two full
+  logits rows, or per-token values given as such), or 'reference top-K estimate (K=..)' when the
+  values are estimates from a stored reference (ppldelta.refstats) with certified bounds.
+- ``kld_bounds`` [Bounds: mean [lo, hi], then the PCTS_KLD keys, each [lo, hi]] (present only
+  when per-token bounds were given): the mean of the per-token lower / upper bounds, and each
+  percentile of the lower bounds and of the upper bounds (order statistics are monotone, so the
+  true percentile lies between them; from an Accumulator's histograms, up to their bin error).
+  ``kld_reverse_bounds``: the same for KL(Q || base).
 - ``delta_p`` [DeltaP: mean, stderr, the PCTS_DP keys, rms, rms_stderr], in percent.
 - ``same_top1`` [Rate: pct, stderr]; ``top1_in_top5``, ``top1_in_top10`` (float, %); and, from
   logits only, ``q_top1_in_base_top5``, ``q_top1_in_base_top10`` (present only then).
@@ -53,6 +61,8 @@ from . import _core
 from .bands import expected_band
 
 SCHEMA_VERSION = 1
+FULL_VOCABULARY = "full vocabulary"
+REFERENCE_ESTIMATE = "reference top-K estimate"
 PCTS_KLD = [("max", 100), ("p99.9", 99.9), ("p99", 99), ("p95", 95), ("p90", 90), ("median", 50),
             ("p10", 10), ("p5", 5), ("p1", 1), ("p0.1", 0.1), ("min", 0)]
 PCTS_DP = [("max", 100), ("p99.9", 99.9), ("p99", 99), ("p95", 95), ("p90", 90), ("p75", 75),
@@ -156,6 +166,9 @@ class Moments:
     counts: dict = field(default_factory=dict)
     groups: list | None = None
     n_ignored: int = 0
+    kld_bounds: tuple | None = None          # (DistMoments of the lower, of the upper bounds)
+    kld_reverse_bounds: tuple | None = None
+    kld_definition: str | None = None
 
 
 def block_lengths(n: int, size: int) -> np.ndarray:
@@ -226,6 +239,12 @@ class Distribution:
 
     def __getitem__(self, key):
         return getattr(self, key) if key in ("mean", "stderr", "rms", "rms_stderr") else self.percentiles[key]
+
+
+@dataclass(frozen=True)
+class Bounds:
+    mean: list                     # [mean of the lower bounds, mean of the upper bounds]
+    percentiles: dict = field(metadata={"flatten": True})  # PCTS_KLD key -> [lo, hi]
 
 
 @dataclass(frozen=True)
@@ -306,6 +325,9 @@ class Report:
     expected: Expected | None = None
     suffers_most_significant: bool | None = None
     verdict: Verdict | None = None
+    kld_definition: str | None = None
+    kld_bounds: Bounds | None = field(default=None, metadata=_OMIT_NONE)
+    kld_reverse_bounds: Bounds | None = field(default=None, metadata=_OMIT_NONE)
 
     def __init__(self, data: dict | None = None, /, **values):
         if data is not None:
@@ -318,6 +340,8 @@ class Report:
             self.suffers_most_significant = _groups_apart(self)
         if self.verdict is None:
             self.verdict = _headline(self)
+        if self.kld_definition is None:
+            self.kld_definition = FULL_VOCABULARY
 
     def to_dict(self) -> dict:
         """The JSON-ready dict of the schema (a new dict each call)."""
@@ -369,8 +393,14 @@ class Report:
             yield ("Mean    KLD", f(self.kld.mean, self.kld.stderr))
             for key, _ in PCTS_KLD:
                 yield (f"{key:<6}  KLD", f(self.kld.percentiles[key]))
+        if self.kld and self.kld_definition != FULL_VOCABULARY:
+            yield ("KLD definition", self.kld_definition)
+        if self.kld_bounds:
+            yield ("KLD bounds (mean; p99)", _bounds_line(self.kld_bounds))
         if self.kld_reverse:
             yield ("Mean KLD(Q||base)", f(self.kld_reverse.mean, self.kld_reverse.stderr))
+        if self.kld_reverse_bounds:
+            yield ("KLD(Q||base) bounds (mean; p99)", _bounds_line(self.kld_reverse_bounds))
         dp = self.delta_p
         yield ("Mean    \u0394p", f(dp.mean, dp.stderr, "{:8.3f}") + " %")
         for key, _ in PCTS_DP:
@@ -435,6 +465,17 @@ def _plain(x):
     return out
 
 
+def _bounds_line(b):
+    return (f"[{b.mean[0]:.6f}, {b.mean[1]:.6f}]; [{b.percentiles['p99'][0]:.6f}, "
+            f"{b.percentiles['p99'][1]:.6f}]")
+
+
+def _bounds_from(d):
+    if not d:
+        return None
+    return Bounds(list(d["mean"]), {k: list(v) for k, v in d.items() if k != "mean"})
+
+
 def _dist_from(d, cls=Distribution):
     if not d:
         return None
@@ -446,7 +487,7 @@ def _from_dict(d: dict) -> dict:
     """Report fields from a to_dict() (or an older report dict)."""
     v = {k: d.get(k) for k in ("reference", "n_tokens", "n_ignored", "confidence", "protocol", "correlation",
                                "top1_in_top5", "top1_in_top10", "q_top1_in_base_top5", "q_top1_in_base_top10",
-                               "suffers_most", "suffers_most_significant")}
+                               "suffers_most", "suffers_most_significant", "kld_definition")}
     v["n_ignored"] = v["n_ignored"] or 0
     v["ppl"] = Perplexities(Estimate(**d["ppl"]["original"]), Estimate(**d["ppl"]["quantized"]))
     v.update(ln_ppl_ratio=LnRatio(**d["ln_ppl_ratio"]), ppl_ratio=Ratio(**d["ppl_ratio"]),
@@ -455,7 +496,9 @@ def _from_dict(d: dict) -> dict:
              kld_reverse=_dist_from(d.get("kld_reverse")), delta_p=_dist_from(d["delta_p"], DeltaP),
              same_top1=Rate(**d["same_top1"]) if d.get("same_top1") else None,
              expected=Expected(**d["expected"]) if d.get("expected") else None,
-             verdict=Verdict(**d["verdict"]) if d.get("verdict") else None)
+             verdict=Verdict(**d["verdict"]) if d.get("verdict") else None,
+             kld_bounds=_bounds_from(d.get("kld_bounds")),
+             kld_reverse_bounds=_bounds_from(d.get("kld_reverse_bounds")))
     g = d.get("groups")
     v["groups"] = g if not g else {name: GroupResult(**{
         **e, "ln_ppl_ratio": PointCI(**e["ln_ppl_ratio"]), "ppl_ratio": PointCI(**e["ppl_ratio"])})
@@ -493,6 +536,10 @@ def build(m: Moments, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=Non
         rep["groups"] = {g.name: _group(g, n_bootstrap, seed, confidence) for g in m.groups}
         rep["suffers_most"] = max(rep["groups"], key=lambda k: rep["groups"][k].reference["relative_delta_pct"])
     rep["expected"] = _expected(expected, rep["ppl_ratio"].value, rep["ppl_ratio"].ci)
+    rep["kld_bounds"] = _bounds(n, m.kld_bounds)
+    rep["kld_reverse_bounds"] = _bounds(n, m.kld_reverse_bounds)
+    rep["kld_definition"] = m.kld_definition or (
+        REFERENCE_ESTIMATE if m.kld_bounds or m.kld_reverse_bounds else FULL_VOCABULARY)
     return Report(**rep)
 
 
@@ -595,6 +642,14 @@ def _distribution(n, dm: DistMoments | None, pcts):
         return None
     mean, unc = _unc(n, dm.sum, dm.sum_sq)
     return Distribution(mean, unc, dm.values.percentiles(pcts))
+
+
+def _bounds(n, pair):
+    """Bounds on the mean and on each KLD percentile from the per-token lower / upper bounds."""
+    if pair is None:
+        return None
+    lo, hi = (dm.values.percentiles(PCTS_KLD) for dm in pair)
+    return Bounds([pair[0].sum / n, pair[1].sum / n], {k: [lo[k], hi[k]] for k, _ in PCTS_KLD})
 
 
 def _rms(n, s2, s4):

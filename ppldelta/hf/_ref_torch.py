@@ -1,0 +1,180 @@
+"""Torch twins of ppldelta.refstats for logits on an accelerator: ``summarize_torch`` and
+``compare_torch`` compute the reductions over each full logits row where the logits are (float64
+on the device, in row chunks) and move only O(K) values per token to the host, where the bounds
+are finished by the same NumPy code as the CPU path (``refstats.finish``).  CPU tensors go to
+the CPU functions; MPS (no float64) copies each row chunk to the CPU path.  Tested against the
+CPU functions (tests/test_refstats_torch.py)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import refstats
+from ._kl_torch import log_probs_rows
+
+
+def _rows(x):
+    V = x.shape[-1]
+    return x.reshape(-1, V), V
+
+
+def _step(V):
+    return max(1, refstats.ROW_BUDGET // max(1, V))
+
+
+def _host(x):
+    return x.detach().to("cpu").numpy()
+
+
+def _topk_sorted_torch(x, k):
+    """ids of the k largest by decreasing value, ties by smaller id (refstats._topk_sorted)."""
+    import torch
+
+    n, V = x.shape
+    if k >= V:
+        idx = torch.arange(V, device=x.device).expand(n, V).clone()
+    else:
+        vals, idx = torch.topk(x, k, dim=1)
+        v = vals[:, -1:]
+        fix = ((x == v).sum(1) > (vals == v).sum(1)).nonzero().flatten().tolist()
+        for r in fix:
+            gt = (x[r] > v[r]).nonzero().flatten()
+            eq = (x[r] == v[r]).nonzero().flatten()[:k - gt.numel()]
+            idx[r] = torch.cat([gt, eq])
+    idx, _ = torch.sort(idx, dim=1)
+    vals = torch.gather(x, 1, idx)
+    _, order = torch.sort(-vals, dim=1, stable=True)
+    return torch.gather(idx, 1, order)
+
+
+def summarize_torch(logits, targets, k: int = refstats.DEFAULT_K, *, ignore_index=-100):
+    """``refstats.summarize`` for a logits tensor on any device (targets: one id per row, none
+    equal to ignore_index); the records come back as a NumPy structured array."""
+    if logits.device.type in ("cpu", "mps"):
+        return refstats.summarize(logits, targets, k, ignore_index=ignore_index)
+    return _summarize_device(logits, targets, k, ignore_index)
+
+
+def _summarize_device(logits, targets, k, ignore_index=-100):
+    """The device path of summarize_torch (any device; tests run it on CPU tensors)."""
+    import torch
+
+    x_all, V = _rows(logits.detach())
+    t = torch.as_tensor(targets).reshape(-1).to(logits.device, torch.long)
+    if t.numel() != x_all.shape[0]:
+        raise ValueError(f"targets has {t.numel()} values, logits {x_all.shape[0]} rows")
+    tn = _host(t)
+    refstats._check_scored(tn, ignore_index)
+    if ((tn < 0) | (tn >= V)).any():
+        raise ValueError(f"targets outside the vocabulary [0, {V})")
+    k = int(k)
+    kk = min(k, V)
+    out = np.zeros(t.numel(), dtype=refstats.RECORD_DTYPE(k))
+    out["token"] = tn
+    step = _step(V)
+    with torch.no_grad():
+        for r0 in range(0, t.numel(), step):
+            x = x_all[r0:r0 + step].double()
+            if torch.isnan(x).any() or (x == float("inf")).any() or (x == float("-inf")).all(1).any():
+                raise ValueError("logits rows must be free of NaN and +inf, and not all -inf")
+            out["lp"][r0:r0 + step] = log_probs_rows(x_all[r0:r0 + step], t[r0:r0 + step])
+            d = x - x.max(1, keepdim=True).values
+            e = d.exp()
+            ls = e.sum(1, keepdim=True).log()
+            a = d - ls
+            p = a.exp()
+            ent = -torch.where(p > 0, p * a, torch.zeros_like(a)).sum(1)
+            lpmin = d.min(1).values - ls[:, 0]
+            ids = _topk_sorted_torch(x, kk)
+            lps = torch.gather(a, 1, ids).float()
+            if kk == V:
+                tail = torch.full_like(ent, float("-inf"))
+            else:
+                e.scatter_(1, ids, 0.0)
+                tail = e.sum(1).log() - ls[:, 0]
+            sl = slice(r0, r0 + x.shape[0])
+            out["entropy"][sl], out["lp_min"][sl], out["tail"][sl] = _host(ent), _host(lpmin), _host(tail)
+            out["ids"][sl, :kk], out["lps"][sl, :kk] = _host(ids), _host(lps)
+            if kk < k:
+                out["ids"][sl, kk:] = -1
+                out["lps"][sl, kk:] = -np.inf
+    return out
+
+
+def _parts_torch(y, ids_np, M):
+    """refstats.parts_rows on the device: the dict of O(K + M) values per row, on the host."""
+    import torch
+
+    n, V = y.shape
+    K = ids_np.shape[1]
+    Mv = min(M, V)
+    dev = y.device
+    ids = torch.as_tensor(ids_np, device=dev, dtype=torch.long)
+    valid = ids >= 0
+    idc = torch.where(valid, ids, torch.zeros_like(ids))
+    ninf = torch.tensor(float("-inf"), dtype=torch.float64, device=dev)
+    pinf = torch.tensor(float("inf"), dtype=torch.float64, device=dev)
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    d = y - y.max(1, keepdim=True).values
+    b = d - d.exp().sum(1, keepdim=True).log()
+    q = b.exp()
+    qb = torch.where(q > 0, q * b, zero)
+    fin = b > ninf
+    tm = torch.ones((n, V), dtype=torch.bool, device=dev)
+    rows = torch.arange(n, device=dev)[:, None].expand(n, K)
+    tm[rows[valid], idc[valid]] = False
+    out = {"V": V, "M": M}
+    bS = torch.gather(b, 1, idc)
+    out["bS"] = _host(torch.where(valid, bS, torch.full_like(bS, float("nan"))))
+    out["HQ"] = _host(-qb.sum(1))
+    out["zq"] = _host(torch.where(q > 0, q * (1 + b.abs()) ** 2, zero).sum(1))
+    out["bmax"] = _host(torch.where(fin, -b, zero).max(1).values)
+    out["nT"] = _host(tm.sum(1))
+    out["ninfT"] = _host((tm & ~fin).sum(1))
+    qt = torch.where(tm, q, zero)
+    out["QT"] = _host(qt.sum(1))
+    out["sbT"] = _host(torch.where(tm & fin, b, zero).sum(1))
+    out["qbT"] = _host(torch.where(tm, qb, zero).sum(1))
+    top, it = torch.topk(torch.where(tm, b, ninf), Mv, dim=1)
+    qt.scatter_(1, it, 0.0)
+    out["Qbeyond"] = _host(qt.sum(1))
+    bot = -torch.topk(-torch.where(tm, b, pinf), Mv, dim=1).values
+    out["top"] = refstats._pad(_host(top), M, -np.inf)
+    out["bot"] = refstats._pad(_host(bot), M, np.inf)
+    out["argmax_q"] = _host(y.argmax(1))  # torch's argmax is the first maximum
+    out["rank_q"] = _host((y > torch.gather(y, 1, idc[:, :1])).sum(1))
+    return out
+
+
+def compare_torch(quantized_logits, records):
+    """``refstats.compare`` for a logits tensor on any device: same dict of per-token arrays."""
+    rec = refstats.check_records(records)
+    if quantized_logits.device.type in ("cpu", "mps"):
+        return refstats.compare(quantized_logits, rec)
+    return _compare_device(quantized_logits, rec)
+
+
+def _compare_device(quantized_logits, rec):
+    """The device path of compare_torch (any device; tests run it on CPU tensors)."""
+    import torch
+
+    y_all, V = _rows(quantized_logits.detach())
+    n = y_all.shape[0]
+    if n != rec.shape[0]:
+        raise ValueError(f"quantized_logits has {n} rows, the reference {rec.shape[0]} records")
+    if n == 0:
+        raise ValueError("no rows to compare")
+    t = rec["token"].astype(np.int64)
+    if (t < 0).any() or (t >= V).any() or (rec["ids"] >= V).any():
+        raise ValueError(f"the reference's token ids do not fit the quantized model's vocabulary ({V})")
+    M = refstats.tail_m(rec["ids"].shape[1])
+    step = _step(V)
+    chunks, lq = [], []
+    with torch.no_grad():
+        for r0 in range(0, n, step):
+            y = y_all[r0:r0 + step].double()
+            if torch.isnan(y).any() or (y == float("inf")).any() or (y == float("-inf")).all(1).any():
+                raise ValueError("logits rows must be free of NaN and +inf, and not all -inf")
+            lq.append(log_probs_rows(y_all[r0:r0 + step], t[r0:r0 + step]))
+            chunks.append(_parts_torch(y, rec["ids"][r0:r0 + step], M))
+    out = refstats.finish(refstats.concat_parts(chunks), rec)
+    return refstats.assemble(out, rec["lp"].astype(np.float64), np.concatenate(lq))

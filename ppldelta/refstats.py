@@ -1,0 +1,461 @@
+"""Per-token statistics against a stored reference: ``summarize`` turns the original model's full
+logits rows into compact records (the target's log-prob, the entropy, the top-K ids and
+log-probs, the tail mass, the smallest log-prob), and ``compare`` gives, from a quantized model's
+full logits rows and those records, every per-token statistic of the two-full-rows path:
+the exact ones (both log-probs, Δp, same top-1, top-5/10 agreement) and KL(P||Q), KL(Q||P) as a
+point estimate with certified per-token lower and upper bounds.  The derivation of the bounds
+and of their rounding margins is docs/reference-bounds.md.
+
+Both functions compute in float64 NumPy on the CPU, in row chunks (no (tokens x vocab)
+temporary beyond a chunk); the torch twins for accelerator tensors are ppldelta/hf/_ref_torch.py,
+which share the second stage (``finish``: the bounds from O(K) values per token) with this module.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _adapt, _core
+
+DEFAULT_K = 32
+#: Elements of one (rows x vocab) float64 temporary per row chunk.
+ROW_BUDGET = 1 << 21
+_U = 2.0 ** -53            # float64 unit roundoff
+_EXP_REL = 2.0 ** -48      # relative error allowed for one float64 exp (16 ulp; libm and NumPy: < 4)
+_F32_REL = 2.0 ** -24 + 2.0 ** -46  # float32 rounding of a log-prob, relative to the stored value
+_F32_ABS = 2.0 ** -149     # float32 subnormal spacing
+TAIL_VARIANCE = True       # the estimate's second-order tail term (False: p proportional to q)
+
+KEYS = ("original_log_probs", "quantized_log_probs", "delta_p", "same_top1", "top1_in_top5",
+        "top1_in_top10", "q_top1_in_base_top5", "q_top1_in_base_top10", "kld", "kld_lo", "kld_hi",
+        "kld_reverse", "kld_reverse_lo", "kld_reverse_hi")
+
+
+def RECORD_DTYPE(k: int) -> np.dtype:  # noqa: N802  (the name of the design)
+    """The record of one scored token for a reference with K = ``k`` stored log-probs
+    (little-endian, packed: 36 + 8 k bytes)."""
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return np.dtype([("token", "<i4"), ("lp", "<f8"), ("entropy", "<f8"), ("tail", "<f8"),
+                     ("lp_min", "<f8"), ("ids", "<i4", (k,)), ("lps", "<f4", (k,))], align=False)
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, ROW_BUDGET // max(1, V))
+
+
+def _f64(a, bf16):
+    if bf16:
+        return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
+
+
+def _check_scored(t, ignore_index):
+    bad = np.flatnonzero(t == ignore_index)
+    if bad.size:
+        raise ValueError(f"targets[{int(bad[0])}] is ignore_index ({ignore_index}): a reference "
+                         f"holds scored positions only (drop the ignored rows first)")
+
+
+# ============================================================================ summarize
+
+def _topk_sorted(x, k):
+    """Per row of float64 ``x``: the ids of the k largest values by decreasing value, ties by
+    smaller id (so ids[:, 0] is the first argmax)."""
+    n, V = x.shape
+    if k >= V:
+        idx = np.broadcast_to(np.arange(V), (n, V)).copy()
+    else:
+        idx = np.argpartition(-x, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(x, idx, 1)
+        v = vals.min(axis=1)
+        # a tie at the boundary: the tokens kept must be the smallest ids among the tied ones
+        fix = np.flatnonzero((x == v[:, None]).sum(1) > (vals == v[:, None]).sum(1))
+        for r in fix:
+            gt = np.flatnonzero(x[r] > v[r])
+            eq = np.flatnonzero(x[r] == v[r])[:k - gt.size]
+            idx[r] = np.concatenate([gt, eq])
+    vals = np.take_along_axis(x, idx, 1)
+    order = np.lexsort((idx, -vals), axis=-1)
+    return np.take_along_axis(idx, order, 1)
+
+
+def summarize_rows(x, k, out):
+    """Fill the records ``out`` (all fields but token and lp) from float64 logits rows ``x``."""
+    n, V = x.shape
+    kk = min(k, V)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        m = x.max(axis=1)
+        d = x - m[:, None]
+        e = np.exp(d)
+        ls = np.log(e.sum(axis=1))
+        a = d - ls[:, None]
+        p = np.exp(a)
+        out["entropy"] = -np.where(p > 0, p * a, 0.0).sum(axis=1)
+        out["lp_min"] = d.min(axis=1) - ls
+        ids = _topk_sorted(x, kk)
+        out["ids"][:, :kk] = ids
+        out["lps"][:, :kk] = np.take_along_axis(a, ids, 1).astype(np.float32)
+        if kk < k:
+            out["ids"][:, kk:] = -1
+            out["lps"][:, kk:] = -np.inf
+        if kk == V:
+            out["tail"] = -np.inf
+        else:
+            np.put_along_axis(e, ids, 0.0, 1)
+            out["tail"] = np.log(e.sum(axis=1)) - ls
+
+
+def summarize(logits, targets, k: int = DEFAULT_K, *, ignore_index=-100, bf16=False, threads=1):
+    """The reference records (``RECORD_DTYPE(k)``, one per row) of the original model's logits
+    (shape (..., vocab); any float dtype, bfloat16 torch tensors, raw bfloat16 with ``bf16``) at
+    ``targets`` (one token id per row).  Every row is a scored position: a target equal to
+    ``ignore_index`` is an error.  ``lp`` is ppldelta.token_log_probs of the row (bit for bit);
+    the other fields are float64 log-softmax values (``lps`` rounded to float32).  With ``k`` >
+    vocab the extra slots hold id -1 and log-prob -inf."""
+    from .logits import _threads
+
+    k = int(k)
+    dt = RECORD_DTYPE(k)
+    a, lead, bf = _adapt.as_rows(logits, "logits", bf16)
+    V = a.shape[1]
+    t = _adapt.as_targets(targets, lead, V, ignore_index)
+    _check_scored(t, ignore_index)
+    out = np.zeros(t.size, dtype=dt)
+    if t.size == 0:
+        return out
+    # the C kernel validates the rows (NaN, +inf, all -inf) and gives the two-model path's log-probs
+    out["lp"] = _core.logits_stats(a, None, t, ignore_index=ignore_index, bf16=bf,
+                                   threads=_threads(threads)).lp_a
+    out["token"] = t
+    step = _chunk_rows(V)
+    for r0 in range(0, t.size, step):
+        sub = out[r0:r0 + step]
+        summarize_rows(_f64(a[r0:r0 + step], bf), k, sub)
+        out[r0:r0 + step] = sub
+    return out
+
+
+# ============================================================================ compare, stage 1
+
+def tail_m(k: int) -> int:
+    """How many of the largest and of the smallest tail log-probs of the quantized row the bounds
+    read per token (more only tightens the bounds of rows whose tail is long and flat)."""
+    return max(64, 2 * int(k))
+
+
+def parts_rows(y, ids, M):
+    """Stage 1 of ``compare`` on float64 quantized logits rows ``y`` and the stored ids: the
+    O(K + M) values per row that ``finish`` needs (the torch twin computes the same dict)."""
+    n, V = y.shape
+    K = ids.shape[1]
+    Mv = min(M, V)
+    valid = ids >= 0
+    idc = np.where(valid, ids, 0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        m = y.max(axis=1)
+        d = y - m[:, None]
+        b = d - np.log(np.exp(d).sum(axis=1))[:, None]
+        q = np.exp(b)
+        qb = np.where(q > 0, q * b, 0.0)
+        fin = b > -np.inf
+        tm = np.ones((n, V), dtype=bool)
+        rows = np.broadcast_to(np.arange(n)[:, None], (n, K))
+        tm[rows[valid], idc[valid]] = False
+        out = {"V": V, "M": M}
+        out["bS"] = np.where(valid, np.take_along_axis(b, idc, 1), np.nan)
+        out["HQ"] = -qb.sum(axis=1)
+        out["zq"] = np.where(q > 0, q * (1 + np.abs(b)) ** 2, 0.0).sum(axis=1)
+        out["bmax"] = np.where(fin, -b, 0.0).max(axis=1)
+        out["nT"] = tm.sum(axis=1)
+        out["ninfT"] = (tm & ~fin).sum(axis=1)
+        qt = np.where(tm, q, 0.0)
+        out["QT"] = qt.sum(axis=1)
+        out["sbT"] = np.where(tm & fin, b, 0.0).sum(axis=1)
+        out["qbT"] = np.where(tm, qb, 0.0).sum(axis=1)
+        bt = np.where(tm, b, -np.inf)
+        it = np.argpartition(-bt, Mv - 1, axis=1)[:, :Mv] if Mv < V else np.broadcast_to(np.arange(V), (n, V))
+        top = -np.sort(-np.take_along_axis(bt, it, 1), axis=1)
+        np.put_along_axis(qt, it, 0.0, 1)
+        out["Qbeyond"] = qt.sum(axis=1)
+        bb = np.where(tm, b, np.inf)
+        ib = np.argpartition(bb, Mv - 1, axis=1)[:, :Mv] if Mv < V else np.broadcast_to(np.arange(V), (n, V))
+        bot = np.sort(np.take_along_axis(bb, ib, 1), axis=1)
+    out["top"], out["bot"] = _pad(top, M, -np.inf), _pad(bot, M, np.inf)
+    out["argmax_q"] = y.argmax(axis=1)
+    out["rank_q"] = (y > np.take_along_axis(y, idc[:, :1], 1)).sum(axis=1)
+    return out
+
+
+def _pad(a, M, v):
+    if a.shape[1] >= M:
+        return a
+    return np.concatenate([a, np.full((a.shape[0], M - a.shape[1]), v)], axis=1)
+
+
+def concat_parts(chunks):
+    """One parts dict from the parts of row chunks."""
+    first = chunks[0]
+    return {k: (v if np.isscalar(v) else np.concatenate([c[k] for c in chunks]))
+            for k, v in first.items()}
+
+
+# ============================================================================ compare, stage 2
+
+def _greedy(S, n_items, R, capw):
+    """max (S sorted best first) of sum alloc_i S_i over 0 <= alloc_i <= capw, sum = R, over
+    the first n_items items; items beyond the M held are valued at the last one held (a bound
+    in the right direction, since the held items are the extreme ones)."""
+    n, M = S.shape
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        R = np.clip(R, 0.0, n_items * capw)
+        full = np.where(capw > 0, np.floor(R / np.where(capw > 0, capw, 1.0)), 0.0)
+        full = np.minimum(full, np.maximum(n_items - 1, 0))
+        frac = np.where(capw > 0, R - full * capw, 0.0)
+        Sf = np.where(np.isfinite(S), S, 0.0)
+        pre = np.concatenate([np.zeros((n, 1)), np.cumsum(Sf, axis=1)], axis=1)
+        fi = full.astype(np.intp)
+        held = np.minimum(fi, M)
+        last = S[:, M - 1]
+        sum_full = np.take_along_axis(pre, held[:, None], 1)[:, 0] + np.where(
+            fi > M, (fi - M) * np.where(np.isfinite(last), last, 0.0), 0.0)
+        part = np.take_along_axis(S, np.minimum(fi, M - 1)[:, None], 1)[:, 0]
+        # an infinite item that receives mass makes the sum infinite
+        uses_inf = np.zeros(n, dtype=bool)
+        if (~np.isfinite(S)).any():
+            first_inf = np.where(np.isfinite(S), M, np.arange(M)).min(axis=1)
+            uses_inf = (first_inf < fi) | ((first_inf == np.minimum(fi, M - 1)) & (frac > 0))
+            inf_val = np.take_along_axis(S, np.minimum(first_inf, M - 1)[:, None], 1)[:, 0]
+        val = capw * sum_full + np.where(frac > 0, frac * np.where(np.isfinite(part), part, 0.0), 0.0)
+        if uses_inf.any():
+            val = np.where(uses_inf, inf_val, val)
+    return val
+
+
+def _waterfill(qtop, btop, Qbeyond, qbT, P, cap):
+    """p_i = min(cap, lam q_i) with sum p_i = P over the tail (q held by decreasing value in
+    ``qtop``, the rest summing to ``Qbeyond``; caps beyond the held items dropped: a
+    relaxation).  Returns (W, C, Y): W = min sum p log(p/q) (the forward tail's KL-part lower
+    bound), C = max sum q log p (its reverse counterpart), Y = sum p b (b = log q)."""
+    n, M = qtop.shape
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        suf = np.concatenate([np.cumsum(qtop[:, ::-1], axis=1)[:, ::-1], np.zeros((n, 1))], axis=1)
+        Qu = suf + Qbeyond[:, None]                        # (n, M + 1): mass of the uncapped, r = 0..M
+        r = np.arange(M + 1)
+        rem = P[:, None] - r * cap[:, None]
+        lam = rem / Qu
+        nxt = np.concatenate([qtop, np.zeros((n, 1))], axis=1)
+        ok = (lam * nxt <= cap[:, None]) | (r == M)
+        rs = np.argmax(ok, axis=1)
+        qc = np.concatenate([np.zeros((n, 1)), np.cumsum(qtop, axis=1)], axis=1)
+        bfin = np.where(np.isfinite(btop), btop, 0.0)
+        bc = np.concatenate([np.zeros((n, 1)), np.cumsum(bfin, axis=1)], axis=1)
+        qbc = np.concatenate([np.zeros((n, 1)), np.cumsum(qtop * bfin, axis=1)], axis=1)
+        g = lambda a: np.take_along_axis(a, rs[:, None], 1)[:, 0]  # noqa: E731
+        remr, Qur, Qc, Bc, QBc = g(rem), g(Qu), g(qc), g(bc), g(qbc)
+        rsf = rs.astype(np.float64)
+        logcap = np.log(cap)
+        loglam = np.log(remr / Qur)
+        has_rem = remr > 0
+        inf_mass = has_rem & (Qur <= 0)
+        W = np.where(rs > 0, cap * (rsf * logcap - Bc), 0.0) + np.where(has_rem, remr * loglam, 0.0)
+        C = np.where(Qc > 0, logcap * Qc, 0.0) + np.where(Qur > 0, Qur * loglam, 0.0) + (qbT - QBc)
+        Y = cap * Bc + np.where(Qur > 0, remr / Qur, 0.0) * (qbT - QBc)
+        W = np.where(inf_mass, np.inf, W)
+    return W, C, Y
+
+
+def finish(parts, records):
+    """Stage 2 of ``compare``: the per-token dict from the stage-1 parts and the records (all
+    NumPy float64 on the host; the same code for the CPU and the torch paths)."""
+    rec = records
+    V, M = parts["V"], parts["M"]
+    n = rec.shape[0]
+    K = rec["ids"].shape[1]
+    E1 = (V + 64) * 2.0 ** -52 + 2.0 ** -140
+    valid = rec["ids"] >= 0
+    l = np.where(valid, rec["lps"].astype(np.float64), -np.inf)
+    H, T, lpmin = rec["entropy"], rec["tail"], rec["lp_min"]
+    bS = parts["bS"]
+    out = {}
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lf = l > -np.inf
+        dl = np.where(lf, _F32_REL * np.abs(l) + E1 * (2 + np.abs(l)) + _F32_ABS, 0.0)
+        pt = np.exp(l)
+        pp = np.where(lf, np.exp(l + dl) * (1 + _EXP_REL), 0.0)
+        pm = np.where(lf, np.exp(l - dl) * (1 - _EXP_REL), 0.0)
+        ap, am = np.where(lf, l + dl, -np.inf), np.where(lf, l - dl, -np.inf)
+        last = np.maximum(valid.sum(axis=1) - 1, 0)
+        cap = np.take_along_axis(pp, last[:, None], 1)[:, 0]
+        cap_pt = np.take_along_axis(pt, last[:, None], 1)[:, 0]
+        dmin = E1 * (2 + np.abs(lpmin))
+        floor = np.where(lpmin > -np.inf, np.exp(lpmin - dmin) * (1 - _EXP_REL), 0.0)
+        dT = E1 * (2 + np.abs(T))
+        PT = np.where(T > -np.inf, np.exp(T), 0.0)
+        PTp = np.where(T > -np.inf, np.exp(T + dT) * (1 + _EXP_REL), 0.0)
+        PTm = np.where(T > -np.inf, np.exp(T - dT) * (1 - _EXP_REL), 0.0)
+        nT = parts["nT"].astype(np.float64)
+        ninfT = parts["ninfT"]
+        nfinT = nT - ninfT
+        top, bot = parts["top"], parts["bot"]
+        QT, Qb, qbT, sbT, HQ = parts["QT"], parts["Qbeyond"], parts["qbT"], parts["sbT"], parts["HQ"]
+        bSf = np.where(valid & lf & np.isfinite(bS), bS, 0.0)
+        qS = np.where(valid, np.exp(bS), 0.0)
+
+        # --- rounding margins (docs/reference-bounds.md, "Rounding"): first-order bounds x 8
+        bmax = parts["bmax"]
+        logn = np.log(np.maximum(nT, 1.0) / np.where(PTp > 0, PTp, 1.0))
+        ZP = (pp * (1 + np.abs(np.where(lf, l, 0))) ** 2).sum(1) + PTp * (1 + np.maximum(logn, 0)) ** 2 + 1
+        ZQ = parts["zq"] + (pp * (1 + np.abs(bSf)) ** 2).sum(1) + PTp * (1 + bmax) ** 2 + \
+            (qS * (1 + np.abs(np.where(lf, l, 0))) ** 2).sum(1) + QT * (2 + np.abs(np.where(lpmin > -np.inf, lpmin, 0))) ** 2
+        M64 = 8 * E1 * (ZP + ZQ)
+        eH = 2 * E1 * ZP
+
+        # --- KL(P||Q) = -H - sum_S p b - sum_T p b
+        wsum = (pt * valid).sum(1)
+        c = (pt * bSf).sum(1) / wsum
+        w = c[:, None] - bSf
+        xs_ends = -c[:, None] * (1 - np.stack([PTm, PTp], 1))
+        XS_hi = np.where(valid, np.maximum(pm * w, pp * w), 0).sum(1) + xs_ends.max(1)
+        XS_lo = np.where(valid, np.minimum(pm * w, pp * w), 0).sum(1) + xs_ends.min(1)
+        fl = np.minimum(floor, np.where(nT > 0, PTm / np.maximum(nT, 1), 0.0))
+        capw = np.maximum(cap - fl, 0.0)
+        G_min = fl * sbT + -_greedy(-bot, nT, PTp - nT * fl, capw)      # min sum_T p b
+        G_min = np.where((ninfT > 0) & (PTp > 0), -np.inf, G_min)
+        G_max = fl * sbT + _greedy(top, nfinT, PTm - nT * fl, capw)     # max sum_T p b
+        F_hi = -H + XS_hi - G_min + eH + M64
+        F_lo_lin = -H + XS_lo - G_max - eH - M64
+        # per stored token, min over a in [am, ap] of e^a (a - b); a* = b - 1 is the minimum
+        ga, gb = pm * (am - bSf), pp * (ap - bSf)
+        inside = (bSf - 1 >= am) & (bSf - 1 <= ap)
+        gmin = np.where(valid & lf, np.where(inside, -np.exp(bSf - 1), np.minimum(ga, gb)), 0.0)
+        qtop = np.where(np.isfinite(top), np.exp(top), 0.0)
+        W1, C1p, _ = _waterfill(qtop, top, Qb, qbT, PTm, cap)
+        W2, C2p, _ = _waterfill(qtop, top, Qb, qbT, PTp, cap)
+        W = np.where(PTp > 0, np.minimum(W1, W2), 0.0)
+        F_lo_wf = gmin.sum(1) + W - M64 * (1 + np.abs(W))
+        F_lo = np.maximum(np.maximum(F_lo_lin, F_lo_wf), 0.0)
+        _, C_est, Y_est = _waterfill(qtop, top, Qb, qbT, PT, cap_pt)
+        # second order: within the tail, p_i / q_i varies as the stored tokens' log-ratios do;
+        # KL(p_tail || q_tail) ~ P_T Var(a - b) / 2 (docs/reference-bounds.md, "Estimate")
+        ok = valid & lf & np.isfinite(bS)
+        cnt = ok.sum(1)
+        dd = np.where(ok, l - bSf, 0.0)
+        mu = dd.sum(1) / np.maximum(cnt, 1)
+        var = np.where(cnt > 1, (np.where(ok, dd - mu[:, None], 0.0) ** 2).sum(1) / np.maximum(cnt - 1, 1), 0.0)
+        corr = var / 2 if TAIL_VARIANCE else 0.0
+        if TAIL_VARIANCE:
+            W_est, _, _ = _waterfill(qtop, top, Qb, qbT, PT, cap_pt)
+            F_est = (pt * (np.where(lf, l, 0.0) - bSf)).sum(1) + np.where(PT > 0, W_est, 0.0) + PT * corr
+        else:
+            F_est = -H - (pt * bSf).sum(1) - np.where(PT > 0, Y_est, 0.0)
+        # infinities: a stored token with p > 0 = q; tail mass forced onto q = 0 tokens
+        f_inf = (valid & lf & (bS == -np.inf)).any(1) | ((ninfT > 0) & (floor > 0)) | \
+            (PTm > nfinT * cap * (1 + 1e-12))
+        F_lo = np.where(f_inf, np.inf, F_lo)
+        F_hi = np.where(f_inf, np.inf, np.maximum(F_hi, F_lo))
+        out["kld"] = np.clip(np.where(f_inf, np.inf, F_est), F_lo, F_hi)
+        out["kld_lo"], out["kld_hi"] = F_lo, F_hi
+
+        # --- KL(Q||P) = -H_Q - sum_S q a - sum_T q a
+        qa_hi = -np.where(valid & (qS > 0), qS * np.where(lf, am, 0.0), 0.0).sum(1)
+        qa_lo = -np.where(valid & (qS > 0), qS * np.where(lf, ap, 0.0), 0.0).sum(1)
+        # tail: -sum q a <= -min sum q log p (a vertex: cap on the smallest q, floor elsewhere)
+        qbot = np.where(np.isfinite(bot), np.exp(bot), 0.0)
+        Rr = np.maximum(PTm - nT * fl, 0.0)
+        mm = np.where(capw > 0, np.floor(Rr / np.where(capw > 0, capw, 1.0)), 0.0)
+        short = mm >= M  # the greedy needs more items than held: fall back to a >= lp_min
+        mi = np.minimum(mm, M - 1).astype(np.intp)
+        pre = np.concatenate([np.zeros((n, 1)), np.cumsum(qbot, axis=1)], axis=1)
+        q_full = np.take_along_axis(pre, mi[:, None], 1)[:, 0]
+        q_part = np.take_along_axis(qbot, mi[:, None], 1)[:, 0]
+        p_part = fl + (Rr - mm * capw)
+        q_rest = np.maximum(QT - q_full - q_part, 0.0)
+        logfl = np.log(fl)
+        minC = np.where(q_full > 0, np.log(cap) * q_full, 0.0) + \
+            np.where(q_part > 0, q_part * np.log(p_part), 0.0) + np.where(q_rest > 0, logfl * q_rest, 0.0)
+        minC = np.where(short, np.where(QT > 0, QT * logfl, 0.0), minC)
+        Z_hi = -minC
+        Z_lo = -np.maximum(C1p, C2p)
+        R_hi = -HQ + qa_hi + np.where(QT > 0, Z_hi, 0.0) + M64
+        R_lo = np.maximum(-HQ + qa_lo + np.where(QT > 0, Z_lo, 0.0) - M64 * (1 + np.abs(Z_lo)), 0.0)
+        R_est = -HQ - (qS * np.where(lf, l, 0.0)).sum(1) + np.where(QT > 0, -C_est, 0.0) + QT * corr
+        r_inf = (valid & ~lf & (qS > 0)).any(1) | ((QT > 0) & (PTp <= 0))
+        R_lo = np.where(r_inf, np.inf, R_lo)
+        R_hi = np.where(r_inf | np.isnan(R_hi), np.inf, np.maximum(R_hi, R_lo))
+        out["kld_reverse"] = np.clip(np.where(r_inf, np.inf, R_est), R_lo, R_hi)
+        out["kld_reverse_lo"], out["kld_reverse_hi"] = R_lo, R_hi
+
+    # --- exact statistics
+    ids0 = rec["ids"][:, 0]
+    out["same_top1"] = parts["argmax_q"] == ids0
+    out["top1_in_top5"] = parts["rank_q"] < 5
+    out["top1_in_top10"] = parts["rank_q"] < 10
+    if K >= 10:
+        lps = rec["lps"]
+        hit = rec["ids"] == parts["argmax_q"][:, None]
+        pos = np.argmax(hit, axis=1)
+        lp_at = np.take_along_axis(lps, pos[:, None], 1)
+        rank_in = ((lps > lp_at) & (np.arange(K) < pos[:, None])).sum(1)
+        l_last = np.take_along_axis(lps, last[:, None], 1)
+        tied_tail = lpmin.astype(np.float32) >= l_last[:, 0]
+        rank_out = np.where(tied_tail, (lps > l_last).sum(1), K)
+        rank_a = np.where(hit.any(1), rank_in, rank_out)
+        out["q_top1_in_base_top5"] = rank_a < 5
+        out["q_top1_in_base_top10"] = rank_a < 10
+    else:
+        out["q_top1_in_base_top5"] = out["q_top1_in_base_top10"] = None
+    return out
+
+
+def check_records(records):
+    """The records as a 1-D structured array with the fields of RECORD_DTYPE (any K)."""
+    r = np.asarray(records)
+    if r.dtype.names is None or set(r.dtype.names) != set(RECORD_DTYPE(1).names):
+        raise TypeError("records must be a RECORD_DTYPE(k) structured array (ppldelta.refstats.summarize)")
+    return r.reshape(-1)
+
+
+def compare(quantized_logits, records, *, bf16=False, threads=1):
+    """Per-token statistics of a quantized model's logits (shape (tokens, vocab), rows in the
+    records' order) against the reference ``records`` (``summarize`` of the original's rows at
+    the same targets).  Returns a dict of per-token arrays:
+
+    - exact: ``original_log_probs`` (the records' lp), ``quantized_log_probs``
+      (ppldelta.token_log_probs of the rows at the records' tokens, bit for bit), ``delta_p``,
+      ``same_top1``, ``top1_in_top5``, ``top1_in_top10`` (the original's top-1 among the
+      quantized row's 5/10 largest), ``q_top1_in_base_top5`` / ``_top10`` (the other way round,
+      from the stored top K: K >= 10, else None; stored log-probs that are equal in float32 count
+      as tied);
+    - ``kld``, ``kld_lo``, ``kld_hi``: KL(P||Q) estimate and certified lower / upper bounds;
+      ``kld_reverse``, ``kld_reverse_lo``, ``kld_reverse_hi``: the same for KL(Q||P)
+      (docs/reference-bounds.md).
+    """
+    from .logits import _threads
+
+    rec = check_records(records)
+    a, lead, bf = _adapt.as_rows(quantized_logits, "quantized_logits", bf16)
+    n, V = a.shape
+    if n != rec.shape[0]:
+        raise ValueError(f"quantized_logits has {n} rows, the reference {rec.shape[0]} records")
+    if n == 0:
+        raise ValueError("no rows to compare")
+    t = rec["token"].astype(np.int64)
+    if (t < 0).any() or (t >= V).any() or (rec["ids"] >= V).any():
+        raise ValueError(f"the reference's token ids do not fit the quantized model's vocabulary ({V})")
+    lq = _core.logits_stats(a, None, t, ignore_index=-(2 ** 63), bf16=bf, threads=_threads(threads)).lp_a
+    step = _chunk_rows(V)
+    M = tail_m(rec["ids"].shape[1])
+    parts = concat_parts([parts_rows(_f64(a[r0:r0 + step], bf), rec["ids"][r0:r0 + step], M)
+                          for r0 in range(0, n, step)])
+    out = finish(parts, rec)
+    return assemble(out, rec["lp"].astype(np.float64), lq)
+
+
+def assemble(out, lo, lq):
+    """The per-token dict in KEYS order, with the log-probs and Δp."""
+    with np.errstate(invalid="ignore"):
+        dp = np.exp(lq) - np.exp(lo)
+    res = {"original_log_probs": lo, "quantized_log_probs": lq, "delta_p": dp}
+    res.update(out)
+    return {k: res[k] for k in KEYS}
