@@ -1,4 +1,6 @@
-"""Command line: ``ppldelta compare`` (with a CI quality gate) and ``ppldelta demo``.
+"""Command line: ``ppldelta compare`` (with a CI quality gate), ``ppldelta demo``, and for models
+``ppldelta reference build`` (score the original once into a reference file) and ``ppldelta eval``
+(many quantized variants against one reference: one table, sorted by KLD, gates per variant).
 
 Exit codes: 0 success (gate passed); 1 the quality gate failed (one line on stderr says why);
 2 bad usage or unreadable/invalid input.
@@ -44,7 +46,74 @@ def _parser():
                        "full report of the 4-bit one")
     d.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     d.add_argument("--variant", action="append", help="only these variants (repeatable)")
+    _model_parsers(sub)
     return p
+
+
+_EVAL_EPILOG = """\
+SOURCE is a reference file (ppldelta reference build), a llama.cpp --kl-divergence-base logits
+  file (converted to a reference first), or the original model (a Hugging Face id or a local
+  path; needs --text): its reference is built first and cached (--reference PATH, else
+  --cache-dir, $PPLDELTA_CACHE_DIR, or ~/.cache/ppldelta, keyed by model, text, protocol and K).
+QUANT: Hugging Face ids or local paths (quantization configs are read from them); the loading
+  arguments apply to every model. The tokens are the reference's own; --text is checked
+  against them (a different tokenizer or text is refused).
+The table has one row per variant, sorted by the KLD estimate; KLD columns give the estimate
+  and, in brackets, the certified lower and upper bounds.
+exit codes: 0 passed, 1 a variant failed a gate, 2 bad usage or input (one line on stderr)."""
+
+
+def _load_args(p):
+    g = p.add_argument_group("loading (passed to from_pretrained)")
+    g.add_argument("--torch-dtype", default="auto",
+                   help="auto (default: keep the checkpoint's dtype), float32, bfloat16, float16")
+    g.add_argument("--device-map", help="e.g. auto, cuda:0 (default: --device, else the CPU)")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    g.add_argument("--gguf-file", help="a GGUF file inside the model's repository or folder")
+    g.add_argument("--trust-remote-code", action="store_true")
+
+
+def _build_args(p, text_required):
+    p.add_argument("--text", metavar="FILE", required=text_required,
+                   help="the evaluation text (a UTF-8 file, used verbatim)")
+    p.add_argument("--protocol", default="sliding", help="sliding (default), hf, llama.cpp, gptq")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="top-K log-probs kept per token (default 32)")
+    p.add_argument("--max-length", type=int, help="window / n_ctx / seqlen (default: the protocol's)")
+    p.add_argument("--stride", type=int, help="sliding and hf only (default max_length // 2)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
+    p.add_argument("--device", help="where the model runs (default: the CPU, or --device-map)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _model_parsers(sub):
+    r = sub.add_parser("reference", help="reference files: the original model scored once")
+    rsub = r.add_subparsers(dest="reference_command", required=True)
+    b = rsub.add_parser("build", help="score MODEL over --text and write its reference file",
+                        description="MODEL: a Hugging Face id or local path, or a llama.cpp "
+                        "--kl-divergence-base logits file (converted; --text not needed).")
+    b.add_argument("model", help="the original model (id or path), or a llama.cpp logits file")
+    _build_args(b, text_required=False)
+    b.add_argument("-o", "--output", required=True, help="the reference file to write (e.g. base.ppldref)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an existing file (default: resume an interrupted build)")
+    _load_args(b)
+    e = sub.add_parser("eval", help="quantized variants against a reference (or an original model)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EVAL_EPILOG)
+    e.add_argument("source", help="a reference file, a llama.cpp logits file, or the original model")
+    e.add_argument("quantized", nargs="+", metavar="QUANT", help="quantized variants (ids or paths)")
+    _build_args(e, text_required=False)
+    e.add_argument("--reference", metavar="PATH", help="where to keep the reference built from SOURCE")
+    e.add_argument("--cache-dir", help="folder of cached references (default ~/.cache/ppldelta)")
+    e.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    e.add_argument("--expected", action="append", metavar="FMT|NAME=FMT",
+                   help="quantization format for the expected band, for all variants or one (repeatable)")
+    e.add_argument("--confidence", type=float, default=0.95)
+    e.add_argument("--fail-on", choices=QUALITIES[1:], metavar="QUALITY",
+                   help="exit 1 when a variant's quality is this or worse (good, acceptable, poor)")
+    e.add_argument("--max-relative-delta", type=float, metavar="PCT",
+                   help="exit 1 when a variant's relative perplexity delta exceeds PCT percent")
+    _load_args(e)
 
 
 def _gate(result: dict, args) -> str | None:
@@ -220,13 +289,280 @@ def _summary_table(reports, domains, md, flips=None):
     return "\n".join(fmt.format(*r).rstrip() for r in [head] + rows)
 
 
+# ---------------------------------------------------------------------------- reference build / eval
+def _load_kwargs(args) -> dict:
+    kw = {"torch_dtype": args.torch_dtype, "revision": args.revision, "gguf_file": args.gguf_file,
+          "trust_remote_code": args.trust_remote_code, "device_map": args.device_map or args.device}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _tok_kwargs(args) -> dict:
+    return {"revision": args.revision, "gguf_file": args.gguf_file, "trust_remote_code": args.trust_remote_code}
+
+
+def _check_options(args):
+    if args.no_progress:  # transformers' own bars too (loading weights)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover - the command then fails on loading with a clear line
+            pass
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.text is not None and not os.path.isfile(args.text):
+        raise ValueError(f"--text {args.text}: not a file")
+
+
+def _is_reference_file(path) -> bool:
+    from .reffile import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return os.path.isfile(path) and f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _build(args, source, out, overwrite=False):
+    """Write the reference of ``source`` (a model or a llama.cpp logits file) to ``out``."""
+    from .llamacpp import convert_logits_file, is_logits_file
+
+    if is_logits_file(source):
+        kw = {} if args.top_k is None else {"k": args.top_k}
+        return convert_logits_file(source, out, resume=not overwrite, **kw)
+    if _is_reference_file(source):
+        raise ValueError(f"{source} is a reference file already (ppldelta eval reads it as it is)")
+    if source.endswith((".ppldref", ".kld")) and not os.path.exists(source):
+        raise ValueError(f"{source}: no such file")
+    if args.text is None:
+        raise ValueError(f"building the reference of {source} needs --text FILE")
+    from .hf._reference import build_reference, load_model, load_tokenizer
+
+    model = load_model(source, **_load_kwargs(args))
+    tok = load_tokenizer(source, **_tok_kwargs(args))
+    return build_reference(model, texts=args.text, out=out, tokenizer=tok, protocol=args.protocol,
+                           max_length=args.max_length, stride=args.stride, k=args.top_k,
+                           batch_size=args.batch_size, progress=not args.no_progress, resume=not overwrite)
+
+
+def _reference_build(args) -> int:
+    from .reffile import read_reference
+
+    _check_options(args)
+    try:
+        out = _build(args, args.model, args.output, overwrite=args.overwrite)
+    except ValueError as exc:
+        if "holds a different reference" in str(exc):
+            raise ValueError(f"{args.output} exists and holds a different reference: "
+                             "--overwrite replaces it") from None
+        raise
+    ref = read_reference(out)
+    n = len(ref.records)
+    size = os.path.getsize(out)
+    p = ref.header.get("protocol") or {}
+    print(f"{out}: {n:,} scored tokens, K = {ref.k}, {size:,} bytes ({size / max(n, 1):.0f} B/token); "
+          f"protocol {p.get('name')} max_length {p.get('max_length')}"
+          + (f" stride {p['stride']}" if p.get("stride") is not None else ""))
+    return 0
+
+
+def _cache_dir(args):
+    d = (args.cache_dir or os.environ.get("PPLDELTA_CACHE_DIR")
+         or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ppldelta"))
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _fingerprint(path):
+    """What identifies a local model folder or file without reading it: names, sizes, mtimes."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return [[os.path.basename(path), st.st_size, st.st_mtime_ns]]
+    out = []
+    for name in sorted(os.listdir(path)):
+        st = os.stat(os.path.join(path, name))
+        if not os.path.isdir(os.path.join(path, name)):
+            out.append([name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _cached_reference(args):
+    """The reference of ``args.source`` (built or converted once, then reused)."""
+    import hashlib
+    import json
+
+    from .llamacpp import is_logits_file
+
+    src = args.source
+    if args.reference:
+        out = args.reference
+    else:
+        local = os.path.exists(src)
+        text_sha = None
+        if args.text is not None:
+            with open(args.text, "rb") as f:
+                text_sha = hashlib.sha256(f.read()).hexdigest()
+        key = {"source": os.path.abspath(src) if local else src,
+               "fingerprint": _fingerprint(src) if local else None, "text": text_sha,
+               "protocol": args.protocol, "max_length": args.max_length, "stride": args.stride,
+               "k": args.top_k, "logits_file": is_logits_file(src),
+               "load": {k: v for k, v in _load_kwargs(args).items() if k != "device_map"}}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        base = os.path.basename(os.path.normpath(src))
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in base)
+        out = os.path.join(_cache_dir(args), f"{slug[:60]}-{digest}.ppldref")
+    try:
+        return _build(args, src, out)
+    except ValueError as exc:
+        if "holds a different reference" not in str(exc) or args.reference:
+            raise
+        return _build(args, src, out, overwrite=True)  # a stale cache entry
+
+
+def _variant_names(paths):
+    names = [os.path.basename(os.path.normpath(p)) if os.path.exists(p) else p for p in paths]
+    if len(set(names)) < len(names):
+        names = list(paths)
+    return names
+
+
+def _expected_for(args, names) -> dict:
+    out, default = {}, None
+    for e in args.expected or ():
+        name, sep, fmt = e.partition("=")
+        if sep:
+            if name not in names:
+                raise ValueError(f"--expected {e}: no variant named {name!r} (have {', '.join(names)})")
+            out[name] = fmt
+        else:
+            default = e
+    from .bands import expected_band
+
+    for fmt in {*out.values(), default} - {None}:
+        expected_band(fmt)  # an unknown format is refused before any model is loaded
+    return {n: out.get(n, default) for n in names}
+
+
+def _eval(args) -> int:
+    from .hf._reference import evaluate_against_reference, load_model, load_tokenizer
+    from .reffile import read_reference
+
+    _check_options(args)
+    if not 0 < args.confidence < 1:
+        raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+    names = _variant_names(args.quantized)
+    expected = _expected_for(args, names)
+    ref_path = args.source if _is_reference_file(args.source) else _cached_reference(args)
+    ref = read_reference(ref_path)
+    ref.verify()  # once, not per variant
+    rows = []
+    for name, q in zip(names, args.quantized):
+        try:
+            tok = load_tokenizer(q, **_tok_kwargs(args))
+        except (OSError, ValueError, TypeError):  # a checkpoint without tokenizer files
+            if args.text is not None:
+                raise
+            tok = None
+        model = load_model(q, **_load_kwargs(args))
+        try:
+            rep = evaluate_against_reference(
+                model, ref, texts=args.text, tokenizer=tok, batch_size=args.batch_size,
+                progress=not args.no_progress, expected=expected[name], confidence=args.confidence,
+                verify=False)
+        except ValueError as exc:
+            raise ValueError(f"{q}: {exc}") from None
+        finally:
+            del model
+        rows.append({"name": name, "source": q, "report": rep, "gate": _gate(rep.reference, args)})
+    rows.sort(key=lambda r: (_kld_key(r["report"]), r["name"]))
+    _emit_eval(rows, ref, ref_path, args.format)
+    failed = [r for r in rows if r["gate"]]
+    if failed:
+        print("ppldelta: FAIL: " + "; ".join(f"{r['name']}: {r['gate']}" for r in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _kld_key(rep):
+    v = rep.kld.mean if rep.kld is not None else None
+    return float("inf") if v is None or v != v else v
+
+
+def _bounds(rep, key):
+    """(lower, upper) of the KLD statistic ``key`` ("mean" or a percentile key), or None."""
+    b = getattr(rep, "kld_bounds", None)
+    if b is None:
+        return None
+    v = b.mean if key == "mean" else b.percentiles.get(key)
+    return tuple(v) if v is not None else None
+
+
+def _kld_cell(rep, key, md):
+    if rep.kld is None:
+        return "-"
+    v = rep.kld.mean if key == "mean" else rep.kld.percentiles[key]
+    b = _bounds(rep, key)
+    return f"{v:.5f}" + (f" [{b[0]:.5f}, {b[1]:.5f}]" if b and None not in b else "")
+
+
+def _eval_table(rows, md):
+    head = ["variant", "PPL", "PPL ratio [CI]", "KLD mean [bounds]", "KLD p99 [bounds]", "same top-1 %",
+            "RMS Δp %", "verdict", "gate"]
+    out = []
+    for r in rows:
+        rep = r["report"]
+        ratio, ci = rep.ppl_ratio.value, rep.ppl_ratio.ci
+        out.append([r["name"], _num(rep.ppl.quantized.value, 3),
+                    f"{ratio:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"),
+                    _kld_cell(rep, "mean", md), _kld_cell(rep, "p99", md),
+                    f"{rep.same_top1.pct:.2f}" if rep.same_top1 else "-",
+                    f"{rep.delta_p.rms:.3f}", rep.verdict.headline, "FAIL" if r["gate"] else "pass"])
+    if md:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+                         + ["| " + " | ".join(x) + " |" for x in out])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *out)]
+    fmt = "  ".join(f"{{:{'<' if i in (0, 7, 8) else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*x).rstrip() for x in [head] + out)
+
+
+def _emit_eval(rows, ref, ref_path, fmt):
+    from .io import to_json
+
+    h = ref.header
+    p = h.get("protocol") or {}
+    meta = {"path": os.fspath(ref_path), "model": (h.get("model") or {}).get("name"), "k": ref.k,
+            "protocol": {k: p.get(k) for k in ("name", "max_length", "stride", "bos")},
+            "tokens_sha256": h.get("tokens_sha256"), "n_scored": int(len(ref.records))}
+    if fmt == "json":
+        text = to_json({"reference": meta, "variants": [
+            {"name": r["name"], "source": r["source"],
+             "gate": {"passed": r["gate"] is None, "reason": r["gate"]}, "report": r["report"].to_dict()}
+            for r in rows]})
+    else:
+        md = fmt == "markdown"
+        line = (f"reference {meta['path']} ({meta['model']}): {meta['n_scored']:,} scored tokens, "
+                f"K = {meta['k']}, protocol {p.get('name')} max_length {p.get('max_length')}"
+                + (f" stride {p['stride']}" if p.get("stride") is not None else ""))
+        text = (f"{line}\n\n" if not md else f"{line}\n\n") + _eval_table(rows, md)
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+
+
 def main(argv=None) -> int:
     """Exit codes: 0 passed, 1 the quality gate failed, 2 bad usage or input (one line, no traceback)."""
     from .io import _one_line
 
     args = _parser().parse_args(argv)
     try:
-        code = _compare(args) if args.command == "compare" else _demo(args)
+        run = {"compare": _compare, "demo": _demo, "reference": _reference_build, "eval": _eval}[args.command]
+        code = run(args)
         sys.stdout.flush()
         return code
     except BrokenPipeError:  # `ppldelta demo | head`: exit quietly

@@ -64,6 +64,7 @@ __all__ = [
     "read_logits_file",
     "write_logits_file",
     "compare_logits_files",
+    "convert_logits_file",
     "token_log_probs",
     "chunk_logits",
     "kld_statistics",
@@ -532,6 +533,16 @@ KLD_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.100, 0.050, 0.010, 0.001)
 DELTA_P_PERCENTILES = (0.999, 0.990, 0.950, 0.900, 0.750, 0.250, 0.100, 0.050, 0.010, 0.001)
 
 
+def _nll_f32(x: np.ndarray, tok: np.ndarray):
+    """llama.cpp's per-token NLL of float32 logit rows ``x`` (perplexity.cpp ``log_softmax``):
+    ``max + float(log(sum_i expf(x_i - max))) - x[tok]`` in float32 (the sum in double).
+    Returns ``(nll, max, log_sum_exp)``, float32."""
+    mx = x.max(axis=1)
+    sum_exp = _expf(x - mx[:, None]).sum(axis=1, dtype=np.float64)
+    lse = np.log(sum_exp).astype(_F32)
+    return (mx + lse) - x[np.arange(x.shape[0]), tok], mx, lse
+
+
 def kld_statistics(base, quant_logits) -> dict:
     """llama-perplexity ``--kl-divergence``, reproduced: the base file plus exact logits.
 
@@ -593,10 +604,7 @@ def _kld_statistics(lf: LogitsFile, quant_logits) -> dict:
             tok = targets[block]
             r = np.arange(x.shape[0])
             o = i * rows + block.start
-            mx = x.max(axis=1)
-            sum_exp = _expf(x - mx[:, None]).sum(axis=1, dtype=np.float64)
-            lse = np.log(sum_exp).astype(_F32)
-            nll[o : o + r.size] = (mx + lse) - x[r, tok]
+            nll[o : o + r.size], mx, lse = _nll_f32(x, tok)
             params = np.ascontiguousarray(stored[:, :4]).view(_F32)
             scale, min_lp = params[:, :1], params[:, 1:2]
             lpb = stored[:, 4 : 4 + n_vocab].astype(_F32)
@@ -740,19 +748,21 @@ def _strtol16(two: bytes) -> int | None:
     return None
 
 
-def prompt_bytes(data: bytes, *, escape: bool = True) -> bytes:
+def prompt_bytes(data: bytes, *, escape: bool = True, strip_newline: bool = True) -> bytes:
     """The text llama.cpp's tools see when given ``-f FILE`` holding ``data``.
 
-    ``common_params_parse`` reads the file, drops ONE trailing newline, and,
-    unless ``--no-escape`` is passed, processes backslash escapes (``\\n``,
-    ``\\r``, ``\\t``, ``\\'``, ``\\"``, ``\\\\``, ``\\xHH``; any other
-    backslash stays) before ``llama-perplexity`` / ``llama-tokenize`` tokenize
-    it (``common_tokenize`` with add_special = the vocabulary's add-BOS flag,
-    parse_special = false).  Tokenize the result with
+    ``llama-perplexity``'s ``-f`` (``common_params_parse``) reads the file,
+    drops ONE trailing newline, and, unless ``--no-escape`` is passed,
+    processes backslash escapes (``\\n``, ``\\r``, ``\\t``, ``\\'``,
+    ``\\"``, ``\\\\``, ``\\xHH``; any other backslash stays) before it
+    tokenizes the text (``common_tokenize`` with add_special = the
+    vocabulary's add-BOS flag, parse_special = false).  ``llama-tokenize -f``
+    processes the same escapes but keeps the trailing newline
+    (``strip_newline=False``).  Tokenize the result with
     ``Llama.tokenize(prompt_bytes(data), add_bos=True)`` to get their tokens.
     """
     data = bytes(data)
-    if data.endswith(b"\n"):
+    if strip_newline and data.endswith(b"\n"):
         data = data[:-1]
     if not escape or b"\\" not in data:
         return data
@@ -774,3 +784,57 @@ def prompt_bytes(data: bytes, *, escape: bool = True) -> bytes:
             out.append(c)
         i += 1
     return bytes(out)
+
+
+def convert_logits_file(base_kld_path: str | os.PathLike, out_path: str | os.PathLike, *,
+                        k: int | None = None, resume: bool = True) -> str:
+    """Convert a llama.cpp ``--kl-divergence-base`` file into a ppldelta reference file.
+
+    Every chunk's rows are decoded block by block (:func:`_decode_rows`, O(block) memory),
+    summarized (``ppldelta.refstats.summarize``: the target's log-prob, the top-``k`` ids and
+    log-probs, the tail mass, the entropy; ``k`` defaults to ``refstats.DEFAULT_K``) and written
+    as one window per chunk (``ppldelta.reffile.ReferenceWriter``: an interrupted conversion
+    resumes).  The reference holds the file's tokens and the ``"llama.cpp"`` protocol with
+    ``n_ctx``; whether BOS was written over each chunk's first token is not stored in the
+    source, so it is decided at evaluation as llama-perplexity does (the vocabulary's add-BOS
+    flag).  The header notes that the source was uint16-quantized: log-probs carry up to half a
+    quantization step of error and everything at or below ``max - 16`` nats reads as the row's
+    floor, so the summaries describe the decoded (renormalized) distribution, not the model's
+    exact one.  Returns ``out_path``.
+    """
+    from . import protocols, refstats, reffile
+    from .hf._reference import reference_header
+
+    lf = read_logits_file(base_kld_path)
+    k = refstats.DEFAULT_K if k is None else int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ids = np.asarray(lf.tokens, dtype=np.int64).reshape(-1)
+    windows = _chunks(ids.size, lf.n_ctx, lf.first_scored)
+    proto = {"name": "llama.cpp", "max_length": lf.n_ctx, "stride": None, "bos": None,
+             "bos_from": "unknown", "writes_bos": True, "n_tokens": int(ids.size),
+             "n_scored": lf.n_scored,
+             "notes": protocols.notes("llama.cpp", windows, lf.n_ctx, None, ids.size, "unknown")}
+    source = {"kind": "llama.cpp --kl-divergence-base", "file": os.path.basename(lf.path),
+              "bytes": os.path.getsize(lf.path), "n_ctx": lf.n_ctx, "n_vocab": lf.n_vocab,
+              "n_chunk": lf.n_chunk,
+              "quantization": (f"uint16 per logit (scale = (max - min) / 65535), log-probs floored at "
+                               f"max - {LOGIT_RANGE:g} nats (entries below read as the row's floor, "
+                               f"about {KLD_FLOOR:g}); summaries are of the decoded, renormalized rows")}
+    header = reference_header(model={"name": None, "class": None, "dtype": "uint16 (llama.cpp logits file)",
+                                     "config_sha256": None, "weights_sha256": None},
+                              tokenizer=None, ids=ids, protocol=proto, windows=windows, k=k,
+                              text=None, source=source)
+    targets = lf.scored_targets().reshape(lf.n_chunk, lf.rows_per_chunk)
+    out_path = os.fspath(out_path)
+    with reffile.ReferenceWriter(out_path, header, k, n_windows=lf.n_chunk, resume=resume) as w:
+        for i in range(lf.n_chunk):
+            if i in w.done:
+                continue
+            parts = [refstats.summarize(_decode_rows(lf._rows[i][block], lf.n_vocab),
+                                        np.asarray(targets[i, block], dtype=np.int64), k)
+                     for block in _row_blocks(lf.rows_per_chunk, lf.n_vocab)]
+            w.write_window(i, np.concatenate(parts) if parts else np.zeros(0, refstats.RECORD_DTYPE(k)))
+        w.finalize()
+    lf.close()
+    return out_path

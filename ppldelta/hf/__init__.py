@@ -36,7 +36,8 @@ Protocols (``protocol=``; their table is ``ppldelta.protocols``):
 Modules, one job each: ``_run`` (running models over the windows of a protocol; score),
 ``_kl_torch`` (per-row statistics of logit chunks: C kernels on the CPU, the torch twin on an
 accelerator), ``_load`` (texts, tokenizers, models), ``_reports`` (evaluate_perplexity,
-compare_models, quantization_report).  torch, transformers and tqdm are imported lazily
+compare_models, quantization_report), ``_reference`` (build_reference: the original scored once
+into a reference file; evaluate_against_reference: a quantized model against it).  torch, transformers and tqdm are imported lazily
 (``pip install ppldelta[hf]``).
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ..protocols import PROTOCOLS
 from ._reports import (PerplexityResult, QuantizationReport, compare_models, evaluate_perplexity,
                        quantization_report)
 from ._run import Protocol, hf_recipe_perplexity, score, token_log_probs, window_mean_perplexity
+from ._reference import build_reference, compare_to_reference, evaluate_against_reference
 from . import _run
 
 __all__ = [
@@ -61,6 +63,9 @@ __all__ = [
     "evaluate_perplexity",
     "quantization_report",
     "compare_models",
+    "build_reference",
+    "evaluate_against_reference",
+    "compare_to_reference",
     "last_protocol",
 ]
 

@@ -158,20 +158,42 @@ def _default_dtype(torch_dtype):
     if torch_dtype is None:
         return torch.float16 if torch.cuda.is_available() else torch.float32
     if isinstance(torch_dtype, str) and torch_dtype != "auto":
+        if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
+            raise ValueError(f"unknown torch dtype {torch_dtype!r} (e.g. auto, float32, bfloat16, float16)")
         return getattr(torch, torch_dtype)
     return torch_dtype
 
 
-def load_model(name_or_path, torch_dtype=None):
+def _default_device_map():
+    """One process per GPU under torchrun: each rank loads onto its own device; one process (or
+    one per node): spread over every visible GPU; no GPU: the CPU."""
     torch = torch_module()
+    if not torch.cuda.is_available():
+        return None
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) > 1:
+        return {"": int(os.environ.get("LOCAL_RANK", "0") or 0)}
+    return "auto"
+
+
+def load_model(name_or_path, torch_dtype=None, *, device_map=None, revision=None, gguf_file=None,
+               trust_remote_code=False, quantization_config=None, **kwargs):
+    """The one model loader: ``AutoModelForCausalLM.from_pretrained`` with the loading arguments
+    passed through.  ``torch_dtype``: None = float16 on CUDA, float32 on the CPU; "auto" keeps
+    the checkpoint's dtype; or a dtype / its name.  ``device_map`` None = the default above."""
     import transformers
     from transformers import AutoModelForCausalLM
 
-    dtype = _default_dtype(torch_dtype)
-    kw = {"device_map": "auto" if torch.cuda.is_available() else None}
+    kw = dict(kwargs)
     major = int(transformers.__version__.split(".")[0])
-    kw["dtype" if major >= 5 else "torch_dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kw)
+    kw["dtype" if major >= 5 else "torch_dtype"] = _default_dtype(torch_dtype)
+    kw["device_map"] = _default_device_map() if device_map is None else device_map
+    for key, val in (("revision", revision), ("gguf_file", gguf_file),
+                     ("quantization_config", quantization_config)):
+        if val is not None:
+            kw[key] = val
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
+    return AutoModelForCausalLM.from_pretrained(os.fspath(name_or_path), **kw).eval()
 
 
 def is_model(obj):
@@ -184,7 +206,10 @@ def model_name(model):
             or type(model).__name__)
 
 
-def load_tokenizer(tokenizer, model_or_name):
+def load_tokenizer(tokenizer, model_or_name, *, revision=None, gguf_file=None, trust_remote_code=False):
+    """The one tokenizer loader: ``tokenizer`` itself if it is an object, else
+    ``AutoTokenizer.from_pretrained`` of its name (or of the model's name) with the loading
+    arguments of :func:`load_model`."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     from transformers import AutoTokenizer
@@ -193,4 +218,7 @@ def load_tokenizer(tokenizer, model_or_name):
         model_or_name if isinstance(model_or_name, (str, os.PathLike)) else model_name(model_or_name))
     if not name or not isinstance(name, (str, os.PathLike)) or name == type(model_or_name).__name__:
         raise ValueError("pass tokenizer= (a tokenizer object or name): the model has no name_or_path")
-    return AutoTokenizer.from_pretrained(name)
+    kw = {k: v for k, v in (("revision", revision), ("gguf_file", gguf_file)) if v is not None}
+    if trust_remote_code:
+        kw["trust_remote_code"] = True
+    return AutoTokenizer.from_pretrained(os.fspath(name), **kw)

@@ -12,9 +12,9 @@ import numpy as np
 from .. import analysis
 from .. import protocols as _protocols
 from .._core import perplexity
-from . import _kl_torch
+from . import _dist, _kl_torch
 from ._load import is_model, load_model, load_texts, load_tokenizer, model_name, tokenize, versions
-from ._run import Protocol, as_ids, make_protocol, resolve, run_windows, score
+from ._run import Protocol, as_ids, make_protocol, resolve, score
 
 
 @dataclass
@@ -115,8 +115,9 @@ def compare_models(original, quantized, input_ids, *, groups=None, max_length=No
         for key, arr in cols.items():
             arr[o:o + (r1 - r0)] = np.asarray(st[key])
 
-    run_windows([original, quantized], ids, windows, batch_size=batch_size, device=device,
-                progress=progress, desc=f"compare ({spec.name})", on_rows=on_rows)
+    _dist.run_windows([original, quantized], ids, windows, batch_size=batch_size, device=device,
+                      progress=progress, desc=f"compare ({spec.name})", on_rows=on_rows,
+                      columns=list(cols.values()), offs=offs)
     proto = make_protocol(spec, windows, L, S, n, ids.numpy(), bos, bos_from, batch_size,
                           original=model_name(original), quantized=model_name(quantized))
     g = None

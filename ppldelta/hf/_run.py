@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _adapt
 from .. import protocols as _protocols
-from . import _kl_torch
+from . import _dist, _kl_torch
 from ._load import ids_sha256, load_tokenizer, tokenizer_bos, torch_module
 
 # The Protocol of the most recent score() call (read as ``ppldelta.hf.last_protocol``).
@@ -156,11 +156,14 @@ def _forward_logits(model, x, mask, first_row, use_keep, use_cache_kw):
     return logits, first
 
 
-def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_rows):
+def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_rows, index0=0,
+                on_batch=None):
     """Run ``models`` in lock step over ``windows`` (``batch_size`` windows per forward) and call
     ``on_rows(window_index, r0, r1, [logits rows of each model], targets)`` for every row chunk
     of the scored positions ``r0 .. r1-1`` (absolute).  Only one batch's logits are alive at a
-    time: every reference is dropped before the next forward."""
+    time: every reference is dropped before the next forward.  ``windows`` may be a slice of a
+    plan starting at window ``index0`` (window indices passed on are absolute); ``on_batch(n)``
+    is called after each batch with its number of scored tokens (``_dist`` syncs there)."""
     torch = torch_module()
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -207,10 +210,10 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
                         r1 = min(r0 + rows, w.b)
                         chunks = [lg[j, r0 - w.start - f:r1 - w.start - f] for lg, f in outs]
                         try:
-                            on_rows(i0 + j, r0, r1, chunks, ids[r0 + 1:r1 + 1])
+                            on_rows(index0 + i0 + j, r0, r1, chunks, ids[r0 + 1:r1 + 1])
                         except ValueError as e:  # the kernels count rows from r0: say where that is
                             raise ValueError(f"{e} (row k of this chunk predicts input_ids[{r0 + 1} + k], "
-                                             f"window {i0 + j} = input_ids[{w.start}:{w.end}])") from e
+                                             f"window {index0 + i0 + j} = input_ids[{w.start}:{w.end}])") from e
                         del chunks
                 del outs, x, mask  # drop this batch's logits before the next forward
                 done += sum(w.end - w.start for w in batch)
@@ -219,6 +222,8 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
                     dt = time.perf_counter() - t0
                     if dt > 0:
                         bar.set_postfix(tok_s=f"{done / dt:,.0f}", refresh=False)
+                if on_batch is not None:
+                    on_batch(sum(w.b - w.a for w in batch))
     finally:
         if bar is not None:
             bar.close()
@@ -260,8 +265,8 @@ def score(model, input_ids, *, max_length=None, stride=None, batch_size=1, proto
         o = offs[k] + (r0 - windows[k].a)
         out[o:o + (r1 - r0)] = _kl_torch.log_probs_rows(chunks[0], targets)
 
-    run_windows([model], ids, windows, batch_size=batch_size, device=device, progress=progress,
-                desc=f"log-probs ({spec.name})", on_rows=on_rows)
+    _dist.run_windows([model], ids, windows, batch_size=batch_size, device=device, progress=progress,
+                      desc=f"log-probs ({spec.name})", on_rows=on_rows, columns=[out], offs=offs)
     result, extra = out, {}
     if not spec.per_token:
         result = _protocols.window_means(out, windows)
