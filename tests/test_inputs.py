@@ -339,12 +339,13 @@ def _interrupt_after(seconds):
 def test_ctrl_c_interrupts_a_long_reduction():
     import time
 
-    x = np.lib.stride_tricks.as_strided(np.array([-0.5]), shape=(2 ** 34,), strides=(0,))  # ~10 s
+    x = np.lib.stride_tricks.as_strided(np.array([-0.5]), shape=(2 ** 36,), strides=(0,))  # ~40 s
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):  # started inside: a loaded machine may deliver the
         killer = _interrupt_after(0.3)      # signal before the call begins
         ppldelta.perplexity_delta(x, x)
-    assert time.perf_counter() - t0 < 2.0   # uninterrupted, the call takes about 10 s
+    # uninterrupted, the call takes about 40 s; the bound leaves room for a loaded machine
+    assert time.perf_counter() - t0 < 10.0
     killer.wait()
 
 
@@ -364,7 +365,7 @@ def test_ctrl_c_interrupts_many_short_inner_loops():
     with pytest.raises(KeyboardInterrupt):
         killer = _interrupt_after(0.3)
         ppldelta.perplexity(x)
-    assert time.perf_counter() - t0 < 2.0   # uninterrupted: minutes
+    assert time.perf_counter() - t0 < 20.0  # uninterrupted: minutes (room for a loaded machine)
     killer.wait()
 
 
