@@ -416,6 +416,19 @@ def check_records(records):
     return r.reshape(-1)
 
 
+def check_rows_fit(rec, n, V):
+    """The quantized rows must pair with the records one to one and hold every stored id: the
+    targets as int64 (ValueError otherwise)."""
+    if n != rec.shape[0]:
+        raise ValueError(f"quantized_logits has {n} rows, the reference {rec.shape[0]} records")
+    if n == 0:
+        raise ValueError("no rows to compare")
+    t = rec["token"].astype(np.int64)
+    if (t < 0).any() or (t >= V).any() or (rec["ids"] >= V).any():
+        raise ValueError(f"the reference's token ids do not fit the quantized model's vocabulary ({V})")
+    return t
+
+
 def compare(quantized_logits, records, *, bf16=False, threads=1):
     """Per-token statistics of a quantized model's logits (shape (tokens, vocab), rows in the
     records' order) against the reference ``records`` (``summarize`` of the original's rows at
@@ -436,13 +449,7 @@ def compare(quantized_logits, records, *, bf16=False, threads=1):
     rec = check_records(records)
     a, lead, bf = _adapt.as_rows(quantized_logits, "quantized_logits", bf16)
     n, V = a.shape
-    if n != rec.shape[0]:
-        raise ValueError(f"quantized_logits has {n} rows, the reference {rec.shape[0]} records")
-    if n == 0:
-        raise ValueError("no rows to compare")
-    t = rec["token"].astype(np.int64)
-    if (t < 0).any() or (t >= V).any() or (rec["ids"] >= V).any():
-        raise ValueError(f"the reference's token ids do not fit the quantized model's vocabulary ({V})")
+    t = check_rows_fit(rec, n, V)
     lq = _core.logits_stats(a, None, t, ignore_index=-(2 ** 63), bf16=bf, threads=_threads(threads)).lp_a
     step = _chunk_rows(V)
     M = tail_m(rec["ids"].shape[1])

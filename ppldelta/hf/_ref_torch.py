@@ -159,13 +159,7 @@ def _compare_device(quantized_logits, rec):
 
     y_all, V = _rows(quantized_logits.detach())
     n = y_all.shape[0]
-    if n != rec.shape[0]:
-        raise ValueError(f"quantized_logits has {n} rows, the reference {rec.shape[0]} records")
-    if n == 0:
-        raise ValueError("no rows to compare")
-    t = rec["token"].astype(np.int64)
-    if (t < 0).any() or (t >= V).any() or (rec["ids"] >= V).any():
-        raise ValueError(f"the reference's token ids do not fit the quantized model's vocabulary ({V})")
+    t = refstats.check_rows_fit(rec, n, V)
     M = refstats.tail_m(rec["ids"].shape[1])
     step = _step(V)
     chunks, lq = [], []
