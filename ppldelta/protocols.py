@@ -21,8 +21,6 @@ it scores the logits at the absolute positions ``a .. b-1``, i.e. the targets ``
 """
 from __future__ import annotations
 
-import sys
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -199,19 +197,8 @@ SPECS = {s.name: s for s in (
 #: The protocol names, in the order of the table.
 PROTOCOLS = tuple(SPECS)
 
-# Old names that still work for one release, with a DeprecationWarning.
-_ALIASES = {"seed001": "window-mean"}  # deprecated alias
-
-
 def get(name) -> Spec:
     """The Spec of protocol ``name`` (ValueError naming the known ones)."""
-    if name in _ALIASES:
-        new = _ALIASES[name]
-        level, frame = 1, sys._getframe(0)  # attribute the warning to the caller outside ppldelta
-        while frame is not None and frame.f_globals.get("__name__", "").startswith("ppldelta."):
-            frame, level = frame.f_back, level + 1
-        warnings.warn(f"protocol {name!r} is a deprecated alias of {new!r}", DeprecationWarning, stacklevel=level)
-        name = new
     spec = SPECS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise ValueError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")

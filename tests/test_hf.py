@@ -415,18 +415,6 @@ def test_window_mean_one_token_tail_window_is_nan(gpt2):
 
 
 
-def test_old_window_mean_names_warn(gpt2):
-    ids = _ids(70, V_GPT2)
-    ref = hf.window_mean_perplexity(gpt2, ids, 32, 16)
-    with pytest.warns(DeprecationWarning, match="window_mean_perplexity"):
-        assert hf.seed001_perplexity(gpt2, ids, 32, 16) == ref  # deprecated alias
-    with pytest.warns(DeprecationWarning, match="window-mean"):
-        vals, proto = hf.score(gpt2, ids, max_length=32, stride=16, protocol="seed001", progress=False)  # deprecated alias
-    assert proto.name == "window-mean" and math.exp(-np.mean(vals)) == pytest.approx(ref, rel=1e-12)
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="per-token"):
-        hf.compare_models(gpt2, gpt2, ids, protocol="seed001", progress=False)  # deprecated alias
-
-
 # ---------------------------------------------------------------------------- evaluate_perplexity
 SENTENCES = [
     "the cat sat on the mat and the dog sat on the log",

@@ -96,11 +96,6 @@ def test_resolve_defaults_and_errors():
     assert not protocols.get("window-mean").per_token
 
 
-def test_old_protocol_name_warns():
-    with pytest.warns(DeprecationWarning, match="'window-mean'"):
-        assert protocols.get("seed001") is protocols.SPECS["window-mean"]  # deprecated alias
-
-
 def test_every_protocol_is_one_complete_entry():
     assert protocols.PROTOCOLS == tuple(protocols.SPECS)
     for name, spec in protocols.SPECS.items():

@@ -42,7 +42,6 @@ into a reference file; evaluate_against_reference: a quantized model against it)
 """
 from __future__ import annotations
 
-import warnings
 
 from ..protocols import PROTOCOLS
 from ._reports import (PerplexityResult, QuantizationReport, compare_models, evaluate_perplexity,
@@ -76,10 +75,3 @@ def __getattr__(name):
     if name == "last_protocol":
         return _run._last[0]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def seed001_perplexity(*args, **kwargs):  # deprecated alias of window_mean_perplexity
-    """Deprecated alias of :func:`window_mean_perplexity` (kept for one release)."""
-    warnings.warn("hf.seed001_perplexity is a deprecated alias of hf.window_mean_perplexity",  # deprecated alias
-                  DeprecationWarning, stacklevel=2)
-    return window_mean_perplexity(*args, **kwargs)
