@@ -1,5 +1,4 @@
 """ppldelta.hf on tiny randomly initialised GPT-2 / Llama models built from configs (no downloads)."""
-import copy
 import math
 import subprocess
 import sys
@@ -11,20 +10,18 @@ import pytest
 torch = pytest.importorskip("torch")  # ppldelta.hf needs torch; the core's tests run without it
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import ppldelta
 from ppldelta import hf
+from _models import perturbed, tiny_gpt2
 
 V_GPT2 = 200
 V_LLAMA = 150
 
 
 def _gpt2(seed=0, vocab=V_GPT2):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=1, eos_token_id=1)
-    return GPT2LMHeadModel(cfg).eval()
+    return tiny_gpt2(seed, vocab)
 
 
 def _llama(seed=0):
@@ -75,12 +72,7 @@ def _lp_at(model, context, target):
 
 
 def _perturbed(model, scale=0.05, seed=123):
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return m.eval()
+    return perturbed(model, scale, seed)
 
 
 # ---------------------------------------------------------------------------- sliding

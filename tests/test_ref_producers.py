@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")  # ppldelta.hf needs torch; the core's test
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppldelta import hf, llamacpp, protocols, reffile, refstats
+from _models import perturbed, word_tokenizer
 
 V = 96
 WORDS = ("the cat sat on a mat while dogs ran past quiet old houses near green fields and "
@@ -36,22 +37,11 @@ def _llama(seed=0, vocab=V):
 
 
 def _perturbed(model, scale, seed=123):
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return m.eval()
+    return perturbed(model, scale, seed)
 
 
 def _tokenizer(words=WORDS):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["[UNK]", "<s>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="<s>")
+    return word_tokenizer(words)
 
 
 def _text(n_words=160, seed=3):
