@@ -447,8 +447,26 @@ def _expected_for(args, names) -> dict:
     return {n: out.get(n, default) for n in names}
 
 
-def _eval(args) -> int:
+def _evaluate_variant(args, q, ref, expected):
+    """The report of the quantized variant ``q`` (a model id or path) against the open reference."""
     from .hf._reference import evaluate_against_reference, load_model, load_tokenizer
+
+    try:
+        tok = load_tokenizer(q, **_tok_kwargs(args))
+    except (OSError, ValueError, TypeError):  # a checkpoint without tokenizer files
+        if args.text is not None:
+            raise
+        tok = None
+    model = load_model(q, **_load_kwargs(args))
+    try:
+        return evaluate_against_reference(
+            model, ref, texts=args.text, tokenizer=tok, batch_size=args.batch_size,
+            progress=not args.no_progress, expected=expected, confidence=args.confidence, verify=False)
+    finally:
+        del model
+
+
+def _eval(args) -> int:
     from .reffile import read_reference
 
     _check_options(args)
@@ -462,21 +480,9 @@ def _eval(args) -> int:
     rows = []
     for name, q in zip(names, args.quantized):
         try:
-            tok = load_tokenizer(q, **_tok_kwargs(args))
-        except (OSError, ValueError, TypeError):  # a checkpoint without tokenizer files
-            if args.text is not None:
-                raise
-            tok = None
-        model = load_model(q, **_load_kwargs(args))
-        try:
-            rep = evaluate_against_reference(
-                model, ref, texts=args.text, tokenizer=tok, batch_size=args.batch_size,
-                progress=not args.no_progress, expected=expected[name], confidence=args.confidence,
-                verify=False)
+            rep = _evaluate_variant(args, q, ref, expected[name])
         except ValueError as exc:
             raise ValueError(f"{q}: {exc}") from None
-        finally:
-            del model
         rows.append({"name": name, "source": q, "report": rep, "gate": _gate(rep.reference, args)})
     rows.sort(key=lambda r: (_kld_key(r["report"]), r["name"]))
     _emit_eval(rows, ref, ref_path, args.format)
