@@ -45,7 +45,7 @@ import torch.nn as nn
 import ppldelta
 from ppldelta import llamacpp, protocols, refstats
 
-KS = (8, 16, 32, 64, 128)
+KS = (8, 16, 24, 32, 64, 128)
 VARIANTS = ("quanto_qint8", "rtn8_g128", "rtn4_g128", "quanto_qint4", "rtn3_g64", "rtn2_g128")
 
 
@@ -134,10 +134,13 @@ def main():
     ap.add_argument("--tokens", type=int, default=4000, help="scored tokens (rounded up to chunks)")
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--ks", default=",".join(map(str, KS)))
+    ap.add_argument("--probes", type=int, default=refstats.DEFAULT_PROBES,
+                    help="tail probes per record (every K; K=32 without probes is added as a baseline)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    ks = [int(k) for k in args.ks.split(",")]
+    # (K, probes) configurations: every K with --probes, plus K = 32 without (the format of version 1)
+    ks = [(int(k), args.probes) for k in args.ks.split(",")] + [(32, 0)]
     names = [v for v in args.variants.split(",") if v]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -168,7 +171,7 @@ def main():
     llamacpp.write_logits_file(base_file, ids, base.reshape(n_chunk, rows, V), n_ctx)
     lc_bytes = os.path.getsize(base_file)
     with ThreadPoolExecutor(max(1, args.threads)) as pool:
-        records = dict(zip(ks, pool.map(lambda k: refstats.summarize(base, targets, k), ks)))
+        records = dict(zip(ks, pool.map(lambda c: refstats.summarize(base, targets, c[0], probes=c[1]), ks)))
     log(f"references written ({time.time() - t0:.0f}s)")
 
     results = []
@@ -197,11 +200,12 @@ def main():
             assert (c["kld_lo"] <= kl + tol).all() and (kl <= c["kld_hi"] + tol).all(), (name, k)
             r["ref"][k] = {"est": c["kld"].mean(), "lo": c["kld_lo"].mean(), "hi": c["kld_hi"].mean(),
                            "est99": q99(c["kld"]), "lo99": q99(c["kld_lo"]), "hi99": q99(c["kld_hi"]),
-                           "rev": c["kld_reverse"].mean()}
+                           "rev": c["kld_reverse"].mean(),
+                           "se": float(np.sqrt(c["kld_sampling_var"].sum()) / len(kl))}
         results.append(r)
         del quant
         log(f"{name}: PPL {ppl_q:.4f}, KLD {r['kl']:.6g} (C kernel {r['kern']:.6g}), llama.cpp {r['lc']:.6g}, "
-            + ", ".join(f"K={k} {r['ref'][k]['est']:.6g} ({100 * rel(r['ref'][k]['est'], r['kl']):+.2f} %)"
+            + ", ".join(f"K={k[0]} M={k[1]} {r['ref'][k]['est']:.6g} ({100 * rel(r['ref'][k]['est'], r['kl']):+.2f} %)"
                         for k in ks) + f" ({time.time() - tv:.0f}s)")
     tmp.cleanup()
 
@@ -210,15 +214,15 @@ def main():
     print(f"\n{n} scored tokens, vocab {V}, original PPL "
           f"{np.exp(-ppldelta.token_log_probs(base, targets).mean()):.4f}; llama.cpp file "
           f"{lc_bytes:,} bytes = {lc_bytes / n:,.0f} per scored token (rows alone {lc_tok:,})\n")
-    print("| K | bytes / token | smaller than llama.cpp's rows (whole file) |")
-    print("|---|---|---|")
+    print("| K | probes | bytes / token | smaller than llama.cpp's rows (whole file) | at a 151,936 vocabulary |")
+    print("|---|---|---|---|---|")
     for k in ks:
-        b = refstats.RECORD_DTYPE(k).itemsize
-        print(f"| {k} | {b} | {lc_tok / b:,.0f}x ({lc_bytes / n / b:,.0f}x) |")
-    print("\n| variant | PPL | full KLD mean | llama.cpp mean (rel. err.) | K | estimate (rel. err.) "
+        b = refstats.RECORD_DTYPE(*k).itemsize
+        print(f"| {k[0]} | {k[1]} | {b} | {lc_tok / b:,.0f}x ({lc_bytes / n / b:,.0f}x) | {2 * (151936 + 4) / b:,.0f}x |")
+    print("\n| variant | PPL | full KLD mean | llama.cpp mean (rel. err.) | K, probes | estimate (rel. err.) | its SE "
           "| mean bounds [lo, hi] | full KLD p99 | llama.cpp p99 (rel. err.) | estimate p99 (rel. err.) "
           "| p99 bounds [lo, hi] | reverse estimate (rel. err.) |")
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for r in results:
         for i, k in enumerate(ks):
             e = r["ref"][k]
@@ -226,7 +230,8 @@ def main():
                     f"({100 * rel(r['lc'], r['kl']):+.2f} %)") if i == 0 else "| | | |"
             tail99 = (f"| {r['kl99']:.4e} | {r['lc99']:.4e} ({100 * rel(r['lc99'], r['kl99']):+.2f} %)"
                       ) if i == 0 else "| |"
-            print(f"{head} | {k} | {e['est']:.4e} ({100 * rel(e['est'], r['kl']):+.3f} %) "
+            print(f"{head} | {k[0]}, {k[1]} | {e['est']:.4e} ({100 * rel(e['est'], r['kl']):+.3f} %) "
+                  f"| {100 * e['se'] / r['kl']:.2f} % "
                   f"| [{e['lo']:.3g}, {e['hi']:.3g}] {tail99} "
                   f"| {e['est99']:.4e} ({100 * rel(e['est99'], r['kl99']):+.2f} %) "
                   f"| [{e['lo99']:.3g}, {e['hi99']:.3g}] | {100 * rel(e['rev'], r['klr']):+.3f} % |")

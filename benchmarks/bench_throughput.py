@@ -1,18 +1,79 @@
 """Scored tokens per second of ppldelta's scoring loop (``ppldelta.hf.score``) against a plain
 transformers loop computing the same perplexity, and the fraction of the model's pure forward
-throughput that each keeps, on a random Llama built from a config (no downloads), on the CPU,
-measured in one run on the same batches.
+throughput that each keeps, on a random Llama built from a config (no downloads), measured in
+one run on the same batches (the loops take turns, best of ``--repeat`` rounds each, so a load
+that comes and goes on a shared machine hits them alike).
 
 - forward: ``model(input_ids=x).logits`` on every batch, nothing else (the ceiling);
 - transformers: ``model(input_ids=x, labels=x).loss`` per batch, token-weighted into a
   perplexity (float32 loss, as the usual loop);
 - ppldelta: ``hf.score(model, ids, protocol="gptq", batch_size=B)``: the same windows
-  (disjoint, every token after the first of each scored), float64 log-probs per token.
+  (disjoint, every token after the first of each scored), float64 log-probs per token;
+- ppldelta, overlap flipped: the same with ``run_windows``' overlap of batch i's row work and
+  batch i+1's forward switched from the device's default (off on the CPU, on elsewhere).
 
-    python benchmarks/bench_throughput.py                 # default size
-    python benchmarks/bench_throughput.py --windows 8     # quicker
+    python benchmarks/bench_throughput.py                       # CPU, default size
+    python benchmarks/bench_throughput.py --device cuda --json out.json
+
+Measured on the CPU (2 cores shared with other jobs, AVX-512, torch 2.13, transformers 5.24;
+default size: hidden 256, 4 layers, vocab 32000, 16 windows of 256 tokens, batch 4), as the
+fraction of the forward-only throughput kept:
+
+    loop                                 wall, 2 threads        CPU time, --threads 1 --clock process
+    forward only                         1.000                  1.000
+    transformers (labels=)               0.74 - 0.77            0.79
+    ppldelta before (kernel 1 thread)    0.85 - 0.88            0.92
+    ppldelta now                         not measurable here    0.92 - 0.96
+    ppldelta now, overlap on             not measurable here    0.95 - 1.00
+
+The row kernel (``ppldelta.token_log_probs``: the definition of the log-probs, so it stays) is
+the one cost on top of the forward: about 5-9 % of this model's forward in CPU time, because its
+``lm_head`` (256 x 32000) is two thirds of the model's multiply-adds (for a 7B model, hidden 4096,
+the same kernel is under 0.1 % of the forward).  It reads each logit once (about 2 G logits/s
+per AVX-512 core, 2.7 G/s when the row is in cache; float32 exps summed in float64) and never
+makes a float64 copy of a row.  What changed: the kernel runs on torch's threads for chunks of
+at least ``_kl_torch.THREAD_GRAIN`` logits (it ran on one thread while the other cores waited;
+smaller chunks stay on one thread: starting threads next to torch's busy pool cost more than
+the work, measured 3x slower on a loaded machine), and ``run_windows(overlap=True)`` runs batch
+i's kernels while batch i+1's forward runs.  Wall-clock figures for the new code could not be
+taken on this shared machine (a load of 7-10 on 2 cores made the forward 8-15x slower and the
+ratios swing between 0.8 and 1.3 from round to round); rerun
+``python benchmarks/bench_throughput.py --repeat 7`` on a quiet machine.  Overlap is the default
+only on accelerators: on the CPU it doubles the logits held (two batches) for a gain that needs
+idle cores; it never changes a bit (the same forwards and kernels; tests/test_hf.py checks it).
+
+Padding-free packing is not used: every protocol's windows have one length except the last
+(sliding, hf, window-mean) or none (gptq, llama.cpp), so packing saves at most one window's
+padding per run; and measured on the CPU in float32 (transformers 5.24), packing two windows
+into one row with per-window position ids and a block-diagonal 4D mask does not give the bits
+of the padded batch under SDPA (the default attention: 8e-7 off on the full-length window; the
+padded batch equals the unbatched forward there), only under eager attention; packing by
+position ids alone (the flash-attention varlen convention) is wrong under both (logits off by ~2).
+
+Measured on one NVIDIA H100 80GB (torch 2.11.0+cu130, transformers 5.17; ``scripts/gpu_check.sh``,
+2026-11-27), fraction of the forward-only throughput kept, each table from one run:
+
+    model (random Llama, vocab 32000)          forward tok/s   transformers   ppldelta   ppldelta (log_softmax of a float64 copy)
+    float32, hidden 1024, 8 layers, seq 1024   100,436         0.982          0.968      0.912
+    bfloat16, same                             793,514         0.833          0.891      0.691
+    float32, hidden 256, 4 layers, seq 256     225,654         0.935          0.821      0.830
+
+On CUDA the per-token log-prob is one fused Triton kernel per batch (``hf/_fused.py``: row max,
+then float32 exps summed in float64, the C kernel's precision; each row read twice, one float64
+written), run in the worker thread while the next forward runs; only one float64 per token
+crosses the bus.  The previous path (``log_softmax`` of a float64 copy of the rows, last
+column, from an earlier run on the same kind of machine) cost a bfloat16 model 31 % of its
+throughput.  The target (>= 0.95 of the forward) is met for the float32 model of realistic
+shape, not for bfloat16 (0.89, where the forward itself is 8x faster and per-batch
+synchronisation shows; transformers' own loss loop keeps 0.83 there) nor for the tiny model.
+
+What is left: a forward that hands the row kernel its logits in row chunks while they are in
+cache (a chunked ``lm_head``; matmuls of other shapes are not guaranteed the same bits), a
+faster exp in the C kernel, and on CUDA fewer synchronisations per batch.
 """
 import argparse
+import functools
+import json
 import math
 import time
 
@@ -20,19 +81,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ppldelta import hf, perplexity
+from ppldelta.hf import _run
 
 
-def best(fn, repeat):
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -42,52 +94,94 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    a = ap.parse_args()
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--clock", default="wall", choices=["wall", "process"],
+                    help="process: CPU seconds of this process (with --threads 1: the work, whatever the load)")
+    a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                       num_hidden_layers=a.layers, num_attention_heads=max(1, a.hidden // 64),
                       num_key_value_heads=max(1, a.hidden // 128), max_position_embeddings=a.seq)
-    model = LlamaForCausalLM(cfg).eval()
+    model = LlamaForCausalLM(cfg).to(dev, getattr(torch, a.dtype)).eval()
     n = a.windows * a.seq
     ids = torch.randint(0, a.vocab, (n,), generator=torch.Generator().manual_seed(1))
     batches = [ids[i:i + a.batch * a.seq].view(-1, a.seq) for i in range(0, n, a.batch * a.seq)]
     scored = a.windows * (a.seq - 1)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    clock = time.process_time if a.clock == "process" else time.perf_counter
+    state = {}
 
     def forward():
         with torch.no_grad():
             for x in batches:
-                model(input_ids=x, use_cache=False).logits
-
-    state = {}
+                model(input_ids=x.to(dev), use_cache=False).logits
+        sync()
 
     def plain():
         nll = cnt = 0.0
         with torch.no_grad():
             for x in batches:
+                x = x.to(dev)
                 loss = model(input_ids=x, labels=x, use_cache=False).loss
                 k = x.shape[0] * (x.shape[1] - 1)
                 nll += float(loss) * k
                 cnt += k
-        state["plain"] = math.exp(nll / cnt)
+        state["transformers"] = math.exp(nll / cnt)
 
-    def ours():
-        lp, _ = hf.score(model, ids, protocol="gptq", max_length=a.seq, batch_size=a.batch, progress=False)
-        state["ours"] = float(perplexity(lp))
+    default_overlap = dev.type != "cpu"
 
-    t_fwd = best(forward, a.repeat)
-    t_plain = best(plain, a.repeat)
-    t_ours = best(ours, a.repeat)
-    print(f"random Llama: hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, {a.windows} windows of "
-          f"{a.seq} tokens, batch {a.batch}, {torch.get_num_threads()} torch thread(s); "
-          f"{scored:,} scored tokens; best of {a.repeat}")
-    print(f"{'loop':<14}{'seconds':>9}{'tok/s':>11}{'of forward':>12}")
-    for name, t in (("forward only", t_fwd), ("transformers", t_plain), ("ppldelta", t_ours)):
-        print(f"{name:<14}{t:>9.3f}{scored / t:>11,.0f}{t_fwd / t:>12.3f}")
-    print(f"ppldelta / transformers throughput: {t_plain / t_ours:.3f}")
-    print(f"perplexity: transformers {state['plain']:.6f} (float32 loss), ppldelta {state['ours']:.6f} "
-          f"(float64 log-probs)")
+    def ours(overlap=None):
+        real = _run.run_windows
+        if overlap is not None:  # what _dist calls: the module attribute
+            _run.run_windows = functools.partial(real, overlap=overlap)
+        try:
+            lp, _ = hf.score(model, ids, protocol="gptq", max_length=a.seq, batch_size=a.batch,
+                             progress=False)
+        finally:
+            _run.run_windows = real
+        state["ppldelta" if overlap is None else "flipped"] = float(perplexity(lp))
+
+    loops = {"forward only": forward, "transformers": plain, "ppldelta": ours,
+             f"ppldelta, overlap {'off' if default_overlap else 'on'}":
+                 functools.partial(ours, not default_overlap)}
+    for fn in loops.values():  # warm up
+        fn()
+    best = {name: math.inf for name in loops}
+    ratios = {name: [] for name in loops}
+    for _ in range(a.repeat):  # the loops take turns; a round's ratios see the same load
+        times = {}
+        for name, fn in loops.items():
+            t = clock()
+            fn()
+            times[name] = clock() - t
+            best[name] = min(best[name], times[name])
+        for name in loops:
+            ratios[name].append(times["forward only"] / times[name])
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else f"{torch.get_num_threads()} torch thread(s)")
+    print(f"random Llama ({a.dtype}): hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, {a.windows} "
+          f"windows of {a.seq} tokens, batch {a.batch}, {dev.type} ({where}); {scored:,} scored tokens; "
+          f"best of {a.repeat}, {a.clock} clock")
+    print(f"{'loop':<26}{'seconds':>9}{'tok/s':>12}{'of forward':>12}   (best time; median of the rounds' ratios)")
+    rows = []
+    for name, t in best.items():
+        r = sorted(ratios[name])[len(ratios[name]) // 2]
+        print(f"{name:<26}{t:>9.3f}{scored / t:>12,.0f}{r:>12.3f}")
+        rows.append({"loop": name, "seconds": t, "tok_s": scored / t, "of_forward": r,
+                     "of_forward_rounds": ratios[name]})
+    print(f"ppldelta / transformers throughput: {best['transformers'] / best['ppldelta']:.3f}")
+    print(f"perplexity: transformers {state['transformers']:.6f} (float32 loss), ppldelta "
+          f"{state['ppldelta']:.6f} (float64 log-probs; overlap flipped: {state['flipped']:.6f})")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": str(dev), "where": where, "args": vars(a), "scored_tokens": scored,
+                       "loops": rows, "perplexity": state}, f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 /* AVX2 + FMA (+F16C) logits row kernels: 8 float32 lanes, see logits_template.h; the exp of
- * exp_poly.h with FMAs. */
+ * exp_poly.h (13 operations per 8 values, 2^n through the exponent bits, so clamped). */
 #include "common.h"
 #include "exp_poly.h"
 #ifdef PD_X86
@@ -15,6 +15,9 @@ typedef __m256 pd_f;
 #define pd_f_sub(a, b) _mm256_sub_ps(a, b)
 #define pd_f_mul(a, b) _mm256_mul_ps(a, b)
 #define pd_f_max(a, b) _mm256_max_ps(a, b)
+#define pd_f_min(a, b) _mm256_min_ps(a, b)
+#define pd_f_fma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define PD_EXP_NAN 1
 #define pd_f_nanmask_or(acc, x) _mm256_or_ps(acc, _mm256_cmp_ps(x, x, _CMP_UNORD_Q))
 #define pd_f_anynan(acc) (_mm256_movemask_ps(acc) != 0)
 #define pd_f_gt_count(x, t) __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(x, t, _CMP_GT_OQ)))
@@ -37,23 +40,23 @@ PD_TARGET static inline double pd_f_hsum(__m256 v)
 }
 PD_TARGET static inline __m256 pd_f_exp(__m256 x)
 {
-    __m256 n, r, p, keep = _mm256_cmp_ps(x, _mm256_set1_ps(PD_EXP_MIN), _CMP_GE_OQ);
-    __m256i e;
-    x = _mm256_max_ps(x, _mm256_set1_ps(PD_EXP_MIN));
-    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(PD_EXP_LOG2E)),
-                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PD_EXP_LN2_HI), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PD_EXP_LN2_LO), r);
-    p = _mm256_set1_ps(PD_EXP_P5);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_P0));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep); /* exp(-inf) = 0 */
+    __m256 t, n, r, p;
+    x = _mm256_max_ps(_mm256_set1_ps(PD_EXP_MIN), x); /* NaN stays NaN */
+    t = _mm256_fmadd_ps(x, _mm256_set1_ps(PD_EXP_LOG2E), _mm256_set1_ps(PD_EXP_SHIFT));
+    n = _mm256_sub_ps(t, _mm256_set1_ps(PD_EXP_SHIFT));
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PD_EXP_LN2), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PD_EXP_LN2_TAIL), r);
+    p = _mm256_fmadd_ps(_mm256_set1_ps(PD_EXP_C6), r, _mm256_set1_ps(PD_EXP_C5));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_C4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_C3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(PD_EXP_C2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    /* 2^n: the low bits of t are n + 127 (n >= -126), shifted into the exponent field */
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)));
 }
+/* exactly 0 below PD_EXP_MIN (pd_f_exp gives 1.2e-38 there) */
+#define pd_f_exp0(x) _mm256_and_ps(pd_f_exp(x), _mm256_cmp_ps(x, _mm256_set1_ps(PD_EXP_MIN), _CMP_GE_OQ))
 PD_TARGET static inline __m256 ld_f32(const char *p) { return _mm256_loadu_ps((const float *)p); }
 PD_TARGET static inline __m256 ld_f16(const char *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 PD_TARGET static inline __m256 ld_bf16(const char *p)

@@ -14,6 +14,7 @@
 #include "moments.h"
 #include "reference.h"
 #include "stats.h"
+#include "summarize.h"
 #include <limits.h>
 
 enum { PD_K_ORIG, PD_K_QUANT, PD_K_ABS, PD_K_REL, PD_K_QUALITY, PD_NKEYS };
@@ -745,6 +746,81 @@ done:
     return res;
 }
 
+static const char *const pd_summarize_kw[] = {"rows", "k", "probes", "bf16", "threads"};
+
+PyDoc_STRVAR(pd_summarize_rows_doc,
+"summarize_rows(rows, k, probes, *, bf16=False, threads=1)\n"
+"--\n\nThe reference records of logits rows (refstats.RECORD_DTYPE's fields but token and lp) as a\n"
+"dict of arrays: entropy, tail, lp_min (rows,), ids, lps (rows, k), pids, plps (rows, probes).");
+
+static PyObject *pd_summarize_rows_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                      PyObject *kwnames)
+{
+    static const char *const names[7] = {"entropy", "tail", "lp_min", "ids", "lps", "pids", "plps"};
+    PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL}, *v[7] = {NULL}, *res = NULL;
+    Py_ssize_t k, m;
+    long threads_l = 1;
+    int bf16, rc, kind = 0, i;
+    npy_intp bad = -1;
+    pd_mat mat;
+    pd_summary_out out;
+    pd_isa isa;
+    (void)module;
+    if (PD_PARSE("summarize_rows", pd_summarize_kw, 3, 3, a) < 0 ||
+        pd_arg_ssize(a[1], "k", 1, 1, &k) < 0 || pd_arg_ssize(a[2], "probes", 0, 0, &m) < 0 ||
+        pd_arg_bool(a[3], 0, &bf16) < 0)
+        return NULL;
+    if (a[4] && (threads_l = PyLong_AsLong(a[4])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (threads_l > INT_MAX || threads_l < INT_MIN) {
+        PyErr_SetString(PyExc_OverflowError, "threads does not fit a C int");
+        return NULL;
+    }
+    if (k > 65536 || m > 65536) {
+        PyErr_Format(PyExc_ValueError, "k and probes must be <= 65536, got %zd and %zd", k, m);
+        return NULL;
+    }
+    if (pd_mat_from(a[0], "logits", bf16, &mat) < 0)
+        return NULL;
+    if (mat.V > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "logits: a vocabulary of %zd does not fit int32 ids",
+                     (Py_ssize_t)mat.V);
+        return NULL;
+    }
+    {
+        npy_intp d1[1] = {mat.rows}, dk[2] = {mat.rows, k}, dm[2] = {mat.rows, m};
+        int types[7] = {NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT32, NPY_FLOAT32, NPY_INT32, NPY_FLOAT32};
+        for (i = 0; i < 7; i++)
+            if ((v[i] = PyArray_SimpleNew(i < 3 ? 1 : 2, i < 3 ? d1 : i < 5 ? dk : dm, types[i])) == NULL)
+                goto done;
+    }
+    out = (pd_summary_out){pd_vec_data(v[0]), pd_vec_data(v[1]), pd_vec_data(v[2]), pd_vec_data(v[3]),
+                           pd_vec_data(v[5]), pd_vec_data(v[4]), pd_vec_data(v[6])};
+    isa = pd_dispatch_current(); /* read under the GIL (_set_simd may run concurrently) */
+    Py_BEGIN_ALLOW_THREADS
+    rc = pd_summarize_run(isa, &mat, k, m, (int)threads_l, &out, &bad, &kind);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        if (kind == 3)
+            PyErr_NoMemory();
+        else
+            PyErr_Format(PyExc_ValueError, "logits row %zd contains NaN or +inf, or is entirely -inf",
+                         (Py_ssize_t)bad);
+        goto done;
+    }
+    if ((res = PyDict_New()) == NULL)
+        goto done;
+    for (i = 0; i < 7; i++)
+        if (PyDict_SetItemString(res, names[i], v[i]) < 0) {
+            Py_CLEAR(res);
+            goto done;
+        }
+done:
+    for (i = 0; i < 7; i++)
+        Py_XDECREF(v[i]);
+    return res;
+}
+
 /* ----------------------------------------------------------------------------- SIMD, testing hooks */
 
 static const char *const pd_x_kw[] = {"x"};
@@ -822,6 +898,7 @@ static PyMethodDef pd_methods[] = {
     {"sum_log_probs", PD_FASTCALL(pd_sum_log_probs), pd_sum_log_probs_doc},
     {"paired_moments", PD_FASTCALL(pd_paired_moments_py), pd_paired_moments_doc},
     {"logits_stats", PD_FASTCALL(pd_logits_stats), pd_logits_stats_doc},
+    {"summarize_rows", PD_FASTCALL(pd_summarize_rows_py), pd_summarize_rows_doc},
     {"block_bootstrap", PD_FASTCALL(pd_block_bootstrap_py),
      "block_bootstrap(num, den, n_boot, seed)\n--\n\n"
      "Replicates sum(num[idx]) / sum(den[idx]) over blocks drawn with replacement."},

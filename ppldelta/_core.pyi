@@ -104,6 +104,10 @@ def paired_moments(
     positive_tolerance: float = ...,
 ) -> PairedMoments: ...
 
+def summarize_rows(
+    rows: Any, k: int, probes: int, *, bf16: bool = ..., threads: int = ...
+) -> dict[str, npt.NDArray[Any]]: ...  # entropy, tail, lp_min, ids, lps, pids, plps
+
 def block_bootstrap(
     num: npt.ArrayLike, den: npt.ArrayLike, n_boot: int, seed: int
 ) -> npt.NDArray[np.float64]: ...

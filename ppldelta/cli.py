@@ -33,7 +33,8 @@ def _parser():
     c = sub.add_parser("compare", help="compare per-token log-probs of an original and a quantized model",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_COMPARE_EPILOG)
     c.add_argument("original", help="file of the original model's per-token log-probs (FILE or FILE:KEY)")
-    c.add_argument("quantized", help="file of the quantized model's per-token log-probs (FILE or FILE:KEY)")
+    c.add_argument("quantized", nargs="?", help="file of the quantized model's per-token log-probs (FILE or "
+                   "FILE:KEY); omitted when ORIGINAL is a per-token file of `ppldelta eval --save-tokens`")
     c.add_argument("--groups", help="file with one group label per token (e.g. prose/code; FILE or FILE:KEY)")
     c.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     c.add_argument("--expected", metavar="FORMAT", help="quantization format for the expected band, e.g. gguf-q4_k_m")
@@ -56,10 +57,29 @@ SOURCE is a reference file (ppldelta reference build), a llama.cpp --kl-divergen
   path; needs --text): its reference is built first and cached (--reference PATH, else
   --cache-dir, $PPLDELTA_CACHE_DIR, or ~/.cache/ppldelta, keyed by model, text, protocol and K).
 QUANT: Hugging Face ids or local paths (quantization configs are read from them); the loading
-  arguments apply to every model. The tokens are the reference's own; --text is checked
+  arguments apply to every model. A .gguf file (SOURCE or QUANT) runs through llama-cpp-python
+  (pip install llama-cpp-python; the loading arguments do not apply), SOURCE under the llama.cpp
+  protocol (--max-length is n_ctx, --text is read as llama-perplexity -f reads it). The tokens are the reference's own; --text is checked
   against them (a different tokenizer or text is refused).
-The table has one row per variant, sorted by the KLD estimate; KLD columns give the estimate
-  and, in brackets, the certified lower and upper bounds.
+The table has one row per variant, sorted by the KLD estimate (mean KL(original || variant)
+  from the reference's top-K, nats). Text fits 100 columns: PPL, Δ PPL % and its CI, KLD mean
+  and p99, same top-1, RMS Δp, bits per weight, the gate, then one verdict line per variant;
+  markdown, html and json add the PPL ratio [CI], the certified KLD bounds [lower, upper], the
+  expected band and the size.
+size (a local QUANT): the bytes of its weight files (a folder's *.safetensors, else its *.bin /
+  *.pt / *.pth, else its *.gguf; with --gguf-file that file; a file is its own size). Bits per
+  weight = 8 x bytes / the parameter count of the variant's architecture unquantized (its class
+  built from its config on the meta device: packed 4-bit / int8 tensors of bitsandbytes, quanto
+  or GPTQ count as the weights they stand for, tied embeddings once), so scales, zero points and
+  unquantized layers count in the bytes: the storage cost per weight. Unknown (a hub id, a model
+  that cannot be rebuilt from its config): "-".
+--plot PATH.png: KLD mean (log scale; the certified bounds as error bars) against bits per
+  weight (else file size, else the table's order), one labelled point per variant; needs
+  matplotlib (pip install 'ppldelta[plot]').
+--save-tokens DIR: DIR/NAME.npz per variant, the per-token arrays (original_log_probs,
+  quantized_log_probs, kld, kld_lo, kld_hi, kld_reverse[_lo|_hi], delta_p, same_top1,
+  top1_in_top5, top1_in_top10, target_positions), in the reference's token order; e.g.
+  ppldelta compare F.npz:original_log_probs F.npz:quantized_log_probs gives the same PPLs.
 exit codes: 0 passed, 1 a variant failed a gate, 2 bad usage or input (one line on stderr)."""
 
 
@@ -76,9 +96,11 @@ def _load_args(p):
 def _build_args(p, text_required):
     p.add_argument("--text", metavar="FILE", required=text_required,
                    help="the evaluation text (a UTF-8 file, used verbatim)")
-    p.add_argument("--protocol", default="sliding", help="sliding (default), hf, llama.cpp, gptq")
+    p.add_argument("--protocol", help="sliding (default; llama.cpp for a GGUF file), hf, llama.cpp, gptq")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help="top-K log-probs kept per token (default 32)")
+                   help="top-K log-probs kept per token (default 24)")
+    p.add_argument("--probes", type=int, default=None, metavar="M",
+                   help="tail tokens sampled per token for the KLD estimate (default 8; 0: none)")
     p.add_argument("--max-length", type=int, help="window / n_ctx / seqlen (default: the protocol's)")
     p.add_argument("--stride", type=int, help="sliding and hf only (default max_length // 2)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
@@ -90,7 +112,8 @@ def _model_parsers(sub):
     r = sub.add_parser("reference", help="reference files: the original model scored once")
     rsub = r.add_subparsers(dest="reference_command", required=True)
     b = rsub.add_parser("build", help="score MODEL over --text and write its reference file",
-                        description="MODEL: a Hugging Face id or local path, or a llama.cpp "
+                        description="MODEL: a Hugging Face id or local path, a GGUF file (through "
+                        "llama-cpp-python, llama.cpp protocol, --max-length = n_ctx), or a llama.cpp "
                         "--kl-divergence-base logits file (converted; --text not needed).")
     b.add_argument("model", help="the original model (id or path), or a llama.cpp logits file")
     _build_args(b, text_required=False)
@@ -105,7 +128,9 @@ def _model_parsers(sub):
     _build_args(e, text_required=False)
     e.add_argument("--reference", metavar="PATH", help="where to keep the reference built from SOURCE")
     e.add_argument("--cache-dir", help="folder of cached references (default ~/.cache/ppldelta)")
-    e.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    e.add_argument("--format", choices=["text", "json", "markdown", "html"], default="text")
+    e.add_argument("--plot", metavar="PATH.png", help="write a PNG of quality (KLD) against size")
+    e.add_argument("--save-tokens", metavar="DIR", help="write DIR/NAME.npz of per-token results per variant")
     e.add_argument("--expected", action="append", metavar="FMT|NAME=FMT",
                    help="quantization format for the expected band, for all variants or one (repeatable)")
     e.add_argument("--confidence", type=float, default=0.95)
@@ -132,6 +157,8 @@ def _inputs(args):
     from .io import read_values
     from .llamacpp import compare_logits_files, is_logits_file
 
+    if args.quantized is None:
+        return _token_file(args.original)
     logits = [is_logits_file(p) for p in (args.original, args.quantized)]
     if all(logits):
         c = compare_logits_files(args.original, args.quantized)
@@ -141,6 +168,38 @@ def _inputs(args):
         raise ValueError(f"{a} is a llama.cpp logits file and {b} is not: compare two logits "
                          "files of the same text, or two log-prob files")
     return read_values(args.original), read_values(args.quantized), {}
+
+
+#: The per-token arrays of a ``ppldelta eval --save-tokens`` file that ``analyze`` takes, by keyword.
+_TOKEN_FILE_KWARGS = {"kld": "kld", "kld_reverse": "kld_reverse", "same_top1": "same_top1",
+                      "top1_in_top5": "top1_in_top5", "top1_in_top10": "top1_in_top10"}
+
+
+def _token_file(path):
+    """(original, quantized, extra analyze kwargs) from one per-token file of ``eval --save-tokens``
+    (a .npz with original_log_probs, quantized_log_probs and the KLD columns with their bounds)."""
+    import numpy as np
+
+    from .io import read_values
+
+    if not path.lower().endswith(".npz") or not os.path.isfile(path):
+        raise ValueError(f"{path}: compare takes two log-prob files, or one .npz file saved by "
+                         "`ppldelta eval --save-tokens`")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            have = set(z.files)
+    except Exception as exc:  # zip and format errors: bad input
+        raise ValueError(f"{path}: cannot read as npz: {type(exc).__name__}: {exc}") from None
+    need = {"original_log_probs", "quantized_log_probs"}
+    if not need <= have:
+        raise ValueError(f"{path}: not a per-token file of `ppldelta eval --save-tokens` (it lacks "
+                         f"{', '.join(sorted(need - have))})")
+    col = lambda key: read_values(f"{path}:{key}")  # noqa: E731
+    extra = {kw: col(key) for kw, key in _TOKEN_FILE_KWARGS.items() if key in have}
+    for kw in ("kld", "kld_reverse"):
+        if {kw + "_lo", kw + "_hi"} <= have:
+            extra[kw + "_bounds"] = (col(kw + "_lo"), col(kw + "_hi"))
+    return col("original_log_probs"), col("quantized_log_probs"), extra
 
 
 def _compare(args) -> int:
@@ -310,6 +369,8 @@ def _check_options(args):
             pass
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.probes is not None and args.probes < 0:
+        raise ValueError(f"--probes must be >= 0, got {args.probes}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.text is not None and not os.path.isfile(args.text):
@@ -326,13 +387,67 @@ def _is_reference_file(path) -> bool:
         return False
 
 
+def _is_gguf(path) -> bool:
+    """Whether ``path`` is a GGUF file (run through llama-cpp-python); a ``.gguf`` path that is no
+    GGUF file is refused."""
+    from .llamacpp import is_gguf_file
+
+    if is_gguf_file(path):
+        return True
+    if str(path).lower().endswith(".gguf") and not os.path.isdir(path):
+        raise ValueError(f"{path}: not a GGUF file" if os.path.exists(path) else f"{path}: no such file")
+    return False
+
+
+def _protocol(args, source) -> str:
+    return args.protocol or ("llama.cpp" if _is_gguf(source) else "sliding")
+
+
+def _load_gguf(path, n_ctx):
+    from .llamacpp import load_gguf
+
+    try:
+        return load_gguf(path, n_ctx=n_ctx)
+    except ImportError:
+        raise ValueError(f"{path} is a GGUF file: running it needs llama-cpp-python "
+                         "(pip install llama-cpp-python)") from None
+
+
+def _close(llama):
+    close = getattr(llama, "close", None)
+    if callable(close):
+        close()
+
+
+def _build_gguf(args, source, out, overwrite):
+    """The reference of a GGUF file under the llama.cpp protocol (--max-length is n_ctx)."""
+    from .llamacpp import build_reference
+
+    if _protocol(args, source) != "llama.cpp":
+        raise ValueError(f"{source} is a GGUF file: it is scored under the llama.cpp protocol only "
+                         f"(llama-perplexity's chunks), not --protocol {args.protocol}")
+    if args.stride is not None:
+        raise ValueError("--stride: the llama.cpp protocol scores non-overlapping chunks of --max-length "
+                         "(n_ctx) tokens: leave --stride unset")
+    if args.text is None:
+        raise ValueError(f"building the reference of {source} needs --text FILE")
+    n_ctx = 512 if args.max_length is None else args.max_length
+    llama = _load_gguf(source, n_ctx)
+    try:
+        return build_reference(llama, out, texts=args.text, k=args.top_k, n_ctx=n_ctx, resume=not overwrite,
+                               progress=not args.no_progress, probes=args.probes)
+    finally:
+        _close(llama)
+
+
 def _build(args, source, out, overwrite=False):
-    """Write the reference of ``source`` (a model or a llama.cpp logits file) to ``out``."""
+    """Write the reference of ``source`` (a model, a GGUF file or a llama.cpp logits file) to ``out``."""
     from .llamacpp import convert_logits_file, is_logits_file
 
+    if _is_gguf(source):
+        return _build_gguf(args, source, out, overwrite)
     if is_logits_file(source):
-        kw = {} if args.top_k is None else {"k": args.top_k}
-        return convert_logits_file(source, out, resume=not overwrite, **kw)
+        return convert_logits_file(source, out, resume=not overwrite, k=args.top_k, probes=args.probes)
     if _is_reference_file(source):
         raise ValueError(f"{source} is a reference file already (ppldelta eval reads it as it is)")
     if source.endswith((".ppldref", ".kld")) and not os.path.exists(source):
@@ -343,8 +458,8 @@ def _build(args, source, out, overwrite=False):
 
     model = load_model(source, **_load_kwargs(args))
     tok = load_tokenizer(source, **_tok_kwargs(args))
-    return build_reference(model, texts=args.text, out=out, tokenizer=tok, protocol=args.protocol,
-                           max_length=args.max_length, stride=args.stride, k=args.top_k,
+    return build_reference(model, texts=args.text, out=out, tokenizer=tok, protocol=_protocol(args, source),
+                           max_length=args.max_length, stride=args.stride, k=args.top_k, probes=args.probes,
                            batch_size=args.batch_size, progress=not args.no_progress, resume=not overwrite)
 
 
@@ -363,7 +478,7 @@ def _reference_build(args) -> int:
     n = len(ref.records)
     size = os.path.getsize(out)
     p = ref.header.get("protocol") or {}
-    print(f"{out}: {n:,} scored tokens, K = {ref.k}, {size:,} bytes ({size / max(n, 1):.0f} B/token); "
+    print(f"{out}: {n:,} scored tokens, K = {ref.k}, {ref.probes} probes, {size:,} bytes ({size / max(n, 1):.0f} B/token); "
           f"protocol {p.get('name')} max_length {p.get('max_length')}"
           + (f" stride {p['stride']}" if p.get("stride") is not None else ""))
     return 0
@@ -408,8 +523,8 @@ def _cached_reference(args):
                 text_sha = hashlib.sha256(f.read()).hexdigest()
         key = {"source": os.path.abspath(src) if local else src,
                "fingerprint": _fingerprint(src) if local else None, "text": text_sha,
-               "protocol": args.protocol, "max_length": args.max_length, "stride": args.stride,
-               "k": args.top_k, "logits_file": is_logits_file(src),
+               "protocol": _protocol(args, src), "max_length": args.max_length, "stride": args.stride,
+               "k": args.top_k, "probes": args.probes, "logits_file": is_logits_file(src),
                "load": {k: v for k, v in _load_kwargs(args).items() if k != "device_map"}}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         base = os.path.basename(os.path.normpath(src))
@@ -448,8 +563,19 @@ def _expected_for(args, names) -> dict:
 
 
 def _evaluate_variant(args, q, ref, expected):
-    """The report of the quantized variant ``q`` (a model id or path) against the open reference."""
+    """The report of the quantized variant ``q`` (a model id or path, or a GGUF file) against the open
+    reference."""
     from .hf._reference import evaluate_against_reference, load_model, load_tokenizer
+
+    if _is_gguf(q):  # through llama-cpp-python, its context the reference's window
+        from .llamacpp import evaluate_against_reference as evaluate_gguf
+
+        llama = _load_gguf(q, int((ref.header.get("protocol") or {}).get("max_length") or 512))
+        try:
+            return evaluate_gguf(llama, ref, texts=args.text, progress=not args.no_progress, expected=expected,
+                                 confidence=args.confidence, verify=False)
+        finally:
+            _close(llama)
 
     try:
         tok = load_tokenizer(q, **_tok_kwargs(args))
@@ -472,8 +598,16 @@ def _eval(args) -> int:
     _check_options(args)
     if not 0 < args.confidence < 1:
         raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.plot is not None:  # refused before any model runs
+        if not args.plot.lower().endswith(".png"):
+            raise ValueError(f"--plot {args.plot}: only PNG is written (name the file .png)")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install 'ppldelta[plot]'") from None
     names = _variant_names(args.quantized)
     expected = _expected_for(args, names)
+    files = _token_files(args.save_tokens, names) if args.save_tokens else {}
     ref_path = args.source if _is_reference_file(args.source) else _cached_reference(args)
     ref = read_reference(ref_path)
     ref.verify()  # once, not per variant
@@ -483,14 +617,83 @@ def _eval(args) -> int:
             rep = _evaluate_variant(args, q, ref, expected[name])
         except ValueError as exc:
             raise ValueError(f"{q}: {exc}") from None
-        rows.append({"name": name, "source": q, "report": rep, "gate": _gate(rep.reference, args)})
+        per_token = rep.__dict__.pop("per_token", None) or {}  # saved now, not kept per variant
+        row = {"name": name, "source": q, "report": rep, "gate": _gate(rep.reference, args),
+               "size": _size(q, per_token.get("n_weights"), args.gguf_file)}
+        if files:
+            row["tokens_file"] = _save_tokens(files[name], per_token)
+        rows.append(row)
     rows.sort(key=lambda r: (_kld_key(r["report"]), r["name"]))
     _emit_eval(rows, ref, ref_path, args.format)
+    if args.plot is not None:
+        _plot_eval(rows, args.plot)
     failed = [r for r in rows if r["gate"]]
     if failed:
         print("ppldelta: FAIL: " + "; ".join(f"{r['name']}: {r['gate']}" for r in failed), file=sys.stderr)
         return 1
     return 0
+
+
+_WEIGHT_FILES = ((".safetensors",), (".bin", ".pt", ".pth"), (".gguf",))  # the first kind a folder has
+_TOKEN_ARRAYS = ("original_log_probs", "quantized_log_probs", "kld", "kld_lo", "kld_hi", "kld_reverse",
+                "kld_reverse_lo", "kld_reverse_hi", "delta_p", "same_top1", "top1_in_top5", "top1_in_top10",
+                "target_positions")
+
+
+def _size(path, n_weights, gguf_file=None) -> dict:
+    """{"bytes", "parameters", "bits_per_weight"} of a variant (None where unknown: a hub id)."""
+    nbytes = None
+    if os.path.isfile(path):
+        nbytes = os.path.getsize(path)
+    elif os.path.isdir(path):
+        if gguf_file:
+            f = os.path.join(path, gguf_file)
+            nbytes = os.path.getsize(f) if os.path.isfile(f) else None
+        else:
+            found = [e for e in os.scandir(path) if e.is_file()]
+            for suffixes in _WEIGHT_FILES:
+                sizes = [e.stat().st_size for e in found if e.name.lower().endswith(suffixes)]
+                if sizes:
+                    nbytes = sum(sizes)
+                    break
+    bpw = 8 * nbytes / n_weights if nbytes and n_weights else None
+    return {"bytes": nbytes, "parameters": n_weights, "bits_per_weight": bpw}
+
+
+def _token_files(folder, names) -> dict:
+    """name -> DIR/NAME.npz (names made file-safe, kept distinct); the folder is made now."""
+    os.makedirs(folder, exist_ok=True)
+    out, taken = {}, set()
+    for name in names:
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip(".") or "variant"
+        base, i = slug, 1
+        while slug.lower() in taken:
+            i += 1
+            slug = f"{base}-{i}"
+        taken.add(slug.lower())
+        out[name] = os.path.join(folder, slug + ".npz")
+    return out
+
+
+def _save_tokens(path, per_token) -> str:
+    import numpy as np
+
+    from .io import atomic_write
+
+    if not all(k in per_token for k in _TOKEN_ARRAYS[:2]):
+        raise ValueError(f"{path}: the evaluation handed back no per-token arrays to save")
+    with atomic_write(path) as f:
+        np.savez(f, **{k: np.asarray(per_token[k]) for k in _TOKEN_ARRAYS if k in per_token})
+    return path
+
+
+def _plot_eval(rows, path):
+    from .io import atomic_write
+    from .plot import quality_vs_size
+
+    ax = quality_vs_size({r["name"]: r["report"] for r in rows}, {r["name"]: r["size"] for r in rows})
+    with atomic_write(path) as f:
+        ax.figure.savefig(f, format="png", dpi=110)
 
 
 def _kld_key(rep):
@@ -508,34 +711,100 @@ def _bounds(rep, key):
 
 
 def _kld_cell(rep, key, md):
+    """The KLD statistic ``key``: text 4 significant digits; otherwise 5 decimals and the bounds."""
     if rep.kld is None:
         return "-"
     v = rep.kld.mean if key == "mean" else rep.kld.percentiles[key]
+    if not md:
+        return f"{v:#.4g}" if v == v else "-"
     b = _bounds(rep, key)
     return f"{v:.5f}" + (f" [{b[0]:.5f}, {b[1]:.5f}]" if b and None not in b else "")
 
 
+def _mb(nbytes):
+    return "-" if nbytes is None else f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes:,} B"
+
+
 def _eval_table(rows, md):
-    head = ["variant", "PPL", "PPL ratio [CI]", "KLD mean [bounds]", "KLD p99 [bounds]", "same top-1 %",
-            "RMS Δp %", "verdict", "gate"]
+    """(header, rows of cells): ``md`` False the compact text columns, else every column."""
+    conf = rows[0]["report"].confidence if rows else 0.95
+    if md:
+        head = ["variant", "PPL", f"PPL ratio [{conf * 100:g} % CI]", "KLD mean [bounds]",
+                "KLD p99 [bounds]", "same top-1 %", "RMS Δp %", "expected band", "size", "bits/weight",
+                "verdict", "gate"]
+    else:
+        head = ["variant", "PPL", "Δ PPL %", f"{conf * 100:g} % CI, %", "KLD", "KLD p99", "top-1 %",
+                "RMS Δp", "bits/w", "gate"]
+    groups = _group_names(rows) if md else []
+    head[-2:-2] = [f"{g} Δ %" for g in groups]
     out = []
     for r in rows:
-        rep = r["report"]
+        rep, size = r["report"], r.get("size") or {}
         ratio, ci = rep.ppl_ratio.value, rep.ppl_ratio.ci
-        out.append([r["name"], _num(rep.ppl.quantized.value, 3),
-                    f"{ratio:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"),
-                    _kld_cell(rep, "mean", md), _kld_cell(rep, "p99", md),
-                    f"{rep.same_top1.pct:.2f}" if rep.same_top1 else "-",
-                    f"{rep.delta_p.rms:.3f}", rep.verdict.headline, "FAIL" if r["gate"] else "pass"])
-    if md:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-                         + ["| " + " | ".join(x) + " |" for x in out])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *out)]
-    fmt = "  ".join(f"{{:{'<' if i in (0, 7, 8) else '>'}{w}}}" for i, w in enumerate(widths))
-    return "\n".join(fmt.format(*x).rstrip() for x in [head] + out)
+        bpw = size.get("bits_per_weight")
+        top1 = "-" if not rep.same_top1 else f"{rep.same_top1.pct:.{2 if md else 1}f}"
+        gate = "FAIL" if r["gate"] else "pass"
+        if md:
+            ex = rep.expected
+            band = "-" if not ex else f"{ex.format}: {ex.band[0]:.3f}–{ex.band[1]:.3f}{'+' * ex.open_ended}"
+            out.append([r["name"], _num(rep.ppl.quantized.value, 3),
+                        f"{ratio:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"),
+                        _kld_cell(rep, "mean", md), _kld_cell(rep, "p99", md), top1, f"{rep.delta_p.rms:.3f}",
+                        band, _mb(size.get("bytes")), "-" if bpw is None else f"{bpw:.2f}"]
+                       + [_group_cell(rep, g) for g in groups] + [rep.verdict.headline, gate])
+        else:
+            out.append([r["name"], _num(rep.ppl.quantized.value, 3), _num((ratio - 1) * 100, sign=True),
+                        "-" if ci[0] is None else
+                        f"{_num((ci[0] - 1) * 100, sign=True)}…{_num((ci[1] - 1) * 100, sign=True)}",
+                        _kld_cell(rep, "mean", md), _kld_cell(rep, "p99", md), top1, f"{rep.delta_p.rms:.2f}",
+                        "-" if bpw is None else f"{bpw:.2f}", gate])
+    return head, out
+
+
+def _group_names(rows):
+    """The group names of the variants' reports, in order of first appearance."""
+    return list(dict.fromkeys(g for r in rows for g in (r["report"].groups or {})))
+
+
+def _group_cell(rep, g, ci=True):
+    """The group's relative perplexity delta, % [CI], or "-" (a variant without that group)."""
+    x = (rep.groups or {}).get(g)
+    if x is None:
+        return "-"
+    lo, hi = x.ppl_ratio.ci
+    return _num((x.ppl_ratio.value - 1) * 100, sign=True) + (
+        "" if lo is None or not ci else f" [{_num((lo - 1) * 100, sign=True)}, {_num((hi - 1) * 100, sign=True)}]")
+
+
+def _text_table(head, body, left=(0,)):
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    fmt = "  ".join(f"{{:{'<' if i in left or i == len(head) - 1 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join(fmt.format(*x).rstrip() for x in [head] + body)
+
+
+def _eval_html(title, line, head, body, doc) -> str:
+    """One self-contained HTML document: the reference line, the table, the JSON document."""
+    import html
+
+    from .io import to_json
+
+    esc = html.escape
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in x) + "</tr>\n" for x in body)
+    data = to_json(doc).replace("<", "\\u003c")  # cannot close the script element
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{esc(title)}</title>\n<style>body{{font-family:sans-serif;margin:1.5em}}"
+            "table{border-collapse:collapse}th,td{border:1px solid #bbb;padding:3px 8px}"
+            "td{text-align:right;font-variant-numeric:tabular-nums}td:first-child,td:nth-last-child(-n+2)"
+            "{text-align:left}</style>\n</head>\n<body>\n"
+            f"<h1>{esc(title)}</h1>\n<p>{esc(line)}</p>\n<table>\n<thead><tr>{th}</tr></thead>\n"
+            f"<tbody>\n{trs}</tbody>\n</table>\n"
+            f"<script type=\"application/json\" id=\"ppldelta-eval\">\n{data}\n</script>\n</body>\n</html>")
 
 
 def _emit_eval(rows, ref, ref_path, fmt):
+    import textwrap
+
     from .io import to_json
 
     h = ref.header
@@ -543,17 +812,42 @@ def _emit_eval(rows, ref, ref_path, fmt):
     meta = {"path": os.fspath(ref_path), "model": (h.get("model") or {}).get("name"), "k": ref.k,
             "protocol": {k: p.get(k) for k in ("name", "max_length", "stride", "bos")},
             "tokens_sha256": h.get("tokens_sha256"), "n_scored": int(len(ref.records))}
+    doc = {"reference": meta, "variants": [
+        {"name": r["name"], "source": r["source"], "gate": {"passed": r["gate"] is None, "reason": r["gate"]},
+         "size": r.get("size") or {"bytes": None, "parameters": None, "bits_per_weight": None},
+         **({"tokens_file": r["tokens_file"]} if "tokens_file" in r else {}), "report": r["report"].to_dict()}
+        for r in rows]}
+    line = (f"reference {meta['path']} ({meta['model']}): {meta['n_scored']:,} scored tokens, "
+            f"K = {meta['k']}, protocol {p.get('name')} max_length {p.get('max_length')}"
+            + (f" stride {p['stride']}" if p.get("stride") is not None else ""))
     if fmt == "json":
-        text = to_json({"reference": meta, "variants": [
-            {"name": r["name"], "source": r["source"],
-             "gate": {"passed": r["gate"] is None, "reason": r["gate"]}, "report": r["report"].to_dict()}
-            for r in rows]})
+        text = to_json(doc)
+    elif fmt in ("markdown", "html"):
+        head, body = _eval_table(rows, True)
+        if fmt == "html":
+            text = _eval_html("ppldelta eval", line, head, body, doc)
+        else:
+            text = "\n".join([line, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+                             + ["| " + " | ".join(x) + " |" for x in body])
+            text += "".join(f"\n\nper-token results of {r['name']}: {r['tokens_file']}" for r in rows
+                            if "tokens_file" in r)
     else:
-        md = fmt == "markdown"
-        line = (f"reference {meta['path']} ({meta['model']}): {meta['n_scored']:,} scored tokens, "
-                f"K = {meta['k']}, protocol {p.get('name')} max_length {p.get('max_length')}"
-                + (f" stride {p['stride']}" if p.get("stride") is not None else ""))
-        text = (f"{line}\n\n" if not md else f"{line}\n\n") + _eval_table(rows, md)
+        head, body = _eval_table(rows, False)
+        w = max([len(r["name"]) for r in rows] + [0])
+        verdicts = [f"  {r['name']:<{w}}  {r['report'].verdict.headline}"
+                    + (f" ({r['report'].expected.format})" if r["report"].expected else "") for r in rows]
+        files = [f"  {r['name']:<{w}}  {r['tokens_file']}" for r in rows if "tokens_file" in r]
+        groups = _group_names(rows)
+        per_group = [textwrap.fill(", ".join(f"{g} {_group_cell(r['report'], g, ci=False)}" for g in groups), 100,
+                                   initial_indent=f"  {r['name']:<{w}}  ", subsequent_indent=" " * (w + 4))
+                     for r in rows]
+        text = "\n".join(textwrap.wrap(line, 100, break_long_words=False, break_on_hyphens=False)
+                         + ["", _text_table(head, body), "",
+                            "KLD: mean and p99 of the top-K estimate, nats; bounds, ratio CIs, sizes: --format "
+                            "markdown/html/json", "verdict:"] + verdicts
+                         + (["Δ PPL % per group (CIs: --format markdown/html/json):"] + per_group if groups else [])
+                         + (["per-token results (ppldelta compare F:original_log_probs F:quantized_log_probs):"]
+                            + files if files else []))
     try:
         print(text)
         sys.stdout.flush()

@@ -42,10 +42,17 @@ llama.cpp's float32 arithmetic, its ``-16`` cutoff and its percentile rule, so
 side is then decoded from uint16 too, so every quantized log-prob more than 16
 nats below its row's maximum reads as that row's floor (PPL(Q) off by up to
 about 4e-5 relative, the low KLD percentiles by 0.1-10 %).
+
+GGUF models as reference producers: :func:`build_reference` scores a GGUF
+(a llama-cpp-python ``Llama``, :func:`load_gguf`) under the ``"llama.cpp"``
+protocol into a reference file, and :func:`evaluate_against_reference`
+compares a GGUF quant with any reference; both run the window loops of
+``ppldelta.hf._reference`` with the Llama's own (NumPy, no torch).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import weakref
 from collections.abc import Iterable, Iterator
@@ -70,6 +77,11 @@ __all__ = [
     "kld_statistics",
     "format_kld_statistics",
     "prompt_bytes",
+    "is_gguf_file",
+    "load_gguf",
+    "vocab_sha256",
+    "build_reference",
+    "evaluate_against_reference",
 ]
 
 MAGIC = b"_logits_"
@@ -417,6 +429,22 @@ def _bos_of(llama, add_bos):
     return llama.token_bos() if add_bos else None
 
 
+def _check_llama(llama, n_ctx: int) -> None:
+    """A Llama that can give every position's logits of windows of ``n_ctx`` tokens."""
+    if _logits_all(llama) is False:
+        raise ValueError("the Llama object must be created with logits_all=True "
+                         "(Llama.scores only holds every position's logits then)")
+    if _context(llama) < n_ctx:
+        raise ValueError(f"the Llama context ({_context(llama)}) is smaller than n_ctx={n_ctx}")
+
+
+def _context(llama) -> int:
+    """The longest window a Llama evaluates: its context, and no more than its token buffer
+    (llama.cpp pads a context of 128 to 256; llama-cpp-python's buffers keep the 128 asked for)."""
+    buf = getattr(llama, "input_ids", None)
+    return min(int(llama.n_ctx()), len(buf)) if buf is not None else int(llama.n_ctx())
+
+
 def _eval_chunks(llama, tokens: np.ndarray, n_ctx: int, add_bos: bool | None):
     """Yield ``(window, scores of its scored positions)`` per llama.cpp chunk (see token_log_probs)."""
     try:
@@ -425,20 +453,23 @@ def _eval_chunks(llama, tokens: np.ndarray, n_ctx: int, add_bos: bool | None):
         raise ImportError(
             "token_log_probs needs llama-cpp-python: pip install llama-cpp-python"
         ) from exc
-    if _logits_all(llama) is False:
-        raise ValueError("the Llama object must be created with logits_all=True "
-                         "(Llama.scores only holds every position's logits then)")
-    if llama.n_ctx() < n_ctx:
-        raise ValueError(f"the Llama context ({llama.n_ctx()}) is smaller than n_ctx={n_ctx}")
+    _check_llama(llama, n_ctx)
     if tokens.size // n_ctx == 0:
         raise ValueError(f"need at least n_ctx={n_ctx} tokens, got {tokens.size}")
     for w in _chunks(tokens.size, n_ctx, _first_scored(n_ctx), _bos_of(llama, add_bos)):
-        chunk = tokens[w.start : w.end].tolist()
-        if w.bos is not None:
-            chunk[0] = w.bos
-        llama.reset()
-        llama.eval(chunk)
-        yield w, llama.scores[w.a - w.start : w.b - w.start]
+        yield w, _eval_window(llama, tokens, w)
+
+
+def _eval_window(llama, tokens: np.ndarray, w):
+    """The logits of window ``w`` (a ``protocols.Window``) evaluated from an empty cache, its first
+    token replaced by ``w.bos`` when set: rows ``w.a .. w.b-1`` (a view of ``Llama.scores``, valid
+    until the next evaluation).  The one place a Llama is run."""
+    chunk = np.asarray(tokens[w.start : w.end]).tolist()
+    if w.bos is not None:
+        chunk[0] = w.bos
+    llama.reset()
+    llama.eval(chunk)
+    return llama.scores[w.a - w.start : w.b - w.start]
 
 
 def token_log_probs(
@@ -787,7 +818,7 @@ def prompt_bytes(data: bytes, *, escape: bool = True, strip_newline: bool = True
 
 
 def convert_logits_file(base_kld_path: str | os.PathLike, out_path: str | os.PathLike, *,
-                        k: int | None = None, resume: bool = True) -> str:
+                        k: int | None = None, resume: bool = True, probes: int | None = None) -> str:
     """Convert a llama.cpp ``--kl-divergence-base`` file into a ppldelta reference file.
 
     Every chunk's rows are decoded block by block (:func:`_decode_rows`, O(block) memory),
@@ -807,8 +838,9 @@ def convert_logits_file(base_kld_path: str | os.PathLike, out_path: str | os.Pat
 
     lf = read_logits_file(base_kld_path)
     k = refstats.DEFAULT_K if k is None else int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    probes = refstats.DEFAULT_PROBES if probes is None else int(probes)
+    if k < 1 or probes < 0:
+        raise ValueError(f"k must be >= 1 and probes >= 0, got k={k}, probes={probes}")
     ids = np.asarray(lf.tokens, dtype=np.int64).reshape(-1)
     windows = _chunks(ids.size, lf.n_ctx, lf.first_scored)
     proto = {"name": "llama.cpp", "max_length": lf.n_ctx, "stride": None, "bos": None,
@@ -824,7 +856,7 @@ def convert_logits_file(base_kld_path: str | os.PathLike, out_path: str | os.Pat
     header = reference_header(model={"name": None, "class": None, "dtype": "uint16 (llama.cpp logits file)",
                                      "config_sha256": None, "weights_sha256": None},
                               tokenizer=None, ids=ids, protocol=proto, windows=windows, k=k,
-                              text=None, source=source)
+                              text=None, source=source, probes=probes)
     targets = lf.scored_targets().reshape(lf.n_chunk, lf.rows_per_chunk)
     out_path = os.fspath(out_path)
     with reffile.ReferenceWriter(out_path, header, k, n_windows=lf.n_chunk, resume=resume) as w:
@@ -832,9 +864,272 @@ def convert_logits_file(base_kld_path: str | os.PathLike, out_path: str | os.Pat
             if i in w.done:
                 continue
             parts = [refstats.summarize(_decode_rows(lf._rows[i][block], lf.n_vocab),
-                                        np.asarray(targets[i, block], dtype=np.int64), k)
+                                        np.asarray(targets[i, block], dtype=np.int64), k, probes=probes)
                      for block in _row_blocks(lf.rows_per_chunk, lf.n_vocab)]
-            w.write_window(i, np.concatenate(parts) if parts else np.zeros(0, refstats.RECORD_DTYPE(k)))
+            w.write_window(i, np.concatenate(parts) if parts else np.zeros(0, w.dtype))
         w.finalize()
     lf.close()
     return out_path
+
+
+# ---------------------------------------------------------------------------- GGUF models: references
+#: A GGUF file of up to this many bytes is hashed whole into a reference's header; a larger one by
+#: its first GGUF_HASH_HEAD bytes and its size (``model.gguf_hashed`` says which).
+GGUF_HASH_MAX_BYTES = 1 << 32
+GGUF_HASH_HEAD = 1 << 26
+GGUF_MAGIC = b"GGUF"
+
+
+def is_gguf_file(path) -> bool:
+    """Whether ``path`` is a regular file that starts with the ``GGUF`` magic."""
+    try:
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ImportError("GGUF models run through llama-cpp-python: pip install llama-cpp-python") from exc
+    return llama_cpp
+
+
+def load_gguf(path, *, n_ctx: int = 512, **kwargs):
+    """A llama-cpp-python ``Llama`` of the GGUF file ``path``, set up as llama-perplexity runs it:
+    a context of ``n_ctx`` with one chunk per batch (``n_batch = n_ubatch = n_ctx``), flash
+    attention on (what llama-perplexity's default ``-fa auto`` picks), every position's logits kept
+    (``logits_all=True``).  ``kwargs`` go to ``Llama`` and override these (``n_threads``,
+    ``n_gpu_layers``, ...).  ImportError naming ``pip install llama-cpp-python`` without it."""
+    llama_cpp = _llama_cpp()
+    path = os.fspath(path)
+    if not is_gguf_file(path):
+        raise ValueError(f"{path}: " + ("not a GGUF file (no GGUF magic)" if os.path.isfile(path)
+                                         else "no such file"))
+    opts = {"model_path": path, "n_ctx": int(n_ctx), "n_batch": int(n_ctx), "n_ubatch": int(n_ctx),
+            "logits_all": True, "flash_attn": True, "verbose": False, **kwargs}
+    return llama_cpp.Llama(**opts)
+
+
+def _vocab_tokens(llama) -> list:
+    """Token ``i``'s text for every ``i`` (``llama_vocab_get_text``): str when UTF-8, else bytes."""
+    llama_cpp = _llama_cpp()
+    vocab = llama._model.vocab
+    out = []
+    for i in range(llama.n_vocab()):
+        raw = llama_cpp.llama_vocab_get_text(vocab, i)
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(raw)
+    return out
+
+
+def vocab_sha256(llama) -> str:
+    """The header's ``tokenizer_sha256`` of a GGUF model: ``reffile.vocab_sha256`` of its vocabulary
+    as llama-cpp-python exposes it (token ``i``'s text with id ``i``).  The vocabulary is copied, not
+    quantized, so every quantization of a model has the same hash; a Hugging Face tokenizer whose
+    ``get_vocab()`` lists the same strings under the same ids (byte-level BPE vocabularies such as
+    SmolLM2's) has it too."""
+    from .reffile import vocab_sha256 as _sha
+
+    return _sha(_vocab_tokens(llama))
+
+
+def _gguf_hash(path) -> dict:
+    size = os.path.getsize(path)
+    whole = size <= GGUF_HASH_MAX_BYTES
+    h, left = hashlib.sha256(), size if whole else GGUF_HASH_HEAD
+    with open(path, "rb") as f:
+        while left > 0 and (block := f.read(min(left, 1 << 24))):
+            h.update(block)
+            left -= len(block)
+    return {"gguf_sha256": h.hexdigest(), "gguf_bytes": size,
+            "gguf_hashed": "the whole file" if whole else f"its first {GGUF_HASH_HEAD} bytes (and gguf_bytes)"}
+
+
+def _model_entry(llama) -> dict:
+    path = os.fspath(llama.model_path)
+    desc = getattr(getattr(llama, "_model", None), "desc", None)
+    return {"name": os.path.basename(path), "path": os.path.abspath(path), "class": "llama_cpp.Llama",
+            "dtype": desc() if callable(desc) else None, "config_sha256": None, "weights_sha256": None,
+            **_gguf_hash(path)}
+
+
+def _text_tokens(llama, texts):
+    """(token ids, the header's text entry) of ``texts`` as llama-perplexity tokenizes its prompt
+    (``llama.tokenize(data, add_bos=True, special=False)``: add_special on, which adds BOS only
+    when the vocabulary does; special tokens not parsed).  A file is read as ``-f FILE`` reads it
+    (raw bytes, one trailing newline dropped, backslash escapes processed: :func:`prompt_bytes`);
+    a string or a list of strings (joined with the protocol's join) is tokenized as it is."""
+    from .hf._load import load_texts
+    from .protocols import get
+
+    items, source, joinable = load_texts(texts)
+    join = get("llama.cpp").join
+    joined = join.join(items) if joinable else items[0]
+    if source.startswith("file:"):
+        with open(source[len("file:"):], "rb") as f:
+            data, read_as = prompt_bytes(f.read()), "llama-perplexity -f (one trailing newline dropped, escapes processed)"
+    else:
+        data, read_as = joined.encode("utf-8"), "verbatim"
+    ids = np.asarray(llama.tokenize(data, add_bos=True, special=False), dtype=np.int64)
+    return ids, {"text_source": source, "text_sha256": hashlib.sha256(joined.encode("utf-8")).hexdigest(),
+                 "n_texts": len(items), "join": join if joinable else None, "add_special_tokens": True,
+                 "read_as": read_as}
+
+
+def _tokens(llama, texts, tokens):
+    from ._adapt import as_ids
+
+    if (texts is None) == (tokens is None):
+        raise ValueError("pass exactly one of texts= and tokens=")
+    if texts is not None:
+        return _text_tokens(llama, texts)
+    ids = as_ids(tokens)
+    n_vocab = llama.n_vocab()
+    bad = np.flatnonzero((ids < 0) | (ids >= n_vocab))
+    if bad.size:
+        raise ValueError(f"tokens[{bad[0]}] is {ids[bad[0]]}, outside the model's vocabulary [0, {n_vocab})")
+    return ids, None
+
+
+class _Model:
+    """A ``Llama`` as ``ppldelta.hf``'s reference loops take it: a name, the parameter count
+    (``ppldelta_n_weights``: llama.cpp's, of the unquantized tensors) and its own window loop
+    (``ppldelta_run_windows``: NumPy ids and logits, no torch)."""
+
+    def __init__(self, llama):
+        self.llama = llama
+        self.name_or_path = os.path.basename(os.fspath(getattr(llama, "model_path", "") or "")) or "Llama"
+        n_params = getattr(llama, "n_params", None)  # not every version has it
+        self.ppldelta_n_weights = int(n_params()) if callable(n_params) else None  # for bits per weight
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError("a llama.cpp model runs only through ppldelta_run_windows")
+
+    def ppldelta_run_windows(self, models, ids, windows, *, on_rows, index0=0, on_batch=None, **_):
+        """``ppldelta.hf._run.run_windows`` for one Llama: each window from an empty cache."""
+        from .refstats import ROW_BUDGET
+
+        _check_llama(self.llama, max((w.end - w.start for w in windows), default=0))
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        step = max(1, ROW_BUDGET // max(1, self.llama.n_vocab()))
+        for j, w in enumerate(windows):
+            rows = _eval_window(self.llama, ids, w)
+            for r0 in range(w.a, w.b, step):
+                r1 = min(r0 + step, w.b)
+                try:
+                    # float64 rows: the kernels' log-probs are then exact float64 (token_log_probs's)
+                    on_rows(index0 + j, r0, r1, [np.asarray(rows[r0 - w.a : r1 - w.a], dtype=np.float64)],
+                            ids[r0 + 1 : r1 + 1])
+                except ValueError as e:  # say where the rows are
+                    raise ValueError(f"{e} (row k of this chunk predicts tokens[{r0 + 1} + k], window "
+                                     f"{index0 + j} = tokens[{w.start}:{w.end}])") from e
+            if on_batch is not None:
+                on_batch(w.b - w.a)
+
+
+def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None, n_ctx: int | None = None,
+                    resume: bool = True, progress: bool = True, probes: int | None = None) -> str:
+    """The reference file of a GGUF model under the ``"llama.cpp"`` protocol (llama-perplexity's
+    chunks: the same windows and record order as ``ppldelta.hf.build_reference(protocol=
+    "llama.cpp")`` and as :func:`convert_logits_file` of a ``--kl-divergence-base`` file).
+
+    ``llama``: a llama-cpp-python ``Llama`` made with ``logits_all=True`` (:func:`load_gguf`).
+    The tokens: ``texts`` (a text file, read as ``llama-perplexity -f`` reads it; a string or a list
+    of strings, tokenized as they are: see :func:`prompt_bytes`) or ``tokens`` (token ids).
+    ``n_ctx``: the chunk length (default the Llama's context, 512 in llama-perplexity).  BOS is
+    written over each chunk's first token when the vocabulary adds one, as llama-perplexity does.
+    ``k``: top-K log-probs per scored token (default ``refstats.DEFAULT_K``); ``probes``: tail
+    probes per scored token (default ``refstats.DEFAULT_PROBES``), as ``hf.build_reference``.
+
+    Each chunk's logits (llama.cpp's float32, ``Llama.scores``) are summarized in float64
+    (``refstats.summarize``) and streamed through ``reffile.ReferenceWriter``: an interrupted
+    build resumes after its last verified chunk (``resume=True``), and a finished ``out`` of the
+    same header is returned as it is.  The header records the GGUF (its path and sha256: of the
+    whole file up to ``GGUF_HASH_MAX_BYTES``, else of its first ``GGUF_HASH_HEAD`` bytes plus its
+    size), :func:`vocab_sha256`, the tokens and the protocol.  Returns ``out``.
+    """
+    from . import protocols, refstats, reffile
+    from .hf import _reference as _ref
+
+    k = refstats.DEFAULT_K if k is None else int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n_ctx is None:
+        n_ctx = _context(llama) if hasattr(llama, "n_ctx") else 512
+    ids, text_entry = _tokens(llama, texts, tokens)
+    spec, L, _ = protocols.resolve("llama.cpp", n_ctx)
+    bos = _bos_of(llama, None)
+    windows = protocols.plan(spec, ids.size, L, None, False if bos is None else bos)
+    version = getattr(_llama_cpp(), "__version__", "?")
+    header = _ref.reference_header(
+        model=_model_entry(llama),
+        tokenizer={"name": os.path.basename(os.fspath(llama.model_path)), "class": "llama.cpp vocabulary",
+                   "vocab_sha256": vocab_sha256(llama), "vocab_size": int(llama.n_vocab())},
+        ids=ids, protocol=_ref._protocol_entry(spec, windows, L, None, ids.size, bos, "vocabulary"),
+        windows=windows, k=k, text=text_entry, probes=probes,
+        source={"kind": "model", "backend": f"llama.cpp (llama-cpp-python {version})",
+                "logits": "llama.cpp's float32 logits (Llama.scores); log-sum-exp and log-probs in float64"})
+    out = os.fspath(out)
+    if resume and _ref._finished(out, header):
+        return out
+    with reffile.ReferenceWriter(out, header, k, n_windows=len(windows), resume=resume) as w:
+        todo = [i for i in range(len(windows)) if i not in w.done]
+        _ref.build_windows(_Model(llama), ids, windows, todo, w, k, progress=progress,
+                           desc=f"reference (llama.cpp, K={k})")
+        w.finalize()
+    return out
+
+
+def _check_reference(llama, header, texts) -> None:
+    """Refuse a GGUF whose vocabulary differs from the reference's, and a ``texts`` that is not the
+    reference's text (ValueError naming the mismatch)."""
+    from .reffile import check_compatible
+
+    if header.get("tokenizer_sha256") is not None:
+        check_compatible(header, tokenizer_sha256=vocab_sha256(llama))
+    else:  # a converted llama.cpp file records its vocabulary size only
+        n = (header.get("source") or {}).get("n_vocab")
+        if n is not None and int(n) != llama.n_vocab():
+            raise ValueError(f"not comparable with this reference: its logits have n_vocab={n}, the "
+                             f"model's vocabulary {llama.n_vocab()} tokens")
+    if texts is None:
+        return
+    ids, entry = _text_tokens(llama, texts)
+    stored = (header.get("text") or {}).get("text_sha256")
+    if stored is not None:
+        if stored != entry["text_sha256"]:
+            raise ValueError(f"not comparable with this reference: the text differs from the one it was "
+                             f"built from (text_sha256 {stored[:16]}... there, {entry['text_sha256'][:16]}... here)")
+    else:
+        from .reffile import tokens_sha256
+
+        check_compatible(header, tokens_sha256=tokens_sha256(np.asarray(ids, dtype="<i4")))
+
+
+def evaluate_against_reference(llama, reference, *, texts=None, verify: bool = True, progress: bool = True,
+                               **analyze_kwargs):
+    """A GGUF model (a quantized variant, through llama-cpp-python) against a reference file; returns
+    the report of ``ppldelta.hf.evaluate_against_reference`` (the same comparison and analysis).
+
+    ``llama``: a ``Llama`` made with ``logits_all=True`` and a context of at least the reference's
+    window (:func:`load_gguf` with ``n_ctx`` = the reference's ``max_length``).  The tokens and
+    windows are the reference's (any per-token protocol: a reference built from a Hugging Face
+    model too); a vocabulary that differs from the reference's (:func:`vocab_sha256`) is a
+    ValueError, and ``texts``, when given, must be the reference's text.  BOS follows the
+    reference (for a converted llama.cpp file, which does not record it: the vocabulary's add-BOS
+    flag, as llama-perplexity).  ``analyze_kwargs``: ``groups``, ``expected``, ``confidence``, ...
+    """
+    from .hf import _reference as _ref
+
+    ref = _ref._open(reference)
+    _check_reference(llama, ref.header, texts)
+    bos = _bos_of(llama, None)
+    return _ref.evaluate_against_reference(_Model(llama), ref, verify=verify, progress=progress,
+                                           bos_token_id=False if bos is None else bos, **analyze_kwargs)

@@ -274,3 +274,52 @@ def expected_bands(reports_or_ratios, formats=None, ax=None, xmax=3.0):
     ax.set_title("Measured perplexity ratio vs the expected band of its format", loc="left")
     ax.legend(loc="upper right", fontsize=8)
     return ax
+
+
+def quality_vs_size(reports, sizes=None, ax=None):
+    """Quality against size: each variant's mean KLD (log scale) with the certified bounds of the
+    mean (the report's ``kld_bounds``) as error bars, against its bits per weight when every
+    variant's is known, else its weight files' size, else its place in ``reports``; each point
+    labelled with its name.  A mean or bound at or below zero is drawn at the axis floor (a tenth
+    of the smallest positive value).
+
+    ``reports``: name -> Report or its to_dict(), each with a KLD; ``sizes``: name ->
+    {"bytes": ..., "bits_per_weight": ...} (``ppldelta eval``'s JSON), None or a missing key
+    meaning unknown."""
+    items = [(name, _as_report(rep)) for name, rep in reports.items()]
+    if not items:
+        raise ValueError("no reports to plot")
+    missing = [name for name, r in items if r.kld is None]
+    if missing:
+        raise ValueError(f"no KLD in the report of {', '.join(missing)}")
+    sizes = sizes or {}
+
+    def known(key):
+        vals = [(sizes.get(name) or {}).get(key) for name, _ in items]
+        return None if any(v is None for v in vals) else [float(v) for v in vals]
+
+    x, xlabel = known("bits_per_weight"), "bits per weight (8 × weight files' bytes / parameters)"
+    if x is None and known("bytes") is not None:
+        x, xlabel = [b / 1e6 for b in known("bytes")], "weight files, MB"
+    if x is None:
+        x, xlabel = list(range(1, len(items) + 1)), "variant (size unknown)"
+    y = [float(r.kld.mean) for _, r in items]
+    bounds = [tuple(r.kld_bounds.mean) if r.kld_bounds and None not in r.kld_bounds.mean else None
+              for _, r in items]
+    positive = [v for v in y + [b for bb in bounds if bb for b in bb] if np.isfinite(v) and v > 0]
+    floor = min(positive) / 10 if positive else 1e-6
+    ys = [max(v, floor) for v in y]
+    ax = _new_axes(ax, (7, 4.5))
+    ax.set_yscale("log")
+    _ci_errorbar(ax, x, [None if b is None else (max(b[0], floor), max(b[1], floor)) for b in bounds],
+                 color="black", linewidth=1.2, label="certified bounds of the mean")
+    ax.plot(x, ys, "o", color="#4e79a7", markersize=6, label="KLD mean")
+    for name, xi, yi in zip((n for n, _ in items), x, ys):
+        ax.annotate(name.replace("$", r"\$"), (xi, yi), xytext=(6, 4), textcoords="offset points", fontsize=8)
+    if xlabel.startswith("variant"):
+        ax.set_xticks(x, [n.replace("$", r"\$") for n, _ in items], rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("mean KL(original ‖ variant), nats (log scale)")
+    ax.set_title("Quality against size (lower is better)", loc="left")
+    ax.legend(loc="best", fontsize=8)
+    return ax

@@ -47,14 +47,16 @@ __all__ = ["MAGIC", "END_MAGIC", "FORMAT_VERSION", "SUFFIX", "ReferenceWriter", 
 
 MAGIC = b"PPLDREF\x00"
 END_MAGIC = b"PPLDEND\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: The versions this module reads: 1 (records without tail probes) and 2.
+READ_VERSIONS = (1, 2)
 SUFFIX = ".ppldref"
 ALIGN = 64
 MAX_K = 1 << 16
 MAX_JSON = 32 << 20  # header and footer: at most 32 MiB each (millions of windows)
 _PREFIX = struct.Struct("<8sII")   # magic, version, header length
 _TRAILER = struct.Struct("<Q8s")   # footer length, end magic
-_RESERVED = ("k", "n_windows", "record_dtype", "record_size", "shard")
+_RESERVED = ("k", "probes", "n_windows", "record_dtype", "record_size", "shard")
 _CHUNK = 8 << 20
 _JOURNAL_VERSION = 1
 _fsync = os.fsync  # one indirection (the property tests run without the disk waits)
@@ -220,10 +222,10 @@ def file_sha256(path) -> str:
 
 # ----------------------------------------------------------------------------- layout helpers
 
-def _dtype_json(k: int) -> list:
+def _dtype_json(k: int, probes: int = 0) -> list:
     """The record layout as JSON: ``[[name, format], ..., [name, format, [k]]]`` (NumPy descr)."""
     return [[name, fmt, list(rest[0])] if rest else [name, fmt]
-            for name, fmt, *rest in RECORD_DTYPE(k).descr]
+            for name, fmt, *rest in RECORD_DTYPE(k, probes).descr]
 
 
 def _aligned(n: int) -> int:
@@ -285,11 +287,14 @@ def _check_header(h, where: str):
     k = h.get("k")
     if not _is_int(k) or not 1 <= k <= MAX_K:
         raise ValueError(f"{where}: header 'k' = {_short(k)} is not an integer in [1, {MAX_K}]")
-    dtype = RECORD_DTYPE(k)
-    if h.get("record_dtype") != _dtype_json(k) or h.get("record_size") != dtype.itemsize:
+    m = h.get("probes", 0)
+    if not _is_int(m) or not 0 <= m <= MAX_K:
+        raise ValueError(f"{where}: header 'probes' = {_short(m)} is not an integer in [0, {MAX_K}]")
+    dtype = RECORD_DTYPE(k, m)
+    if h.get("record_dtype") != _dtype_json(k, m) or h.get("record_size") != dtype.itemsize:
         raise ValueError(f"{where}: record layout {_short(h.get('record_dtype'), 200)} "
                          f"(size {_short(h.get('record_size'))}) is not the one this version reads "
-                         f"for K={k}: {_short(_dtype_json(k), 200)} (size {dtype.itemsize})")
+                         f"for K={k}, probes={m}: {_short(_dtype_json(k, m), 200)} (size {dtype.itemsize})")
     n = h.get("n_windows")
     if not _is_int(n) or n < 0:
         raise ValueError(f"{where}: header 'n_windows' = {_short(n)} is not a count")
@@ -394,7 +399,8 @@ class ReferenceWriter:
     ``ReferenceWriter(path, header, k, *, n_windows, windows=None, resume=True)``:
     ``header`` is the provenance (a dict of JSON values; see docs/reference-format.md for the
     recommended keys; ``window_records``, if given, is the list of every window's record count
-    and is enforced); ``k`` the top-K width; ``n_windows`` the number of windows of the whole
+    and is enforced); ``k`` the top-K width; ``probes`` the tail probes per record (default the
+    header's ``probes``, else 0); ``n_windows`` the number of windows of the whole
     build; ``windows`` the subset this writer owns (a shard, for one rank of a sharded build;
     default all).  With ``resume=True`` an unfinished ``path + ".part"`` of the same build is
     continued (its journalled windows verified by checksum, anything after the last good one cut
@@ -409,7 +415,7 @@ class ReferenceWriter:
     """
 
     def __init__(self, path, header: Mapping, k: int, *, n_windows: int, windows=None,
-                 resume: bool = True):
+                 resume: bool = True, probes: int | None = None):
         self.path = os.fspath(path)
         self.part_path = self.path + ".part"
         self.journal_path = self.part_path + ".journal"
@@ -417,8 +423,12 @@ class ReferenceWriter:
             raise ValueError(f"k = {k!r} is not an integer in [1, {MAX_K}]")
         if not _is_int(n_windows) or n_windows < 0:
             raise ValueError(f"n_windows = {n_windows!r} is not a count")
-        self.k = k
-        self.dtype = RECORD_DTYPE(k)
+        if probes is None:  # the header's, else none
+            probes = header.get("probes", 0) if isinstance(header, Mapping) else 0
+        if not _is_int(probes) or not 0 <= probes <= MAX_K:
+            raise ValueError(f"probes = {probes!r} is not an integer in [0, {MAX_K}]")
+        self.k, self.probes = k, probes
+        self.dtype = RECORD_DTYPE(k, probes)
         self.n_windows = n_windows
         self.windows, spec = _windows_spec(windows, n_windows)
         if not isinstance(header, Mapping):
@@ -426,7 +436,7 @@ class ReferenceWriter:
         h = _clean(header, "")
         if "shard" in h:
             raise ValueError("header: 'shard' is set by the writer (pass windows=)")
-        own = {"k": k, "n_windows": n_windows, "record_dtype": _dtype_json(k),
+        own = {"k": k, "probes": probes, "n_windows": n_windows, "record_dtype": _dtype_json(k, probes),
                "record_size": self.dtype.itemsize}
         for key, v in own.items():
             if key in h and _canonical(h[key]) != _canonical(v):
@@ -715,9 +725,9 @@ class ReferenceFile:
             magic, version, hlen = _PREFIX.unpack(_read_n(f, _PREFIX.size, p))
             if magic != MAGIC:
                 raise ValueError(f"{p}: not a ppldelta reference file (magic {magic!r}, expected {MAGIC!r})")
-            if version != FORMAT_VERSION:
+            if version not in READ_VERSIONS:
                 raise ValueError(f"{p}: reference format version {version}; this version of ppldelta "
-                                 f"reads version {FORMAT_VERSION}")
+                                 f"reads versions {', '.join(map(str, READ_VERSIONS))}")
             data_offset = _aligned(_PREFIX.size + hlen)
             if hlen > MAX_JSON or data_offset > size:
                 raise ValueError(f"{p}: header length {hlen} is more than the file's {size} bytes "
@@ -725,6 +735,9 @@ class ReferenceFile:
             hb = f.read(hlen)
             header = _parse_json(hb, f"{p}: header")
             k, dtype, n_windows, windows = _check_header(header, f"{p}: header")
+            if (version == 1) != ("probes" not in header):
+                raise ValueError(f"{p}: a version {version} file "
+                                 + ("with" if version == 1 else "without") + " a 'probes' field: damaged")
             if f.read(data_offset - _PREFIX.size - hlen).strip(b"\0"):
                 raise ValueError(f"{p}: nonzero bytes in the header's padding: damaged")
             if size < data_offset + _TRAILER.size:
@@ -756,6 +769,7 @@ class ReferenceFile:
             raise ValueError(f"{p}: the footer's window_counts disagree with the header's window_records")
         self.header = header
         self.k, self.dtype, self.n_windows = k, dtype, n_windows
+        self.probes, self.version = header.get("probes", 0), version
         self.windows = np.asarray(windows, dtype=np.int64).reshape(-1)
         self.window_counts = np.asarray(counts, dtype=np.int64).reshape(-1)
         self.window_offsets = np.concatenate([[0], np.cumsum(self.window_counts, dtype=np.int64)])
@@ -866,7 +880,8 @@ def merge_shards(paths, out) -> str:
             miss = np.flatnonzero(owner < 0)
             raise ValueError(f"merge_shards: {miss.size} window(s) in no shard (first: {miss[:5].tolist()})")
         provenance = {key: v for key, v in base.items() if key not in _RESERVED}
-        with ReferenceWriter(out, provenance, refs[0].k, n_windows=n, resume=False) as w:
+        with ReferenceWriter(out, provenance, refs[0].k, n_windows=n, resume=False,
+                             probes=refs[0].probes) as w:
             for i in range(n):
                 w.write_window(i, refs[owner[i]].window(i))
             return w.finalize()

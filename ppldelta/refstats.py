@@ -6,9 +6,10 @@ the exact ones (both log-probs, Δp, same top-1, top-5/10 agreement) and KL(P||Q
 point estimate with certified per-token lower and upper bounds.  The derivation of the bounds
 and of their rounding margins is docs/reference-bounds.md.
 
-Both functions compute in float64 NumPy on the CPU, in row chunks (no (tokens x vocab)
-temporary beyond a chunk); the torch twins for accelerator tensors are ppldelta/hf/_ref_torch.py,
-which share the second stage (``finish``: the bounds from O(K) values per token) with this module.
+``summarize`` runs the C kernel ``_core.summarize_rows`` (csrc/summarize.c: two reads per row,
+float64); ``summarize_rows`` is its NumPy twin (the tests' oracle).  ``compare`` computes in
+float64 NumPy on the CPU, in row chunks (no (tokens x vocab) temporary beyond a chunk); the
+torch twins for accelerator tensors are ppldelta/hf/_ref_torch.py, which share the second stage (``finish``: the bounds from O(K) values per token) with this module.
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import numpy as np
 
 from . import _adapt, _core
 
-DEFAULT_K = 32
+DEFAULT_K = 24
+#: Tail probes per record (``summarize``): 36 + 8 (K + probes) = 292 bytes per token by default.
+DEFAULT_PROBES = 8
 #: Elements of one (rows x vocab) float64 temporary per row chunk.
 ROW_BUDGET = 1 << 21
 _U = 2.0 ** -53            # float64 unit roundoff
@@ -27,17 +30,42 @@ TAIL_VARIANCE = True       # the estimate's second-order tail term (False: p pro
 
 KEYS = ("original_log_probs", "quantized_log_probs", "delta_p", "same_top1", "top1_in_top5",
         "top1_in_top10", "q_top1_in_base_top5", "q_top1_in_base_top10", "kld", "kld_lo", "kld_hi",
-        "kld_reverse", "kld_reverse_lo", "kld_reverse_hi")
+        "kld_reverse", "kld_reverse_lo", "kld_reverse_hi", "kld_sampling_var")
 
 
-def RECORD_DTYPE(k: int) -> np.dtype:  # noqa: N802  (the name of the design)
-    """The record of one scored token for a reference with K = ``k`` stored log-probs
-    (little-endian, packed: 36 + 8 k bytes)."""
-    k = int(k)
+def RECORD_DTYPE(k: int, probes: int = 0) -> np.dtype:  # noqa: N802  (the name of the design)
+    """The record of one scored token for a reference with K = ``k`` stored log-probs and
+    ``probes`` tail probes (little-endian, packed: 36 + 8 k + 8 probes bytes; no probe fields
+    when ``probes`` is 0, the layout of format version 1)."""
+    k, m = int(k), int(probes)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    return np.dtype([("token", "<i4"), ("lp", "<f8"), ("entropy", "<f8"), ("tail", "<f8"),
-                     ("lp_min", "<f8"), ("ids", "<i4", (k,)), ("lps", "<f4", (k,))], align=False)
+    if m < 0:
+        raise ValueError(f"probes must be >= 0, got {m}")
+    fields = [("token", "<i4"), ("lp", "<f8"), ("entropy", "<f8"), ("tail", "<f8"),
+              ("lp_min", "<f8"), ("ids", "<i4", (k,)), ("lps", "<f4", (k,))]
+    if m:
+        fields += [("pids", "<i4", (m,)), ("plps", "<f4", (m,))]
+    return np.dtype(fields, align=False)
+
+
+def n_probes(records) -> int:
+    """The number of tail probes per record of ``records`` (0 for records without probes)."""
+    dt = records.dtype
+    return dt["pids"].shape[0] if "pids" in dt.names else 0
+
+
+def probe_positions(cum, m):
+    """Systematic sampling proportional to the tail's mass: per row of ``cum`` (the running sum,
+    in id order, of e^{x_i - max} over the tail, zero on the stored top K), the first index whose
+    running sum exceeds (j + 1/2)/m of the row's total, j = 0..m-1; -1 where the total is 0."""
+    n, V = cum.shape
+    tot = cum[:, -1]
+    thr = (np.arange(m) + 0.5) / m * tot[:, None]
+    pos = np.empty((n, m), dtype=np.int64)
+    for r in range(n):
+        pos[r] = np.searchsorted(cum[r], thr[r], side="right")
+    return np.where((tot > 0)[:, None], np.minimum(pos, V - 1), -1)
 
 
 def _chunk_rows(V: int) -> int:
@@ -99,24 +127,32 @@ def summarize_rows(x, k, out):
         if kk < k:
             out["ids"][:, kk:] = -1
             out["lps"][:, kk:] = -np.inf
+        m = n_probes(out)
         if kk == V:
             out["tail"] = -np.inf
         else:
             np.put_along_axis(e, ids, 0.0, 1)
             out["tail"] = np.log(e.sum(axis=1)) - ls
+        if m:
+            pos = probe_positions(np.cumsum(e, axis=1), m) if kk < V else np.full((n, m), -1)
+            out["pids"] = pos
+            out["plps"] = np.where(pos >= 0, np.take_along_axis(a, np.maximum(pos, 0), 1), -np.inf)
 
 
-def summarize(logits, targets, k: int = DEFAULT_K, *, ignore_index=-100, bf16=False, threads=1):
-    """The reference records (``RECORD_DTYPE(k)``, one per row) of the original model's logits
+def summarize(logits, targets, k: int = DEFAULT_K, *, probes: int = DEFAULT_PROBES, ignore_index=-100,
+              bf16=False, threads=1):
+    """The reference records (``RECORD_DTYPE(k, probes)``, one per row) of the original model's logits
     (shape (..., vocab); any float dtype, bfloat16 torch tensors, raw bfloat16 with ``bf16``) at
     ``targets`` (one token id per row).  Every row is a scored position: a target equal to
     ``ignore_index`` is an error.  ``lp`` is ppldelta.token_log_probs of the row (bit for bit);
     the other fields are float64 log-softmax values (``lps`` rounded to float32).  With ``k`` >
-    vocab the extra slots hold id -1 and log-prob -inf."""
+    vocab the extra slots hold id -1 and log-prob -inf.  ``probes`` tail tokens per row are
+    sampled in proportion to their probability (``probe_positions``: deterministic) and stored
+    with their log-probs (float32); they make the KL estimate unbiased (docs/reference-bounds.md)."""
     from .logits import _threads
 
     k = int(k)
-    dt = RECORD_DTYPE(k)
+    dt = RECORD_DTYPE(k, probes)
     a, lead, bf = _adapt.as_rows(logits, "logits", bf16)
     V = a.shape[1]
     t = _adapt.as_targets(targets, lead, V, ignore_index)
@@ -128,11 +164,10 @@ def summarize(logits, targets, k: int = DEFAULT_K, *, ignore_index=-100, bf16=Fa
     out["lp"] = _core.logits_stats(a, None, t, ignore_index=ignore_index, bf16=bf,
                                    threads=_threads(threads)).lp_a
     out["token"] = t
-    step = _chunk_rows(V)
-    for r0 in range(0, t.size, step):
-        sub = out[r0:r0 + step]
-        summarize_rows(_f64(a[r0:r0 + step], bf), k, sub)
-        out[r0:r0 + step] = sub
+    # the C kernel (csrc/summarize.c: two reads of each row, fused); summarize_rows is its NumPy twin
+    for f, v in _core.summarize_rows(a, k, n_probes(out), bf16=bf, threads=_threads(threads)).items():
+        if f in dt.names:
+            out[f] = v
     return out
 
 
@@ -144,9 +179,10 @@ def tail_m(k: int) -> int:
     return max(64, 2 * int(k))
 
 
-def parts_rows(y, ids, M):
-    """Stage 1 of ``compare`` on float64 quantized logits rows ``y`` and the stored ids: the
-    O(K + M) values per row that ``finish`` needs (the torch twin computes the same dict)."""
+def parts_rows(y, ids, M, pids=None):
+    """Stage 1 of ``compare`` on float64 quantized logits rows ``y`` and the stored ids (and the
+    tail probes' ids ``pids``): the O(K + M) values per row that ``finish`` needs (the torch twin
+    computes the same dict)."""
     n, V = y.shape
     K = ids.shape[1]
     Mv = min(M, V)
@@ -164,6 +200,8 @@ def parts_rows(y, ids, M):
         tm[rows[valid], idc[valid]] = False
         out = {"V": V, "M": M}
         out["bS"] = np.where(valid, np.take_along_axis(b, idc, 1), np.nan)
+        if pids is not None:
+            out["bP"] = np.where(pids >= 0, np.take_along_axis(b, np.maximum(pids, 0), 1), np.nan)
         out["HQ"] = -qb.sum(axis=1)
         out["zq"] = np.where(q > 0, q * (1 + np.abs(b)) ** 2, 0.0).sum(axis=1)
         out["bmax"] = np.where(fin, -b, 0.0).max(axis=1)
@@ -265,6 +303,37 @@ def _waterfill(qtop, btop, Qbeyond, qbT, P, cap):
     return W, C, Y
 
 
+def _probe_estimates(rec, parts, pt, l, lf, bS, qS, PT, QT, F_old, R_old):
+    """The KL estimates from the tail probes (docs/reference-bounds.md, "Estimate"): with
+    c = log(P_T / Q_T) and δ_i = a_i - b_i - c, the tail's normalised distributions satisfy
+    E_p̂[e^{-δ}] = 1 exactly, so KL(p̂ || q̂) = E_p̂[δ + e^{-δ} - 1]: the probes are a sample of
+    p̂, and the mean over them estimates it without bias.  KL(q̂ || p̂) = E_p̂[e^{-δ}(-δ)] would
+    need the rare tail tokens where Q is far above P, so its estimate is the second-order
+    Var_p̂(δ)/2 with the probes' sample variance.  Rows without probes (no tail, or no tail mass
+    in Q) keep the second-order estimates ``F_old`` / ``R_old`` (and the reverse one where a probe
+    has q = 0).  Also returns the estimated sampling variance of
+    each forward estimate (P_T^2 times the probes' sample variance / M; 0 without probes): its
+    sum over tokens, divided by n^2, is the variance of the mean KLD estimate."""
+    pv = rec["pids"] >= 0
+    cnt = pv.sum(1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        c = np.log(PT / QT)
+        d = np.where(pv, rec["plps"].astype(np.float64) - parts["bP"] - c[:, None], 0.0)
+        fwd = np.where(pv, d + np.expm1(-d), 0.0)
+        use = (cnt > 0) & (PT > 0) & (QT > 0)
+        m = np.maximum(cnt, 1)
+        stored_f = (pt * (np.where(lf, l, 0.0) - bS)).sum(1)
+        stored_r = -(qS * (np.where(lf, l, 0.0) - bS)).sum(1)
+        F = stored_f + PT * c + PT * fwd.sum(1) / m
+        dm = np.where(pv, d, 0.0).sum(1) / m
+        dv = np.where(cnt > 1, (np.where(pv, d - dm[:, None], 0.0) ** 2).sum(1) / np.maximum(cnt - 1, 1), 0.0)
+        R = stored_r - QT * c + QT * dv / 2
+        s2 = np.where(cnt > 1, (np.where(pv, fwd - (fwd.sum(1) / m)[:, None], 0.0) ** 2).sum(1)
+                      / np.maximum(cnt - 1, 1), 0.0)
+        var = np.where(use & np.isfinite(s2), PT * PT * s2 / m, 0.0)
+    return np.where(use, F, F_old), np.where(use & np.isfinite(R), R, R_old), var
+
+
 def finish(parts, records):
     """Stage 2 of ``compare``: the per-token dict from the stage-1 parts and the records (all
     NumPy float64 on the host; the same code for the CPU and the torch paths)."""
@@ -349,6 +418,10 @@ def finish(parts, records):
             F_est = (pt * (np.where(lf, l, 0.0) - bSf)).sum(1) + np.where(PT > 0, W_est, 0.0) + PT * corr
         else:
             F_est = -H - (pt * bSf).sum(1) - np.where(PT > 0, Y_est, 0.0)
+        R_est = -HQ - (qS * np.where(lf, l, 0.0)).sum(1) + np.where(QT > 0, -C_est, 0.0) + QT * corr
+        svar = np.zeros(n)
+        if "pids" in rec.dtype.names and rec["pids"].shape[1]:
+            F_est, R_est, svar = _probe_estimates(rec, parts, pt, l, lf, bSf, qS, PT, QT, F_est, R_est)
         # infinities: a stored token with p > 0 = q; tail mass forced onto q = 0 tokens
         f_inf = (valid & lf & (bS == -np.inf)).any(1) | ((ninfT > 0) & (floor > 0)) | \
             (PTm > nfinT * cap * (1 + 1e-12))
@@ -356,6 +429,7 @@ def finish(parts, records):
         F_hi = np.where(f_inf, np.inf, np.maximum(F_hi, F_lo))
         out["kld"] = np.clip(np.where(f_inf, np.inf, F_est), F_lo, F_hi)
         out["kld_lo"], out["kld_hi"] = F_lo, F_hi
+        out["kld_sampling_var"] = svar
 
         # --- KL(Q||P) = -H_Q - sum_S q a - sum_T q a
         qa_hi = -np.where(valid & (qS > 0), qS * np.where(lf, am, 0.0), 0.0).sum(1)
@@ -379,7 +453,6 @@ def finish(parts, records):
         Z_lo = -np.maximum(C1p, C2p)
         R_hi = -HQ + qa_hi + np.where(QT > 0, Z_hi, 0.0) + M64
         R_lo = np.maximum(-HQ + qa_lo + np.where(QT > 0, Z_lo, 0.0) - M64 * (1 + np.abs(Z_lo)), 0.0)
-        R_est = -HQ - (qS * np.where(lf, l, 0.0)).sum(1) + np.where(QT > 0, -C_est, 0.0) + QT * corr
         r_inf = (valid & ~lf & (qS > 0)).any(1) | ((QT > 0) & (PTp <= 0))
         R_lo = np.where(r_inf, np.inf, R_lo)
         R_hi = np.where(r_inf | np.isnan(R_hi), np.inf, np.maximum(R_hi, R_lo))
@@ -411,7 +484,8 @@ def finish(parts, records):
 def check_records(records):
     """The records as a 1-D structured array with the fields of RECORD_DTYPE (any K)."""
     r = np.asarray(records)
-    if r.dtype.names is None or set(r.dtype.names) != set(RECORD_DTYPE(1).names):
+    if r.dtype.names is None or set(r.dtype.names) not in (set(RECORD_DTYPE(1).names),
+                                                           set(RECORD_DTYPE(1, 1).names)):
         raise TypeError("records must be a RECORD_DTYPE(k) structured array (ppldelta.refstats.summarize)")
     return r.reshape(-1)
 
@@ -442,7 +516,9 @@ def compare(quantized_logits, records, *, bf16=False, threads=1):
       as tied);
     - ``kld``, ``kld_lo``, ``kld_hi``: KL(P||Q) estimate and certified lower / upper bounds;
       ``kld_reverse``, ``kld_reverse_lo``, ``kld_reverse_hi``: the same for KL(Q||P)
-      (docs/reference-bounds.md).
+      (docs/reference-bounds.md);
+    - ``kld_sampling_var``: the tail probes' sampling variance of each ``kld`` estimate (0
+      without probes); sqrt(sum) / n is the standard error of the mean KLD estimate.
     """
     from .logits import _threads
 
@@ -453,7 +529,9 @@ def compare(quantized_logits, records, *, bf16=False, threads=1):
     lq = _core.logits_stats(a, None, t, ignore_index=-(2 ** 63), bf16=bf, threads=_threads(threads)).lp_a
     step = _chunk_rows(V)
     M = tail_m(rec["ids"].shape[1])
-    parts = concat_parts([parts_rows(_f64(a[r0:r0 + step], bf), rec["ids"][r0:r0 + step], M)
+    pids = rec["pids"] if n_probes(rec) else None
+    parts = concat_parts([parts_rows(_f64(a[r0:r0 + step], bf), rec["ids"][r0:r0 + step], M,
+                                     None if pids is None else pids[r0:r0 + step])
                           for r0 in range(0, n, step)])
     out = finish(parts, rec)
     return assemble(out, rec["lp"].astype(np.float64), lq)

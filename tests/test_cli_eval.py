@@ -4,9 +4,11 @@ outcome, the table sorted by KLD, the cached reference of ``eval ORIGINAL QUANT`
 numbers as the Python API."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")  # the model commands need torch; the core's tests run without it
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ppldelta import hf, reffile
+from ppldelta import hf, reffile, refstats
 from ppldelta.cli import main
 
 V = 64
@@ -181,7 +183,17 @@ def test_llamacpp_logits_file_as_reference_source(models, tmp_path, capsys):
     llamacpp.write_logits_file(kld, ids, chunks, n_ctx)
     out = tmp_path / "conv.ppldref"
     assert main(["reference", "build", str(kld), "--top-k", "8", "-o", str(out), "--no-progress"]) == 0
-    assert "K = 8" in capsys.readouterr().out
+    assert "K = 8, 8 probes" in capsys.readouterr().out
+    for m in (0, 3):  # --probes: the record layout follows (0: no probe fields, format version 1's)
+        other = tmp_path / f"conv{m}.ppldref"
+        assert main(["reference", "build", str(kld), "--top-k", "8", "--probes", str(m), "-o", str(other),
+                     "--no-progress"]) == 0
+        ref = reffile.read_reference(other)
+        assert ref.probes == m and ref.dtype == refstats.RECORD_DTYPE(8, m)
+        assert f"K = 8, {m} probes, {os.path.getsize(other):,} bytes" in capsys.readouterr().out
+        assert np.array_equal(ref.records["lps"], reffile.read_reference(out).records["lps"])
+    assert main(["reference", "build", str(kld), "--probes", "-1", "-o", str(tmp_path / "x")]) == 2
+    assert "--probes must be >= 0" in capsys.readouterr().err
     assert main(["eval", str(kld), models["q_small"], "--top-k", "8", "--cache-dir", str(tmp_path / "c"),
                  "--format", "json", "--no-progress"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -192,3 +204,254 @@ def test_llamacpp_logits_file_as_reference_source(models, tmp_path, capsys):
     direct = hf.evaluate_against_reference(LlamaForCausalLM.from_pretrained(models["q_small"]).eval(),
                                            out, tokenizer=tok, progress=False).to_dict()
     assert rep["reference"] == direct["reference"]
+
+
+# ---------------------------------------------------------------------------- the eval's outputs
+@pytest.fixture(scope="module")
+def built(models, tmp_path_factory):
+    """A reference of the original (K = 8) and variants under typical quantized-model names."""
+    root = tmp_path_factory.mktemp("outputs")
+    ref = root / "base.ppldref"
+    assert main(["reference", "build", models["orig"], "--text", models["text"], "--max-length", "32",
+                 "--top-k", "8", "-o", str(ref), "--no-progress"]) == 0
+    names = {}
+    for name, target in (("smollm2-q8_0", "q_small"), ("smollm2-q4_k_m", "q_large"),
+                         ("smollm2-q6_k", "q_small"), ("a<b>&c", "q_large")):
+        (root / name).symlink_to(models[target], target_is_directory=True)
+        names[name] = str(root / name)
+    return {"ref": str(ref), "root": root, **names}
+
+
+def _eval_out(capsys, built, variants, *extra):
+    code = main(["eval", built["ref"], *(built[v] for v in variants), "--no-progress", *extra])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return out.out
+
+
+def _n_params(path):
+    return sum(p.numel() for p in LlamaForCausalLM.from_pretrained(path).parameters())
+
+
+def test_text_table_fits_100_columns_with_size(built, models, capsys):
+    out = _eval_out(capsys, built, ["smollm2-q4_k_m", "smollm2-q8_0", "smollm2-q6_k"], "--expected", "q4_k_m")
+    lines = out.rstrip("\n").splitlines()
+    body = lines[lines.index("") + 1:]  # the wrapped reference line may hold a long path
+    assert max(len(ln) for ln in body) <= 100, "\n".join(ln for ln in body if len(ln) > 100)
+    head = body[0].split()
+    assert head[:2] == ["variant", "PPL"] and head[-2:] == ["bits/w", "gate"] and "KLD" in head
+    rows = [ln.split() for ln in body[1:4]]
+    assert [r[0] for r in rows][0] in ("smollm2-q8_0", "smollm2-q6_k") and rows[2][0] == "smollm2-q4_k_m"
+    nbytes = os.path.getsize(os.path.join(models["q_small"], "model.safetensors"))
+    assert all(r[-2] == f"{8 * nbytes / _n_params(models['q_small']):.2f}" and r[-1] == "pass" for r in rows)
+    verdicts = body[body.index("verdict:") + 1:]
+    assert [v.split()[0] for v in verdicts] == [r[0] for r in rows]
+    assert all(v.endswith("(q4_k_m)") for v in verdicts)
+
+
+def test_size_of_weight_files(tmp_path):
+    from ppldelta.cli import _size
+
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "model-1.safetensors").write_bytes(b"x" * 300)
+    (d / "model-2.safetensors").write_bytes(b"x" * 100)
+    (d / "pytorch_model.bin").write_bytes(b"x" * 999)  # a second copy of the weights: not counted
+    (d / "config.json").write_text("{}")
+    assert _size(str(d), 100) == {"bytes": 400, "parameters": 100, "bits_per_weight": 32.0}
+    (d / "w.gguf").write_bytes(b"x" * 50)
+    assert _size(str(d), 400, gguf_file="w.gguf")["bits_per_weight"] == 1.0
+    assert _size(str(d / "w.gguf"), None) == {"bytes": 50, "parameters": None, "bits_per_weight": None}
+    for name in ("model-1.safetensors", "model-2.safetensors"):
+        (d / name).unlink()
+    assert _size(str(d), 999)["bytes"] == 999
+    assert _size("org/hub-model", 1000) == {"bytes": None, "parameters": 1000, "bits_per_weight": None}
+
+
+class _Cells(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.script, self.tags, self._in = [], "", set(), None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        if tag == "tr":
+            self.rows.append([])
+        if tag in ("td", "th", "script"):
+            self._in = tag
+            if tag != "script":
+                self.rows[-1].append("")
+
+    def handle_endtag(self, tag):
+        self._in = None
+
+    def handle_data(self, data):
+        if self._in == "script":
+            self.script += data
+        elif self._in:
+            self.rows[-1][-1] += data
+
+
+def test_html_is_one_escaped_document_with_the_json_numbers(built, capsys):
+    variants = ["a<b>&c", "smollm2-q8_0"]
+    doc = _strict(_eval_out(capsys, built, variants, "--format", "json"))
+    page = _eval_out(capsys, built, variants, "--format", "html")
+    assert page.startswith("<!DOCTYPE html>") and "a<b>&c" not in page and "a&lt;b&gt;&amp;c" in page
+    assert "src=" not in page and "href=" not in page and "http" not in page  # no external assets
+    p = _Cells()
+    p.feed(page)
+    p.close()
+    assert {"html", "head", "body", "table", "style"} <= p.tags and "b" not in p.tags
+    assert json.loads(p.script) == doc
+    head, *rows = p.rows
+    assert head[:2] == ["variant", "PPL"] and len(rows) == 2
+    col = {h: i for i, h in enumerate(head)}
+    for row, v in zip(rows, doc["variants"]):
+        rep = v["report"]
+        assert row[0] == v["name"]
+        assert row[col["PPL"]] == f"{rep['ppl']['quantized']['value']:.3f}"
+        lo, hi = rep["ppl_ratio"]["ci"]
+        assert row[col["PPL ratio [95 % CI]"]] == f"{rep['ppl_ratio']['value']:.4f} [{lo:.4f}, {hi:.4f}]"
+        blo, bhi = rep["kld_bounds"]["mean"]
+        assert row[col["KLD mean [bounds]"]] == f"{rep['kld']['mean']:.5f} [{blo:.5f}, {bhi:.5f}]"
+        assert row[col["bits/weight"]] == f"{v['size']['bits_per_weight']:.2f}"
+        assert row[col["size"]] == f"{v['size']['bytes']:,} B"
+    assert [r[0] for r in rows] == ["smollm2-q8_0", "a<b>&c"]  # sorted by KLD
+
+
+def test_plot_png_atomic_with_the_reports_values(built, models, tmp_path, capsys, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    from ppldelta import plot
+
+    png = tmp_path / "out" / "q.png"
+    png.parent.mkdir()
+    doc = _strict(_eval_out(capsys, built, ["smollm2-q4_k_m", "smollm2-q8_0"], "--format", "json",
+                            "--plot", str(png)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and os.listdir(png.parent) == ["q.png"]
+    n = _n_params(models["q_small"])
+    for v in doc["variants"]:
+        assert v["size"]["parameters"] == n
+        assert v["size"]["bits_per_weight"] == pytest.approx(8 * v["size"]["bytes"] / n, rel=1e-12)
+    reports = {v["name"]: v["report"] for v in doc["variants"]}
+    ax = plot.quality_vs_size(reports, {v["name"]: v["size"] for v in doc["variants"]})
+    (pts,) = [ln for ln in ax.lines if ln.get_label() == "KLD mean"]
+    assert list(pts.get_xdata()) == [v["size"]["bits_per_weight"] for v in doc["variants"]]
+    assert list(pts.get_ydata()) == [r["kld"]["mean"] for r in reports.values()]
+    assert ax.get_yscale() == "log"
+    (bars,) = [c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    spans = [sorted(seg[:, 1]) for seg in bars.lines[2][0].get_segments()]
+    assert spans == [pytest.approx(r["kld_bounds"]["mean"], rel=1e-12) for r in reports.values()]
+    assert [t.get_text() for t in ax.texts] == list(reports)
+    # sizes unknown: the table's order; only bytes known: MB
+    ax = plot.quality_vs_size(reports)
+    (pts,) = [ln for ln in ax.lines if ln.get_label() == "KLD mean"]
+    assert list(pts.get_xdata()) == [1, 2] and "unknown" in ax.get_xlabel()
+    ax = plot.quality_vs_size(reports, {k: {"bytes": 2e6} for k in reports})
+    assert list(ax.lines[0].get_xdata()) == [2.0, 2.0] and "MB" in ax.get_xlabel()
+
+    # a failing write leaves the old file as it was and no temporary file behind
+    png.write_bytes(b"old")
+
+    def broken(self, f, **kw):
+        f.write(b"\x89PNG partial")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    assert main(["eval", built["ref"], built["smollm2-q8_0"], "--no-progress", "--plot", str(png)]) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert png.read_bytes() == b"old" and os.listdir(png.parent) == ["q.png"]
+
+
+def test_plot_refused_before_any_model_runs(built, tmp_path, capsys, monkeypatch):
+    assert main(["eval", built["ref"], "no/such-model", "--plot", str(tmp_path / "q.svg")]) == 2
+    assert "only PNG" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["eval", built["ref"], "no/such-model", "--plot", str(tmp_path / "q.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plot needs matplotlib" in err[0] and "ppldelta[plot]" in err[0]
+
+
+def test_save_tokens_read_back_by_compare(built, tmp_path, capsys):
+    d = tmp_path / "tokens"
+    doc = _strict(_eval_out(capsys, built, ["smollm2-q8_0", "a<b>&c"], "--format", "json",
+                            "--save-tokens", str(d)))
+    assert sorted(os.listdir(d)) == ["a_b__c.npz", "smollm2-q8_0.npz"]
+    n = doc["reference"]["n_scored"]
+    for v in doc["variants"]:
+        f = v["tokens_file"]
+        assert os.path.dirname(f) == str(d)
+        with np.load(f) as z:
+            assert set(z.files) == {"original_log_probs", "quantized_log_probs", "kld", "kld_lo", "kld_hi",
+                                    "kld_reverse", "kld_reverse_lo", "kld_reverse_hi", "delta_p",
+                                    "same_top1", "top1_in_top5", "top1_in_top10", "target_positions"}
+            assert all(z[k].shape == (n,) for k in z.files)
+            assert z["same_top1"].dtype == bool and z["target_positions"].dtype.kind == "i"
+            assert np.all(z["kld_lo"] <= z["kld"]) and np.all(z["kld"] <= z["kld_hi"])
+            assert math.fsum(z["kld"]) / n == pytest.approx(v["report"]["kld"]["mean"], rel=1e-12)
+        assert main(["compare", f"{f}:original_log_probs", f"{f}:quantized_log_probs", "--format", "json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["reference"] == v["report"]["reference"]  # the same PPLs, bit for bit
+        assert rep["ppl"] == v["report"]["ppl"] and rep["n_tokens"] == n
+        # the one-file form: every per-token column, so the KLD and its bounds come back too
+        assert main(["compare", f, "--format", "json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        for key in ("reference", "ppl", "kld", "kld_bounds", "kld_reverse", "kld_reverse_bounds", "same_top1",
+                    "delta_p"):
+            assert rep[key] == v["report"][key], key
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, kld=np.zeros(3))
+    assert main(["compare", str(bad)]) == 2
+    assert "lacks original_log_probs, quantized_log_probs" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "x.txt")]) == 2
+    assert "two log-prob files, or one .npz" in capsys.readouterr().err
+    # the text output says where they are
+    out = _eval_out(capsys, built, ["smollm2-q8_0"], "--save-tokens", str(d))
+    assert out.rstrip().endswith(os.path.join(str(d), "smollm2-q8_0.npz"))
+
+
+def test_per_group_deltas_rendered(capsys):
+    """Reports with groups (texts of a reference): a Δ % [CI] column per group in markdown / html,
+    one compact line per variant in text."""
+    import types
+
+    import ppldelta
+    from ppldelta.cli import _emit_eval, _eval_table
+
+    r = np.random.default_rng(0)
+    o = -r.exponential(2.0, 600)
+    labels = np.repeat(["prose", "code"], 300)
+    rows = []
+    for name, shift in (("v-small", 0.01), ("v-large", 0.05)):
+        q = np.minimum(o - shift - np.where(labels == "code", shift, 0) + r.normal(0, 0.1, 600), 0)
+        rep = ppldelta.analyze(o, q, groups=labels, kld=r.exponential(shift, 600), n_bootstrap=100)
+        rows.append({"name": name, "source": name, "report": rep, "gate": None, "size": None})
+    head, body = _eval_table(rows, True)
+    assert head[-4:-2] == ["prose Δ %", "code Δ %"]
+    for (name, rep), row in zip(((x["name"], x["report"]) for x in rows), body):
+        g = rep.groups["code"]
+        lo, hi = ((c - 1) * 100 for c in g.ppl_ratio.ci)
+        assert row[-3] == f"{(g.ppl_ratio.value - 1) * 100:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    ref = types.SimpleNamespace(header={}, k=8, records=np.zeros(600))
+    _emit_eval(rows, ref, "r.ppldref", "text")
+    out = capsys.readouterr().out.splitlines()
+    i = out.index("Δ PPL % per group (CIs: --format markdown/html/json):")
+    g = rows[1]["report"].groups
+    assert out[i + 2].split() == ["v-large", "prose", f"{(g['prose'].ppl_ratio.value - 1) * 100:+.2f},",
+                                  "code", f"{(g['code'].ppl_ratio.value - 1) * 100:+.2f}"]
+    assert max(map(len, out)) <= 100
+
+
+def test_weight_count_is_the_unquantized_architecture(models):
+    """bits per weight divide by the weights the model stands for: a quanto 4-bit model (packed
+    storage) counts as its float original; an object with its own count brings it; else None."""
+    quanto = pytest.importorskip("optimum.quanto")
+    from ppldelta.hf._reference import _n_weights
+
+    m = LlamaForCausalLM.from_pretrained(models["q_small"]).eval()
+    n = sum(p.numel() for p in m.parameters())
+    quanto.quantize(m, weights=quanto.qint4)
+    quanto.freeze(m)
+    assert isinstance(m.model.layers[0].mlp.up_proj.weight, quanto.QTensor)
+    assert _n_weights(m) == n
+    assert _n_weights(type("Own", (), {"ppldelta_n_weights": lambda self: 12345})()) == 12345
+    assert _n_weights(object()) is None

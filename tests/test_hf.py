@@ -901,3 +901,80 @@ def test_module_imports_without_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok")
+
+
+# ---------------------------------------------------------------------------- throughput (overlap, threads)
+def _with_overlap(monkeypatch):
+    """run_windows with the row work of batch i on the worker thread while batch i+1's forward runs
+    (the accelerator default), forced on the CPU."""
+    orig = hf._run.run_windows
+    monkeypatch.setattr(hf._run, "run_windows", lambda *a, **k: orig(*a, **{**k, "overlap": True}))
+
+
+@pytest.mark.parametrize("protocol", ["sliding", "hf", "gptq"])
+def test_overlap_gives_the_same_bits_with_two_batches_alive_at_most(gpt2, monkeypatch, protocol):
+    ids = _ids(150, V_GPT2)
+    quant = _perturbed(gpt2)
+    kw = dict(max_length=32, stride=None if protocol == "gptq" else 12, protocol=protocol, batch_size=2,
+              progress=False)
+    lp = hf.token_log_probs(gpt2, ids, **kw)
+    # the oracle: ppldelta.token_log_probs (the C kernel) of each window's logits rows
+    windows = ppldelta.protocols.plan(protocol, len(ids), 32, kw["stride"])
+    with torch.no_grad():
+        ref = np.concatenate([ppldelta.token_log_probs(
+            gpt2(ids[None, w.start:w.end]).logits[0, w.a - w.start:w.b - w.start], ids[w.a + 1:w.b + 1])
+            for w in windows])
+    np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)  # batching changes the matmuls' last bits
+    seen = _capture_analyze(monkeypatch)
+    hf.compare_models(gpt2, quant, ids, n_bootstrap=20, **kw)
+    before = dict(seen)
+    _with_overlap(monkeypatch)
+    rec = _Recorder(gpt2)
+    np.testing.assert_array_equal(hf.token_log_probs(rec, ids, **kw), lp)
+    assert rec.calls == -(-len(windows) // 2) and max(rec.alive_at_call) <= 1  # one batch in the worker's hands
+    seen = _capture_analyze(monkeypatch)
+    hf.compare_models(gpt2, quant, ids, n_bootstrap=20, **kw)
+    for k in ("kld", "lo", "lq", "same_top1", "top1_in_top5", "top1_in_top10"):
+        np.testing.assert_array_equal(seen[k], before[k], err_msg=k)
+
+
+def test_overlap_error_surfaces_with_its_position_and_stops_the_rows(gpt2):
+    ids = _ids(200, V_GPT2)
+    windows = ppldelta.protocols.plan("gptq", len(ids), 16)
+    called = []
+
+    def on_rows(k, r0, r1, chunks, targets):
+        called.append(k)
+        if k == 3:
+            raise ValueError("bad row 2")
+
+    with pytest.raises(ValueError, match=r"bad row 2 \(row k of this chunk predicts input_ids\[49 \+ k\], "
+                                         r"window 3 = input_ids\[48:64\]\)"):
+        hf._run.run_windows([gpt2], ids, windows, batch_size=2, device=None, progress=False, desc="t",
+                            on_rows=on_rows, overlap=True)
+    assert called == [0, 1, 2, 3]  # batch (2, 3) failed: batch (4, 5)'s rows never ran
+    done = []
+    hf._run.run_windows([gpt2], ids, windows, batch_size=2, device=None, progress=False, desc="t",
+                        on_rows=lambda k, *a: called.append(k), on_batch=done.append, overlap=True)
+    assert called[4:] == list(range(len(windows))) and done == [30] * 6
+
+
+def test_row_kernels_use_the_torch_threads_with_the_same_bits(gpt2, monkeypatch):
+    ids = _ids(60, V_GPT2)
+    with torch.no_grad():
+        lo, lq = gpt2(ids[None]).logits[0, :-1], _perturbed(gpt2)(ids[None]).logits[0, :-1]
+    one = (hf._kl_torch.log_probs_rows(lo, ids[1:]), hf._kl_torch.kl_stats(lo, lq))
+    calls = []
+    real = ppldelta._core.logits_stats
+    monkeypatch.setattr(ppldelta._core, "logits_stats", lambda *a, **k: calls.append(k["threads"]) or real(*a, **k))
+    torch.set_num_threads(2)  # the torch_one_thread fixture restores the count
+    small = (hf._kl_torch.log_probs_rows(lo, ids[1:]), hf._kl_torch.kl_stats(lo, lq))
+    assert calls == [1, 1]  # 59 x 200 logits: not worth a second thread
+    monkeypatch.setattr(hf._kl_torch, "THREAD_GRAIN", 59 * V_GPT2 // 2)
+    two = (hf._kl_torch.log_probs_rows(lo, ids[1:]), hf._kl_torch.kl_stats(lo, lq))
+    assert calls == [1, 1, 2, 2]
+    np.testing.assert_array_equal(small[0], two[0])
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[0], ppldelta.token_log_probs(lo, ids[1:]))
+    for k in one[1]:
+        np.testing.assert_array_equal(one[1][k], two[1][k], err_msg=k)

@@ -198,3 +198,75 @@ def test_extreme_rows_match_float64_oracle_on_every_path(V, dtype, isa):
     assert (k["top1_in_top5"] == ref["top5"]).all() and (k["top1_in_top10"] == ref["top10"]).all()
     assert (k["quantized_top1_in_original_top5"] == ref["rtop5"]).all()
     assert (k["quantized_top1_in_original_top10"] == ref["rtop10"]).all()
+
+
+@pytest.mark.parametrize("lo, hi, V", [(-0.45, 0.45, 150), (-2, 0, 150), (-0.3, 0.3, 1000), (-1, 1, 4099), (-6, 0, 1000)])
+def test_log_probs_are_unbiased_on_every_path(lo, hi, V, isa):
+    # rounding errors average out over tokens, a biased exp does not: a perplexity is
+    # exp(-mean log-prob), and near-uniform rows put every exp in one narrow part of the range
+    # reduction (a degree-5 polynomial or a 2^(k/32) table missed by 1e-8 to 3.4e-8 here)
+    rng = np.random.default_rng(3)
+    a = rng.uniform(lo, hi, (2000, V)).astype(np.float32)
+    t = rng.integers(0, V, 2000)
+    err = ppldelta.token_log_probs(a, t) - _ref(a, a, t)["lp_a"]
+    assert abs(err.mean()) < 1e-8 and np.abs(err).max() < 1e-6
+
+
+def _nasty_rows(V, rng):
+    """Rows whose exps leave the fast path: -inf runs (a whole first chunk, a chunk boundary),
+    logits 80-110 below the max (subnormal exps), finite logits near -FLT_MAX, -1e6."""
+    a = rng.normal(0, 3, (6, V))
+    a[0, : min(V, 1100)] = -np.inf
+    a[0, -1] = 1.0
+    a[1, V // 2: V // 2 + 40] = -np.inf
+    a[2, ::7] = a[2].max() - rng.uniform(80, 110, a[2, ::7].shape)
+    a[3, 1::5] = -3e38
+    a[4, ::3] = -1e6
+    a[5, :] = rng.uniform(-0.5, 0.5, V)
+    return a.astype(np.float32)
+
+
+@pytest.mark.parametrize("V", [40, 1024, 2100, 3000])
+def test_far_below_the_max_and_masked_runs_match_oracle(V, isa):
+    rng = np.random.default_rng(V)
+    a = _nasty_rows(V, rng)
+    b = a.copy()
+    fin = np.isfinite(a)
+    b[fin] += rng.normal(0, 0.3, fin.sum()).astype(np.float32)
+    t = np.array([int(np.flatnonzero(np.isfinite(r))[0]) for r in a])
+    ref = _ref(a, b, t)
+    lp = ppldelta.token_log_probs(a, t)
+    np.testing.assert_allclose(lp, ref["lp_a"], atol=1e-5, rtol=0)
+    k = ppldelta.kl_divergence(a, b, targets=t, reverse=True)
+    np.testing.assert_allclose(k["kld"], ref["kld"], atol=1e-5)
+    np.testing.assert_allclose(k["kld_reverse"], ref["kld_rev"], atol=1e-5)
+    # one exp, one summation order: log-probs from the KL kernel equal token_log_probs bit for bit
+    np.testing.assert_array_equal(k["original_log_probs"], lp)
+    np.testing.assert_array_equal(k["quantized_log_probs"], ppldelta.token_log_probs(b, t))
+
+
+@pytest.mark.parametrize("V", [40, 1024, 2100])
+@pytest.mark.parametrize("where", ["first", "vector", "tail", "after -inf chunk", "in -inf chunk", "in -inf first chunk",
+                                   "near -FLT_MAX"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf_anywhere_are_named_on_every_path(V, where, bad, isa):
+    # the SIMD max pass no longer looks for NaN: it shows in the sums of the exps (or in the
+    # careful pass); every position must still be named
+    rng = np.random.default_rng(1)
+    a = rng.normal(0, 2, (3, V)).astype(np.float32)
+    j = {"first": 0, "vector": V // 2 - 3, "tail": V - 1, "after -inf chunk": V - 2,
+         "in -inf chunk": V - 2, "in -inf first chunk": 5, "near -FLT_MAX": V // 3}[where]
+    if where == "after -inf chunk":
+        a[1, : V - 1] = -np.inf
+    elif where == "in -inf chunk":
+        a[1, V - 8: V - 1] = -np.inf
+    elif where == "in -inf first chunk":  # the running max is still -inf there
+        a[1, : min(1024, V - 1)] = -np.inf
+    elif where == "near -FLT_MAX":
+        a[1, ::2] = -3e38
+    a[1, j] = bad
+    with pytest.raises(ValueError, match="logits row 1 contains NaN"):
+        ppldelta.token_log_probs(a, [0, 0, 0])
+    for x, y in ((a, np.zeros_like(a)), (np.zeros_like(a), a)):
+        with pytest.raises(ValueError, match="logits row 1 contains NaN"):
+            ppldelta.kl_divergence(x, y)

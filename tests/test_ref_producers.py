@@ -296,14 +296,17 @@ def test_device_path_plumbing(tmp_path, original, monkeypatch):
     cpu = tmp_path / "cpu.ppldref"
     hf.build_reference(original, input_ids=ids, out=cpu, max_length=32, k=8, progress=False)
     want = hf.evaluate_against_reference(quant, cpu, progress=False).to_dict()
-    monkeypatch.setattr(_ref_torch, "summarize_torch", lambda x, t, k: _ref_torch._summarize_device(x, t, k))
+    monkeypatch.setattr(_ref_torch, "summarize_torch",
+                        lambda x, t, k, probes: _ref_torch._summarize_device(x, t, k, probes=probes))
     monkeypatch.setattr(_ref_torch, "compare_torch",
                         lambda x, r: _ref_torch._compare_device(x, refstats.check_records(r)))
     dev = tmp_path / "dev.ppldref"
     hf.build_reference(original, input_ids=ids, out=dev, max_length=32, k=8, progress=False)
     a, b = reffile.read_reference(cpu).records, reffile.read_reference(dev).records
     assert np.array_equal(a["token"], b["token"]) and np.array_equal(a["ids"], b["ids"])
+    assert np.array_equal(a["pids"], b["pids"]) and refstats.n_probes(a) == refstats.DEFAULT_PROBES
     np.testing.assert_allclose(a["lp"], b["lp"], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a["plps"], b["plps"], rtol=1e-6)
     got = hf.evaluate_against_reference(quant, dev, progress=False).to_dict()
     assert got["kld"]["mean"] == pytest.approx(want["kld"]["mean"], rel=1e-9)
     assert got["same_top1"] == want["same_top1"]

@@ -77,7 +77,7 @@ def test_layout_matches_the_documented_bytes(tmp_path):
     p = build(tmp_path / "a.ppldref", sizes, k)
     data = open(p, "rb").read()
     magic, version, hlen = struct.unpack_from("<8sII", data, 0)
-    assert magic == b"PPLDREF\0" and version == 1
+    assert magic == b"PPLDREF\0" and version == 2
     header = json.loads(data[16:16 + hlen])
     assert data[16:16 + hlen] == json.dumps(header, sort_keys=True, separators=(",", ":"),
                                              ensure_ascii=False).encode()
@@ -360,7 +360,7 @@ def test_bad_headers_are_refused(tmp_path):
                       (b"[" * 100000 + b"]" * 100000, "nested too deeply|strict JSON"),
                       (b'{"k": 1' + b"0" * 5000 + b"}", "strict JSON|'k'"), (b"", "strict JSON")]:
         refused(craft(p, hbytes=hb, records_bytes=rec, k=k), match)
-    refused(craft(p, good, rec, version=2, k=k), "format version 2")
+    refused(craft(p, good, rec, version=3, k=k), "format version 3")
     refused(craft(p, good, rec, pad=b"\1", k=k), "padding")
 
 

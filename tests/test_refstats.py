@@ -71,11 +71,124 @@ def _rows(seed, n, V, scale=3.0, noise=0.3):
 
 def test_record_dtype_layout():
     dt = rs.RECORD_DTYPE(32)
-    assert dt.itemsize == 36 + 8 * 32 == 292 and rs.DEFAULT_K == 32
+    assert dt.itemsize == 36 + 8 * 32 == 292
     assert dt.names == ("token", "lp", "entropy", "tail", "lp_min", "ids", "lps")
     assert dt["ids"].shape == (32,) and dt["lps"].base == np.dtype("<f4")
-    with pytest.raises(ValueError):
-        rs.RECORD_DTYPE(0)
+    dt = rs.RECORD_DTYPE(rs.DEFAULT_K, rs.DEFAULT_PROBES)
+    assert (rs.DEFAULT_K, rs.DEFAULT_PROBES) == (24, 8) and dt.itemsize == 36 + 8 * (24 + 8) == 292
+    assert dt.names == ("token", "lp", "entropy", "tail", "lp_min", "ids", "lps", "pids", "plps")
+    assert dt["pids"].shape == (8,) and dt["plps"].base == np.dtype("<f4")
+    for bad in ((0, 0), (4, -1)):
+        with pytest.raises(ValueError):
+            rs.RECORD_DTYPE(*bad)
+
+
+def _probe_oracle(a, top, m):
+    """The probes by their definition, in exact arithmetic (math.fsum): the tail (ids outside the
+    top K, in id order) with masses e^{a_i}; probe j is the first id whose running mass exceeds
+    (j + 1/2)/m of the total.  Returns, per row, the sets of ids allowed for each probe (the
+    candidate plus its neighbour when the threshold lies within rounding of a boundary)."""
+    import math
+
+    out = []
+    for row, ids in zip(a, top):
+        e = np.exp(row - row.max())
+        e[ids] = 0.0
+        run = [math.fsum(e[:i + 1]) for i in range(e.size)]
+        tot = run[-1]
+        allowed = []
+        for j in range(m):
+            thr = (j + 0.5) / m * tot
+            first = next(i for i, r in enumerate(run) if r > thr)
+            near = {first}
+            for i in range(e.size):  # a boundary within 1e-12 relative of the threshold
+                if e[i] > 0 and abs(run[i] - thr) <= 1e-12 * tot:
+                    near |= {i, next((q for q in range(i + 1, e.size) if e[q] > 0), i)}
+            allowed.append(near)
+        out.append(allowed)
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_probes_are_the_systematic_sample_of_the_tail(m):
+    a, _, t = _rows(21, 30, 200, scale=2.0)
+    a[3, :] = 0.0  # a flat row: every tail token equally likely
+    rec = rs.summarize(a, t, 8, probes=m)
+    assert rs.n_probes(rec) == m
+    want = _probe_oracle(a, rec["ids"], m)
+    la = _log_softmax(a)
+    for r in range(a.shape[0]):
+        for j in range(m):
+            pid = int(rec["pids"][r, j])
+            assert pid in want[r][j], (r, j, pid, want[r][j])
+            assert pid not in rec["ids"][r]
+            assert rec["plps"][r, j] == np.float32(la[r, pid])
+    # the flat row's probes are evenly spread over the tail's ids
+    tail = np.setdiff1d(np.arange(200), rec["ids"][3])
+    assert rec["pids"][3].tolist() == [int(tail[int((j + 0.5) / m * tail.size)]) for j in range(m)]
+
+
+def test_probes_without_tail_and_without_probes():
+    a, b, t = _rows(22, 6, 12)
+    rec = rs.summarize(a, t, 12, probes=4)  # K = vocab: no tail, no probes
+    assert (rec["pids"] == -1).all() and (rec["plps"] == -np.inf).all()
+    out = rs.compare(b, rec)
+    np.testing.assert_allclose(out["kld"], kl_oracle(a, b), rtol=1e-5, atol=1e-9)
+    rec0 = rs.summarize(a, t, 4, probes=0)
+    assert rec0.dtype == rs.RECORD_DTYPE(4) and rs.n_probes(rec0) == 0
+    check_bounds(a, b, t, 4)
+
+
+def test_probe_estimate_is_exact_when_the_tail_is_proportional():
+    # Q equals P on the top K and is P times a constant on the tail: every probe's log-ratio is
+    # that constant, so the estimate is the true KL (in both directions) up to float32 rounding
+    r = np.random.default_rng(23)
+    a = r.normal(size=(50, 400)) * 2.5
+    t = r.integers(0, 400, 50)
+    rec = rs.summarize(a, t, 16, probes=8)
+    la = _log_softmax(a)
+    b = la.copy()
+    tail = np.ones_like(b, dtype=bool)
+    np.put_along_axis(tail, rec["ids"].astype(np.int64), False, 1)
+    b[tail] += np.log(r.uniform(0.3, 3.0, size=(50, 1)).repeat(400, 1)[tail])
+    out = rs.compare(b, rec)
+    for name, true in (("kld", kl_oracle(a, b)), ("kld_reverse", kl_oracle(b, a))):
+        np.testing.assert_allclose(out[name], true, rtol=1e-5, atol=1e-7)
+
+
+def test_probe_estimate_is_unbiased_on_noisy_tails():
+    # log-ratios with a heavier noise on the tail than on the top K: the second-order estimate
+    # (variance measured on the stored top K) is far off; the probes' estimate is not
+    r = np.random.default_rng(24)
+    n, V, k = 3000, 600, 8
+    a = r.normal(size=(n, V)) * 2.0
+    rec = rs.summarize(a, r.integers(0, V, n), k, probes=8)
+    noise = r.normal(size=(n, V)) * 0.3
+    top = np.zeros((n, V), dtype=bool)
+    np.put_along_axis(top, rec["ids"].astype(np.int64), True, 1)
+    b = a + np.where(top, noise * 0.2, noise)
+    true = kl_oracle(a, b).mean()
+    est = rs.compare(b, rec)["kld"].mean()
+    old = rs.compare(b, rs.summarize(a, rec["token"], k, probes=0))["kld"].mean()
+    assert abs(est / true - 1) < 0.02, (est, true)
+    assert abs(old / true - 1) > 0.2, (old, true)  # the case the probes exist for
+    rev, rev_true = rs.compare(b, rec)["kld_reverse"].mean(), kl_oracle(b, a).mean()
+    assert abs(rev / rev_true - 1) < 0.03, (rev, rev_true)  # second order, the probes' variance
+    # the reported sampling variance is the estimate's: over 20 disjoint slices of 150 tokens,
+    # the errors of the slice means scatter as the standard errors say (chi-square, 19 d.o.f.)
+    out = rs.compare(b, rec)
+    kl = kl_oracle(a, b)
+    z = [(out["kld"][s].mean() - kl[s].mean()) / (np.sqrt(out["kld_sampling_var"][s].sum()) / 150)
+         for s in (slice(i, i + 150) for i in range(0, n, 150))]
+    assert 6 < float(np.sum(np.square(z))) < 40, z
+    check_bounds(a[:200], b[:200], rec["token"][:200], k)
+
+
+def test_self_comparison_estimate_is_zero():
+    a, _, t = _rows(25, 40, 500)
+    rec = rs.summarize(a, t, 8)
+    out = rs.compare(a, rec)
+    assert (out["kld"] <= 1e-6).all() and (out["kld_reverse"] <= 1e-6).all()
 
 
 def test_summarize_fields_against_numpy():
@@ -164,11 +277,14 @@ def test_bounds_collapse_to_the_true_value_at_full_vocabulary():
 def test_estimate_tracks_the_full_value_as_k_grows():
     a, b, t = _rows(8, 200, 1000, scale=2.5, noise=0.2)
     fwd = kl_oracle(a, b).mean()
-    errs = []
+    errs, errs0 = [], []
     for k in (8, 32, 128, 512):
         out = rs.compare(b, rs.summarize(a, t, k))
         errs.append(abs(out["kld"].mean() - fwd) / fwd)
-    assert errs == sorted(errs, reverse=True) and errs[-1] < 1e-2
+        out = rs.compare(b, rs.summarize(a, t, k, probes=0))  # the second-order estimate
+        errs0.append(abs(out["kld"].mean() - fwd) / fwd)
+    assert errs0 == sorted(errs0, reverse=True) and errs0[-1] < 1e-2
+    assert max(errs) < 1e-2, errs  # the probes' estimate: unbiased, its noise averages out
 
 
 @settings(max_examples=60)
@@ -278,3 +394,185 @@ def test_accumulator_carries_bounds_through_merge_and_state():
     assert r.kld_bounds.mean[0] <= fwd.mean() <= r.kld_bounds.mean[1]
     with pytest.raises(ValueError, match="same KLD bounds"):
         acc.update(out["original_log_probs"], out["quantized_log_probs"], kld=out["kld"])
+
+
+# ------------------------------------------------------------------ the C kernel (summarize_rows)
+# _core.summarize_rows (csrc/summarize.c) against the NumPy twin refstats.summarize_rows.  The
+# top K depends on the logits alone (no rounding): ids agree exactly.  The rest goes through
+# exp and log, whose last bits may differ between the two: a probe agrees except where a running
+# sum lies within rounding of its threshold; lps/plps agree as float32 except where the float64
+# value is within rounding of a float32 boundary, and entropy/tail/lp_min within 1e-13 relative,
+# where "rounding" includes that of the log-sum-exp ls = log(sum e_i): 2^-50 (1 + |ls|)
+# absolute (the NumPy twin's sum carries an ulp of 1, an absolute error of ls; the C kernel
+# takes log1p of the sum without the argmax's 1; a tail near 0 is a difference of logs near ls).
+
+def _c_and_numpy(x, k, m, bf16=False, threads=1):
+    r = np.zeros(x.shape[0], rs.RECORD_DTYPE(k, m))
+    x64 = rs._f64(x, bf16)
+    rs.summarize_rows(x64, k, r)
+    return ppldelta._core.summarize_rows(x, k, m, bf16=bf16, threads=threads), r, x64
+
+
+def _oracle_cum(x64, ids):
+    """The format's running sums (np.cumsum of the tail's e_i, zero on the top K) and log-sum-exp."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mx = x64.max(1, keepdims=True)
+        e = np.exp(x64 - mx)
+        ls = np.log(e.sum(1))
+        valid = ids >= 0
+        rows = np.broadcast_to(np.arange(x64.shape[0])[:, None], ids.shape)
+        e[rows[valid], ids[valid]] = 0.0
+        return np.cumsum(e, 1), ls, x64 - mx - ls[:, None]
+
+
+def _f32_within(c, a, ls):
+    """float32 c is the rounding of a value within rounding of the float64 a: of a value in
+    [a - d, a + d], d = 1e-12 |a| + 2^-50 (1 + |ls|) (float32 rounding is monotone)."""
+    with np.errstate(invalid="ignore"):
+        d = 1e-12 * np.abs(a) + 2.0 ** -50 * (1 + np.abs(ls))
+        return ((a - d).astype(np.float32) <= c) & (c <= (a + d).astype(np.float32))
+
+
+def check_kernel(x, k, m, bf16=False, threads=1):
+    c, r, x64 = _c_and_numpy(x, k, m, bf16, threads)
+    assert np.array_equal(c["ids"], r["ids"])
+    cum, ls, a = _oracle_cum(x64, r["ids"])
+    for f in ("entropy", "tail", "lp_min"):
+        same_inf = (c[f] == r[f]) | (np.isneginf(c[f]) & np.isneginf(r[f]))
+        tol = 1e-13 * np.where(np.isfinite(r[f]), np.abs(r[f]), 0) + 2.0 ** -50 * (1 + np.abs(ls)) + 1e-300
+        with np.errstate(invalid="ignore"):
+            assert (same_inf | (np.abs(c[f] - r[f]) <= tol)).all(), (f, c[f], r[f])
+    pa = np.where(r["ids"] >= 0, np.take_along_axis(a, np.maximum(r["ids"], 0), 1), -np.inf)
+    ok = (c["lps"] == r["lps"]) | _f32_within(c["lps"], pa, ls[:, None])
+    assert ok.all(), (c["lps"][~ok], r["lps"][~ok])
+    if m:
+        cp, rp = c["pids"], r["pids"]
+        diff = cp != rp
+        for i, j in zip(*np.nonzero(diff)):  # a running sum within rounding of the threshold
+            R = cum[i, -1]
+            q = (j + 0.5) / m * R
+            assert cp[i, j] >= 0 and rp[i, j] >= 0, (i, j)
+            assert abs(cum[i, min(cp[i, j], rp[i, j])] - q) <= 1e-12 * R, (i, j, cp[i, j], rp[i, j])
+        same = ~diff & (rp >= 0)
+        pa = np.take_along_axis(a, np.maximum(rp, 0), 1)
+        ok = (c["plps"] == r["plps"]) | (same & _f32_within(c["plps"], pa, ls[:, None]))
+        assert (ok | diff).all()
+        assert (c["plps"][rp < 0] == -np.inf).all() and (cp[rp < 0] == -1).all()
+    else:
+        assert c["pids"].shape == c["plps"].shape == (x.shape[0], 0)
+    return c, r
+
+
+def _kernel_rows(r, n, V, kind):
+    if kind == "normal":
+        return r.normal(size=(n, V)) * r.uniform(0.1, 10)
+    if kind == "peaked":
+        a = r.normal(size=(n, V))
+        a[:, r.integers(0, V)] += 60
+        return a
+    if kind == "ties":        # ties across the K-th boundary
+        return np.round(r.normal(size=(n, V)))
+    if kind == "ninf":        # -inf logits (at least one finite per row)
+        a = r.normal(size=(n, V)) * 3
+        a[r.random((n, V)) < 0.5] = -np.inf
+        a[np.arange(n), r.integers(0, V, n)] = 0.0
+        return a
+    if kind == "range":       # exps that underflow to subnormals and to 0
+        return -r.uniform(0, 800, size=(n, V)) * (r.random((n, V)) < 0.9)
+    if kind == "increasing":  # every value a new top-K candidate: the buffer compacts often
+        return np.broadcast_to(np.arange(V, dtype=np.float64), (n, V)) + r.normal(size=(n, 1))
+    return np.full((n, V), r.normal())  # flat: every value tied
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([1, 2, 7, 8, 9, 31, 300, 1023, 1024, 1025, 2100, 5000]), st.integers(1, 70),
+       st.sampled_from([0, 1, 3, 8]), st.integers(0, 2 ** 32 - 1),
+       st.sampled_from(["normal", "peaked", "ties", "ninf", "range", "increasing", "flat"]),
+       st.sampled_from(["f64", "f32", "f16", "bf16"]))
+def test_kernel_agrees_with_numpy_twin_hypothesis(V, k, m, seed, kind, dtype):
+    r = np.random.default_rng(seed)
+    a = _kernel_rows(r, 5, V, kind)
+    if dtype == "bf16":
+        raw = (a.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        check_kernel(raw, k, m, bf16=True)
+    else:
+        x = a.astype({"f64": np.float64, "f32": np.float32, "f16": np.float16}[dtype])
+        if np.isinf(x.max(1)).any():
+            return  # float16 overflow: a row refused, tested below
+        check_kernel(x, k, m)
+
+
+@pytest.mark.parametrize("V,k", [(32000, 24), (4100, 4096), (3000, 5000)])
+def test_kernel_agrees_with_numpy_twin_large(V, k):
+    r = np.random.default_rng(V)
+    a = (r.normal(size=(6, V)) * 3).astype(np.float32)
+    a[:, 100:400] = a[:, 100:101]
+    check_kernel(a, k, 8, threads=3)
+
+
+def test_kernel_same_bits_on_every_simd_path_and_thread_count():
+    r = np.random.default_rng(3)
+    a = np.concatenate([r.normal(size=(5, 2500)) * 4, _kernel_rows(r, 3, 2500, "range"),
+                        _kernel_rows(r, 3, 2500, "ninf")])
+    before = ppldelta._core.simd()
+    try:
+        outs = []
+        for isa in ppldelta._core.supported_simd():
+            ppldelta._core._set_simd(isa)
+            outs += [ppldelta._core.summarize_rows(a, 24, 8, threads=t) for t in (1, 4)]
+    finally:
+        ppldelta._core._set_simd(before)
+    for o in outs[1:]:
+        for f, v in o.items():
+            assert v.tobytes() == outs[0][f].tobytes(), f
+
+
+def test_kernel_probe_boundaries_and_ties_are_decided_as_documented():
+    # all e_i = 1: R_i = i exactly on the tail ids 1..8; probe j is the first R_i > (j + 1/2)/M R,
+    # so a running sum equal to the threshold does not take it (strict >)
+    x = np.zeros((1, 9))
+    for m, want in ((4, [2, 4, 6, 8]), (8, [1, 2, 3, 4, 5, 6, 7, 8]), (2, [3, 7])):
+        c, r = check_kernel(x, 1, m)
+        assert c["pids"][0].tolist() == r["pids"][0].tolist() == want
+        assert c["ids"][0].tolist() == [0]
+    # ties at the K-th boundary across chunks: the smaller ids, in id order
+    x = np.zeros((1, 5000))
+    x[0, [4999, 10, 3000]] = 1.0
+    c, _ = check_kernel(x, 6, 3)
+    assert c["ids"][0].tolist() == [10, 3000, 4999, 0, 1, 2]
+    # a subnormal tail total: thresholds may round up to it; then the last id, as probe_positions
+    x = np.full((1, 4), -745.0)
+    x[0, 0] = 0.0
+    c, r = check_kernel(x, 1, 3)
+    assert c["pids"][0].tolist() == r["pids"][0].tolist()
+    # K >= V: every id in order, then -1 / -inf; no tail, no probes
+    c, _ = check_kernel(np.array([[1.0, 3.0, 3.0]]), 5, 2)
+    assert c["ids"][0].tolist() == [1, 2, 0, -1, -1] and c["lps"][0, 3:].tolist() == [-np.inf] * 2
+    assert c["tail"][0] == -np.inf and c["pids"][0].tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, "all-ninf"])
+def test_kernel_refuses_bad_rows(bad):
+    a = np.zeros((4, 1500), dtype=np.float32)
+    if bad == "all-ninf":
+        a[2] = -np.inf
+    else:
+        a[2, 1200] = bad
+    with pytest.raises(ValueError, match="logits row 2 contains NaN or \\+inf, or is entirely -inf"):
+        ppldelta._core.summarize_rows(a, 4, 2, threads=2)
+    with pytest.raises(ValueError, match="row 2"):
+        rs.summarize(a, np.zeros(4, np.int64), 4)
+
+
+def test_kernel_arguments():
+    a = np.zeros((2, 5))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        ppldelta._core.summarize_rows(a, 0, 0)
+    with pytest.raises(ValueError, match="probes must be >= 0"):
+        ppldelta._core.summarize_rows(a, 1, -1)
+    with pytest.raises(TypeError, match="dtype"):
+        ppldelta._core.summarize_rows(a.astype(np.int32), 1, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        ppldelta._core.summarize_rows(np.zeros((2, 10))[:, ::2], 1, 0)
+    out = ppldelta._core.summarize_rows(np.zeros((0, 5)), 3, 2)
+    assert out["ids"].shape == (0, 3) and out["pids"].shape == (0, 2)

@@ -27,7 +27,8 @@ def test_device_path_equals_cpu_functions(k, dtype):
     ta, tb = torch.tensor(a).to(dtype), torch.tensor(b).to(dtype)
     r_cpu = rs.summarize(ta, t, k)
     r_dev = rt._summarize_device(ta, torch.tensor(t), k)
-    for f in ("token", "lp", "ids", "lps"):
+    assert rs.n_probes(r_cpu) == rs.n_probes(r_dev) == rs.DEFAULT_PROBES
+    for f in ("token", "lp", "ids", "lps", "pids", "plps"):
         assert np.array_equal(r_cpu[f], r_dev[f]), f
     for f in ("entropy", "tail", "lp_min"):
         np.testing.assert_allclose(r_dev[f], r_cpu[f], rtol=1e-13, atol=1e-13)

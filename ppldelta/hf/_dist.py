@@ -328,13 +328,14 @@ class _SkipDone:
 
     def __init__(self, writer, done):
         self.writer, self.skip = writer, set(done)
+        self.dtype, self.probes = writer.dtype, writer.probes
 
     def write_window(self, i, records):
         if i not in self.skip:
             self.writer.write_window(i, records)
 
 
-def build_sharded(ctx, ids, windows, *, out, header, k, batch_size, resume, progress, desc, build):
+def build_sharded(ctx, ids, windows, *, out, header, k, batch_size, resume, progress, desc, build, probes=None):
     """A sharded reference build: rank ``r`` writes the windows of its share to its own shard
     (``reffile.shard_path(out, r, world)``, resumable), rank 0 merges the shards into ``out``
     (``reffile.merge_shards``: the bytes of a one-process build) and removes them.  ``build(todo,
@@ -352,7 +353,7 @@ def build_sharded(ctx, ids, windows, *, out, header, k, batch_size, resume, prog
     error, w = None, None
     try:
         w = rf.ReferenceWriter(path, header, k, n_windows=len(windows), windows=range(shard.lo, shard.hi),
-                               resume=resume)
+                               resume=resume, probes=probes)
         done = w.done
         todo, skipped = [], 0
         for b0 in range(shard.lo, shard.hi, batch_size):

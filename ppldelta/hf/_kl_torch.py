@@ -24,16 +24,35 @@ def log_probs_rows(logits_rows, targets):
     logits on an accelerator are upcast to float64 there (MPS, which has no float64, copies the
     row chunk to the CPU kernel)."""
     if logits_rows.device.type in ("cpu", "mps"):
-        return _logits.token_log_probs(logits_rows, targets)
+        return _logits.token_log_probs(logits_rows, targets, threads=cpu_threads(logits_rows))
     return log_probs_rows_torch(logits_rows, targets)
+
+
+#: Logits per thread of the C row kernels (about 0.5 ms of work): smaller chunks run on one
+#: thread, since starting threads (and waking cores that torch's pool keeps busy) costs more.
+THREAD_GRAIN = 1 << 20
+
+
+def cpu_threads(rows):
+    """Threads of the C row kernels for a chunk ``rows`` (shape (..., vocab)): torch's intra-op
+    thread count (what the forward uses; ``torch.set_num_threads`` bounds both), fewer for a
+    small chunk.  Rows are independent, so the values do not depend on it."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), rows.numel() // THREAD_GRAIN))
 
 
 def log_probs_rows_torch(logits_rows, targets):
     """The accelerator branch of :func:`log_probs_rows`: float64 log-softmax where the logits are."""
     import torch
 
-    t = torch.as_tensor(targets).to(logits_rows.device, torch.long)[:, None]
-    lp = torch.log_softmax(logits_rows.double(), dim=-1).gather(-1, t).squeeze(-1)
+    from . import _fused
+
+    dev = logits_rows.device
+    t = torch.as_tensor(targets).to(dev, torch.long, non_blocking=dev.type == "cuda")
+    if _fused.usable(logits_rows):  # one fused kernel per batch (Triton on CUDA)
+        return _fused.log_probs_rows(logits_rows, t).cpu().numpy()
+    lp = torch.log_softmax(logits_rows.double(), dim=-1).gather(-1, t[:, None]).squeeze(-1)
     return lp.cpu().numpy()
 
 
@@ -41,7 +60,7 @@ def kl_stats(lo, lq):
     """Per-row KL and top-k agreement of two logit chunks: the C kernels for CPU tensors, torch
     otherwise (log-probs come from :func:`log_probs_rows`)."""
     if lo.device.type == "cpu" and lq.device.type == "cpu":
-        return _logits.kl_divergence(lo, lq)
+        return _logits.kl_divergence(lo, lq, threads=cpu_threads(lo))
     return kl_stats_torch(lo, lq)
 
 

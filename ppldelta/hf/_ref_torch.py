@@ -12,6 +12,20 @@ from .. import refstats
 from ._kl_torch import log_probs_rows
 
 
+def _host_side(x):
+    """CPU and MPS tensors, and arrays that are no tensor (NumPy: llama.cpp's logits), go to the
+    CPU functions."""
+    return getattr(getattr(x, "device", None), "type", "cpu") in ("cpu", "mps")
+
+
+def _host_threads(x):
+    """Threads of the C kernels for host rows: torch's (``_kl_torch.cpu_threads``) for a tensor,
+    one for a NumPy array."""
+    from ._kl_torch import cpu_threads
+
+    return cpu_threads(x) if hasattr(x, "numel") and callable(x.numel) else 1
+
+
 def _rows(x):
     V = x.shape[-1]
     return x.reshape(-1, V), V
@@ -46,15 +60,28 @@ def _topk_sorted_torch(x, k):
     return torch.gather(idx, 1, order)
 
 
-def summarize_torch(logits, targets, k: int = refstats.DEFAULT_K, *, ignore_index=-100):
+def summarize_torch(logits, targets, k: int = refstats.DEFAULT_K, *, probes: int = refstats.DEFAULT_PROBES,
+                    ignore_index=-100):
     """``refstats.summarize`` for a logits tensor on any device (targets: one id per row, none
     equal to ignore_index); the records come back as a NumPy structured array."""
-    if logits.device.type in ("cpu", "mps"):
-        return refstats.summarize(logits, targets, k, ignore_index=ignore_index)
-    return _summarize_device(logits, targets, k, ignore_index)
+    if _host_side(logits):
+        return refstats.summarize(logits, targets, k, probes=probes, ignore_index=ignore_index,
+                                  threads=_host_threads(logits))
+    return _summarize_device(logits, targets, k, ignore_index, probes=probes)
 
 
-def _summarize_device(logits, targets, k, ignore_index=-100):
+def _probe_positions_torch(cum, m):
+    """refstats.probe_positions on the device."""
+    import torch
+
+    V = cum.shape[1]
+    tot = cum[:, -1:]
+    thr = (torch.arange(m, device=cum.device, dtype=torch.float64) + 0.5) / m * tot
+    pos = torch.searchsorted(cum.contiguous(), thr.contiguous(), right=True).clamp_(max=V - 1)
+    return torch.where(tot > 0, pos, torch.full_like(pos, -1))
+
+
+def _summarize_device(logits, targets, k, ignore_index=-100, probes=refstats.DEFAULT_PROBES):
     """The device path of summarize_torch (any device; tests run it on CPU tensors)."""
     import torch
 
@@ -68,7 +95,8 @@ def _summarize_device(logits, targets, k, ignore_index=-100):
         raise ValueError(f"targets outside the vocabulary [0, {V})")
     k = int(k)
     kk = min(k, V)
-    out = np.zeros(t.numel(), dtype=refstats.RECORD_DTYPE(k))
+    m = int(probes)
+    out = np.zeros(t.numel(), dtype=refstats.RECORD_DTYPE(k, m))
     out["token"] = tn
     step = _step(V)
     with torch.no_grad():
@@ -97,10 +125,17 @@ def _summarize_device(logits, targets, k, ignore_index=-100):
             if kk < k:
                 out["ids"][sl, kk:] = -1
                 out["lps"][sl, kk:] = -np.inf
+            if m and kk < V:
+                pos = _probe_positions_torch(torch.cumsum(e, 1), m)
+                pl = torch.gather(a, 1, pos.clamp(min=0))
+                out["pids"][sl] = _host(pos)
+                out["plps"][sl] = _host(torch.where(pos >= 0, pl, torch.full_like(pl, float("-inf"))).float())
+            elif m:
+                out["pids"][sl], out["plps"][sl] = -1, -np.inf
     return out
 
 
-def _parts_torch(y, ids_np, M):
+def _parts_torch(y, ids_np, M, pids_np=None):
     """refstats.parts_rows on the device: the dict of O(K + M) values per row, on the host."""
     import torch
 
@@ -125,6 +160,10 @@ def _parts_torch(y, ids_np, M):
     out = {"V": V, "M": M}
     bS = torch.gather(b, 1, idc)
     out["bS"] = _host(torch.where(valid, bS, torch.full_like(bS, float("nan"))))
+    if pids_np is not None:
+        pids = torch.as_tensor(pids_np, device=dev, dtype=torch.long)
+        bP = torch.gather(b, 1, pids.clamp(min=0))
+        out["bP"] = _host(torch.where(pids >= 0, bP, torch.full_like(bP, float("nan"))))
     out["HQ"] = _host(-qb.sum(1))
     out["zq"] = _host(torch.where(q > 0, q * (1 + b.abs()) ** 2, zero).sum(1))
     out["bmax"] = _host(torch.where(fin, -b, zero).max(1).values)
@@ -148,8 +187,8 @@ def _parts_torch(y, ids_np, M):
 def compare_torch(quantized_logits, records):
     """``refstats.compare`` for a logits tensor on any device: same dict of per-token arrays."""
     rec = refstats.check_records(records)
-    if quantized_logits.device.type in ("cpu", "mps"):
-        return refstats.compare(quantized_logits, rec)
+    if _host_side(quantized_logits):
+        return refstats.compare(quantized_logits, rec, threads=_host_threads(quantized_logits))
     return _compare_device(quantized_logits, rec)
 
 
@@ -169,6 +208,7 @@ def _compare_device(quantized_logits, rec):
             if torch.isnan(y).any() or (y == float("inf")).any() or (y == float("-inf")).all(1).any():
                 raise ValueError("logits rows must be free of NaN and +inf, and not all -inf")
             lq.append(log_probs_rows(y_all[r0:r0 + step], t[r0:r0 + step]))
-            chunks.append(_parts_torch(y, rec["ids"][r0:r0 + step], M))
+            chunks.append(_parts_torch(y, rec["ids"][r0:r0 + step], M,
+                                       rec["pids"][r0:r0 + step] if refstats.n_probes(rec) else None))
     out = refstats.finish(refstats.concat_parts(chunks), rec)
     return refstats.assemble(out, rec["lp"].astype(np.float64), np.concatenate(lq))

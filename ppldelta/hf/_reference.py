@@ -149,7 +149,7 @@ def _tokenizer_entry(tok) -> dict | None:
 
 
 def reference_header(*, model: dict, tokenizer: dict | None, ids, protocol: dict, windows, k: int,
-                     text: dict | None = None, source: dict | None = None) -> dict:
+                     text: dict | None = None, source: dict | None = None, probes: int | None = None) -> dict:
     """The provenance header of a reference (see the module docstring); deterministic (no
     timestamps), so that a resumed build writes the same bytes."""
     tokens = encode_ids(ids)
@@ -157,7 +157,8 @@ def reference_header(*, model: dict, tokenizer: dict | None, ids, protocol: dict
             "tokenizer_sha256": tokenizer["vocab_sha256"] if tokenizer else None,
             "tokens_sha256": tokens["sha256"], "tokens": tokens, "text": text, "protocol": protocol,
             "window_records": [int(w.b - w.a) for w in windows],
-            "k": int(k), "versions": _versions(), "source": source}
+            "k": int(k), "probes": _stats().DEFAULT_PROBES if probes is None else int(probes),
+            "versions": _versions(), "source": source}
 
 
 def _protocol_entry(spec, windows, L, S, n, bos, bos_from) -> dict:
@@ -185,12 +186,12 @@ def _tokenizer_for(tokenizer, model):
     return _load.load_tokenizer(tokenizer, model)
 
 
-def _summarize(logits_rows, targets, k):
+def _summarize(logits_rows, targets, k, probes):
     """Records of one row chunk, computed where the logits are (``_ref_torch`` dispatches: the
     CPU functions for CPU and MPS tensors, the torch twin elsewhere)."""
     from . import _ref_torch
 
-    return _ref_torch.summarize_torch(logits_rows, targets, k)
+    return _ref_torch.summarize_torch(logits_rows, targets, k, probes=probes)
 
 
 def _compare(logits_rows, records):
@@ -200,6 +201,12 @@ def _compare(logits_rows, records):
 
 
 # ---------------------------------------------------------------------------- build
+def _own_loop(model):
+    """The window loop of a model that brings its own (``run_windows``'s signature; NumPy ids and
+    logits, no torch): ``ppldelta.llamacpp``'s GGUF models.  None for a torch model."""
+    return getattr(model, "ppldelta_run_windows", None)
+
+
 def _token_bar(windows, desc, progress):
     return _progress(int(sum(w.b - w.a for w in windows)), desc, progress, unit="tok")
 
@@ -213,7 +220,7 @@ def build_windows(model, ids, windows, todo, writer, k, *, batch_size=1, device=
     sub = [windows[i] for i in todo]
     parts: list = []
     nxt = [0]  # position in todo of the next window to write
-    rd = _stats().RECORD_DTYPE(k)
+    rd = writer.dtype
     bar = _token_bar(sub, desc, progress)
 
     def flush_until(j):  # windows that score nothing are never seen by on_rows: write them empty
@@ -222,7 +229,7 @@ def build_windows(model, ids, windows, todo, writer, k, *, batch_size=1, device=
             nxt[0] += 1
 
     def on_rows(j, r0, r1, chunks, targets):
-        parts.append(np.asarray(_summarize(chunks[0], targets, k)))
+        parts.append(np.asarray(_summarize(chunks[0], targets, k, writer.probes)))
         if bar is not None:
             bar.update(r1 - r0)
         if r1 == sub[j].b:
@@ -233,8 +240,8 @@ def build_windows(model, ids, windows, todo, writer, k, *, batch_size=1, device=
             nxt[0] = j + 1
 
     try:
-        run_windows([model], ids, sub, batch_size=batch_size, device=device, progress=False,
-                    desc=desc, on_rows=on_rows, on_batch=on_batch)
+        (_own_loop(model) or run_windows)([model], ids, sub, batch_size=batch_size, device=device,
+                                          progress=False, desc=desc, on_rows=on_rows, on_batch=on_batch)
         flush_until(len(sub))
     finally:
         if bar is not None:
@@ -250,6 +257,18 @@ def _same_header(stored: dict, header: dict):
         if stored.get(key) != val:
             return key
     return None
+
+
+def _finished(out, header) -> bool:
+    """Whether ``out`` is a finished reference of ``header`` (a resumed build returns it as it is);
+    False when there is no ``out``; a ValueError when it holds a different reference."""
+    if not os.path.exists(out):
+        return False
+    bad = _same_header(_file().read_reference(out).header, header)
+    if bad is None:
+        return True
+    raise ValueError(f"{out} exists and holds a different reference (its {bad!r} differs): "
+                     "remove it or pass resume=False to overwrite")
 
 
 def _prepare(model, texts, input_ids, tokenizer, protocol, max_length, stride, bos_token_id, join,
@@ -282,7 +301,7 @@ def _adaptids(input_ids):
 def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=None, protocol="sliding",
                     max_length=None, stride=None, k=None, batch_size=1, device=None, progress=True,
                     resume=True, bos_token_id=None, join=None, add_special_tokens=None,
-                    load_kwargs=None) -> str:
+                    load_kwargs=None, probes=None) -> str:
     """Score ``model`` (the original) once and write its reference file to ``out``.
 
     ``model``: a loaded causal LM, or a hub id / local path (loaded with :func:`load_model`
@@ -291,7 +310,8 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
     with ``tokenizer``, default the model's own) or ``input_ids`` (one sequence).
     ``protocol`` / ``max_length`` / ``stride`` / ``bos_token_id``: as for :func:`ppldelta.hf.score`
     (per-token protocols only).  ``k``: top-K log-probs kept per scored token (default
-    ``refstats.DEFAULT_K`` = 32).  ``device``: where the input ids go (the model is not moved);
+    ``refstats.DEFAULT_K`` = 24); ``probes``: tail probes per scored token (default
+    ``refstats.DEFAULT_PROBES`` = 8; 0 writes records without probes).  ``device``: where the input ids go (the model is not moved);
     logits are summarized on the model's device.
 
     The file is written window by window (``out.part`` plus a journal) and renamed to ``out``
@@ -305,6 +325,9 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
     k = rs.DEFAULT_K if k is None else int(k)
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    probes = rs.DEFAULT_PROBES if probes is None else int(probes)
+    if probes < 0:
+        raise ValueError(f"probes must be >= 0, got {probes}")
     if not is_model(model):
         model = load_model(model, **(load_kwargs or {}))
     spec, tok, ids_np, text_entry = _prepare(model, texts, input_ids, tokenizer, protocol, max_length,
@@ -317,28 +340,23 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
                    "weights_sha256": weights_sha256(model)}
     header = reference_header(model=model_entry, tokenizer=_tokenizer_entry(tok), ids=ids_np,
                               protocol=_protocol_entry(spec, windows, L, S, n, bos, bos_from),
-                              windows=windows, k=k, text=text_entry,
+                              windows=windows, k=k, text=text_entry, probes=probes,
                               source={"kind": "model", "logits": "full precision of the model's forward; "
                                       "log-sum-exp and log-probs in float64"})
     out = os.fspath(out)
-    if resume and os.path.exists(out):
-        stored = rf.read_reference(out).header
-        bad = _same_header(stored, header)
-        if bad is None:
-            return out
-        raise ValueError(f"{out} exists and holds a different reference (its {bad!r} differs): "
-                         "remove it or pass resume=False to overwrite")
+    if resume and _finished(out, header):
+        return out
     ids = as_ids(ids_np)
     ctx = _dist.context()
     if ctx is not None:  # under torchrun: a shard per rank, merged by rank 0 (hf/_dist.py)
         desc = f"reference ({spec.name}, K={k})"
         return _dist.build_sharded(
             ctx, ids, windows, out=out, header=header, k=k, batch_size=batch_size, resume=resume,
-            progress=progress, desc=desc,
+            progress=progress, desc=desc, probes=probes,
             build=lambda todo, writer, on_batch: build_windows(
                 model, ids, windows, todo, writer, k, batch_size=batch_size, device=device,
                 progress=False, desc=desc, on_batch=on_batch))
-    with rf.ReferenceWriter(out, header, k, n_windows=len(windows), resume=resume) as w:
+    with rf.ReferenceWriter(out, header, k, n_windows=len(windows), resume=resume, probes=probes) as w:
         todo = [i for i in range(len(windows)) if i not in w.done]
         build_windows(model, ids, windows, todo, w, k, batch_size=batch_size, device=device,
                       progress=progress, desc=f"reference ({spec.name}, K={k})")
@@ -385,8 +403,8 @@ def eval_windows(model, ids, windows, todo, records, offs, cols, *, batch_size=1
             bar.update(r1 - r0)
 
     try:
-        run_windows([model], ids, sub, batch_size=batch_size, device=device, progress=False,
-                    desc=desc, on_rows=on_rows, on_batch=on_batch)
+        (_own_loop(model) or run_windows)([model], ids, sub, batch_size=batch_size, device=device,
+                                          progress=False, desc=desc, on_rows=on_rows, on_batch=on_batch)
     finally:
         if bar is not None:
             bar.close()
@@ -421,6 +439,28 @@ def _check_tokens(header, texts, input_ids, tokenizer, model):
     return decode_ids(stored), tok
 
 
+def _n_weights(model):
+    """The parameter count of ``model``'s architecture unquantized: its class built from its config
+    on the meta device (no memory), so packed 4-bit / int8 weights (bitsandbytes, quanto, GPTQ)
+    count as the weights they stand for and tied embeddings once; None when that cannot be built
+    (a model that is not a transformers PreTrainedModel).  A model object that brings its own loop
+    (``_own_loop``) may bring its count too: ``ppldelta_n_weights`` (a number or a method)."""
+    import copy
+
+    own = getattr(model, "ppldelta_n_weights", None)
+    if own is not None:
+        return int(own() if callable(own) else own)
+    if getattr(model, "config", None) is None or not hasattr(type(model), "config_class"):
+        return None
+    try:
+        torch = torch_module()
+        with torch.device("meta"):
+            m = type(model)(copy.deepcopy(model.config))
+        return int(sum(p.numel() for p in m.parameters()))
+    except Exception:  # a model that cannot be rebuilt from its config: the size per weight is unknown
+        return None
+
+
 def compare_to_reference(model, reference, *, texts=None, input_ids=None, tokenizer=None, protocol=None,
                          batch_size=1, device=None, progress=True, verify=True, bos_token_id=None,
                          load_kwargs=None) -> dict:
@@ -429,7 +469,8 @@ def compare_to_reference(model, reference, *, texts=None, input_ids=None, tokeni
     quantized_log_probs, same_top1, top1_in_top5/10, delta_p, kld, kld_lo, kld_hi, kld_reverse,
     kld_reverse_lo, kld_reverse_hi), each one value per scored token in the reference's order,
     plus ``target_positions`` (index of each scored target in the token ids), ``protocol`` (a
-    dict) and ``n_tokens``.  Arguments as for :func:`evaluate_against_reference`."""
+    dict), ``n_tokens`` and ``n_weights`` (the parameter count of the model's architecture
+    unquantized, or None).  Arguments as for :func:`evaluate_against_reference`."""
     ref = _open(reference)
     if getattr(ref, "is_shard", False):
         raise ValueError(f"{ref.path} is one shard of a reference: merge the shards first "
@@ -467,7 +508,7 @@ def compare_to_reference(model, reference, *, texts=None, input_ids=None, tokeni
         raise ValueError("the reference's records do not predict its tokens (a damaged file)")
     cols = {key: np.empty(m, dtype=bool if key.startswith(("same", "top1")) else np.float64)
             for key in COLUMNS}
-    ids, desc = as_ids(ids_np), f"evaluate ({spec.name}, K={header.get('k')})"
+    ids, desc = ids_np if _own_loop(model) else as_ids(ids_np), f"evaluate ({spec.name}, K={header.get('k')})"
     ctx = _dist.context()
     if ctx is None:
         eval_windows(model, ids, windows, list(range(len(windows))), records, offs, cols,
@@ -481,6 +522,7 @@ def compare_to_reference(model, reference, *, texts=None, input_ids=None, tokeni
                       columns=list(cols.values()), offs=offs)
     cols["target_positions"] = positions
     cols["n_tokens"] = n
+    cols["n_weights"] = _n_weights(model)
     cols["protocol"] = {
         "name": spec.name, "max_length": p["max_length"], "stride": p.get("stride"), "n_scored": m,
         "n_tokens": n, "bos": None if bos in (None, False) else int(bos),
@@ -510,6 +552,8 @@ def evaluate_against_reference(model, reference, *, texts=None, input_ids=None, 
     of the predicted token is used).  ``verify``: check the file's checksum first.
     ``bos_token_id``: only for a converted llama.cpp file, which does not say whether BOS was
     written (default: the tokenizer's, else the model config's, as llama-perplexity).
+    The report's ``per_token`` attribute holds :func:`compare_to_reference`'s dict (the
+    per-token arrays, plus ``n_weights``); it is not part of ``to_dict()``.
     """
     c = compare_to_reference(model, reference, texts=texts, input_ids=input_ids, tokenizer=tokenizer,
                              protocol=protocol, batch_size=batch_size, device=device, progress=progress,
@@ -520,10 +564,12 @@ def evaluate_against_reference(model, reference, *, texts=None, input_ids=None, 
         if g.size != c["n_tokens"]:
             raise ValueError(f"groups has {g.size} labels for {c['n_tokens']} input tokens (one per token)")
         g = g[c["target_positions"]]
-    return analysis.analyze(
+    rep = analysis.analyze(
         c["original_log_probs"], c["quantized_log_probs"], groups=g, kld=c["kld"],
         kld_reverse=c["kld_reverse"], same_top1=c["same_top1"], top1_in_top5=c["top1_in_top5"],
         top1_in_top10=c["top1_in_top10"], kld_bounds=(c["kld_lo"], c["kld_hi"]),
         kld_reverse_bounds=(c["kld_reverse_lo"], c["kld_reverse_hi"]), expected=expected,
         kld_definition=f"reference top-K estimate (K={c['protocol']['notes']['k']})",
         protocol=c["protocol"], **analyze_kwargs)
+    rep.per_token = c  # not part of to_dict(): the arrays behind the report, for saving them
+    return rep

@@ -157,13 +157,22 @@ def _forward_logits(model, x, mask, first_row, use_keep, use_cache_kw):
 
 
 def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_rows, index0=0,
-                on_batch=None):
+                on_batch=None, overlap=None):
     """Run ``models`` in lock step over ``windows`` (``batch_size`` windows per forward) and call
     ``on_rows(window_index, r0, r1, [logits rows of each model], targets)`` for every row chunk
-    of the scored positions ``r0 .. r1-1`` (absolute).  Only one batch's logits are alive at a
-    time: every reference is dropped before the next forward.  ``windows`` may be a slice of a
-    plan starting at window ``index0`` (window indices passed on are absolute); ``on_batch(n)``
-    is called after each batch with its number of scored tokens (``_dist`` syncs there)."""
+    of the scored positions ``r0 .. r1-1`` (absolute).  ``windows`` may be a slice of a plan
+    starting at window ``index0`` (window indices passed on are absolute); ``on_batch(n)`` is
+    called after each batch with its number of scored tokens (``_dist`` syncs there).
+
+    ``overlap`` (default: on where a model is not on the CPU): the ``on_rows`` calls of batch i
+    run on one worker thread, in window order, while batch i+1's forward runs; a batch's rows
+    are all done (or their exception raised here) before the next batch's are handed over.  On
+    an accelerator the host then waits for batch i's per-token values while the device computes
+    batch i+1, instead of the device waiting for the host.  The forwards see the same inputs
+    either way (the same bits); the price is that two batches' logits are alive at a time.
+    Without it, every reference to a batch's logits is dropped before the next forward (the CPU
+    default: there the row kernels use all of torch's threads after the forward instead of
+    competing with it for the same cores; benchmarks/bench_throughput.py measures both)."""
     torch = torch_module()
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -177,7 +186,41 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
         _check_positions(m, longest)
     bar = _progress(len(windows), desc, progress)
     t0 = time.perf_counter()
-    done = 0
+    done = [0]
+
+    def post(i0, batch, box):  # every row chunk of one batch, in window order
+        outs = box.pop()  # the only reference from here on: gone when this returns
+        with torch.no_grad():
+            rows = max(1, _kl_torch.ROW_BUDGET // max(1, outs[0][0].shape[-1]))
+            for j, w in enumerate(batch):
+                for r0 in range(w.a, w.b, rows):
+                    r1 = min(r0 + rows, w.b)
+                    chunks = [lg[j, r0 - w.start - f:r1 - w.start - f] for lg, f in outs]
+                    try:
+                        on_rows(index0 + i0 + j, r0, r1, chunks, ids[r0 + 1:r1 + 1])
+                    except ValueError as e:  # the kernels count rows from r0: say where that is
+                        raise ValueError(f"{e} (row k of this chunk predicts input_ids[{r0 + 1} + k], "
+                                         f"window {index0 + i0 + j} = input_ids[{w.start}:{w.end}])") from e
+                    del chunks
+        return batch
+
+    def finished(batch):  # after a batch's on_rows calls: progress, then the caller's hook
+        done[0] += sum(w.end - w.start for w in batch)
+        if bar is not None:
+            bar.update(len(batch))
+            dt = time.perf_counter() - t0
+            if dt > 0:
+                bar.set_postfix(tok_s=f"{done[0] / dt:,.0f}", refresh=False)
+        if on_batch is not None:
+            on_batch(sum(w.b - w.a for w in batch))
+
+    pool = pending = None
+    if overlap is None:
+        overlap = any(d.type != "cpu" for d in devs)
+    if overlap and len(windows) > batch_size:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ppldelta-rows")
     try:
         # no_grad, not inference_mode: tensor-subclass quantizers (optimum-quanto, torchao) set
         # version counters in their forward, which inference tensors refuse
@@ -201,30 +244,26 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
                 first_row = min(w.a - w.start for w in batch)  # window rows before it are unused
                 outs = []
                 for m, dev, uk, uc in zip(models, devs, use_keep, use_cache):
-                    outs.append(_forward_logits(m, x.to(dev), None if mask is None else mask.to(dev),
+                    # non_blocking: a host-to-device copy that does not wait for the device's queue
+                    nb = dev.type == "cuda"
+                    outs.append(_forward_logits(m, x.to(dev, non_blocking=nb),
+                                                None if mask is None else mask.to(dev, non_blocking=nb),
                                                 first_row, uk, uc))
-                vocab = outs[0][0].shape[-1]
-                rows = max(1, _kl_torch.ROW_BUDGET // max(1, vocab))
-                for j, w in enumerate(batch):
-                    for r0 in range(w.a, w.b, rows):
-                        r1 = min(r0 + rows, w.b)
-                        chunks = [lg[j, r0 - w.start - f:r1 - w.start - f] for lg, f in outs]
-                        try:
-                            on_rows(index0 + i0 + j, r0, r1, chunks, ids[r0 + 1:r1 + 1])
-                        except ValueError as e:  # the kernels count rows from r0: say where that is
-                            raise ValueError(f"{e} (row k of this chunk predicts input_ids[{r0 + 1} + k], "
-                                             f"window {index0 + i0 + j} = input_ids[{w.start}:{w.end}])") from e
-                        del chunks
-                del outs, x, mask  # drop this batch's logits before the next forward
-                done += sum(w.end - w.start for w in batch)
-                if bar is not None:
-                    bar.update(len(batch))
-                    dt = time.perf_counter() - t0
-                    if dt > 0:
-                        bar.set_postfix(tok_s=f"{done / dt:,.0f}", refresh=False)
-                if on_batch is not None:
-                    on_batch(sum(w.b - w.a for w in batch))
+                del x, mask
+                if pool is None:
+                    finished(post(i0, batch, [outs]))
+                else:  # batch i-1's rows are done (or raise) before batch i's are handed over
+                    if pending is not None:
+                        fut, pending = pending, None
+                        finished(fut.result())
+                    pending = pool.submit(post, i0, batch, [outs])
+                del outs  # this batch's logits live on only in the worker's hands
+            if pending is not None:
+                fut, pending = pending, None
+                finished(fut.result())
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         if bar is not None:
             bar.close()
 
@@ -241,6 +280,9 @@ def score(model, input_ids, *, max_length=None, stride=None, batch_size=1, proto
     2048 for gptq); ``stride``: sliding and hf only (default ``max_length // 2``).
     ``batch_size``: windows per forward (padded with an attention mask where lengths differ).
     ``device``: where the input ids go (default: the model's device; the model is not moved).
+    On an accelerator the per-token work of batch i runs while batch i+1's forward does (two
+    batches' logits alive at a time); on the CPU one batch's logits at a time, and the row
+    kernel uses torch's thread count (``torch.set_num_threads``).
 
     ``bos_token_id`` (``"llama.cpp"`` only): the id written over each chunk's first token, or
     False for none; by default the vocabulary decides, as in llama.cpp: ``tokenizer`` (an object
