@@ -51,21 +51,23 @@ padded batch equals the unbatched forward there), only under eager attention; pa
 position ids alone (the flash-attention varlen convention) is wrong under both (logits off by ~2).
 
 Measured on one NVIDIA H100 80GB (torch 2.11.0+cu130, transformers 5.17; ``scripts/gpu_check.sh``,
-2026-11-27), fraction of the forward-only throughput kept, each table from one run:
+2026-11-27), fraction of the forward-only throughput kept (median of the rounds' ratios; the
+tok/s columns are best times), each row from one run:
 
-    model (random Llama, vocab 32000)          forward tok/s   transformers   ppldelta   ppldelta (log_softmax of a float64 copy)
-    float32, hidden 1024, 8 layers, seq 1024   100,436         0.982          0.968      0.912
-    bfloat16, same                             793,514         0.833          0.891      0.691
-    float32, hidden 256, 4 layers, seq 256     225,654         0.935          0.821      0.830
+    model (random Llama, vocab 32000)          forward tok/s   transformers   ppldelta   ppldelta before
+    float32, hidden 1024, 8 layers, seq 1024   100,367         0.984          0.980      0.912
+    bfloat16, same                             797,737         0.823          0.870      0.691
+    float32, hidden 256, 4 layers, seq 256     222,132         0.983          0.914      0.830
 
-On CUDA the per-token log-prob is one fused Triton kernel per batch (``hf/_fused.py``: row max,
+On CUDA the per-token log-prob is one fused Triton kernel per window (``hf/_fused.py``: row max,
 then float32 exps summed in float64, the C kernel's precision; each row read twice, one float64
 written), run in the worker thread while the next forward runs; only one float64 per token
-crosses the bus.  The previous path (``log_softmax`` of a float64 copy of the rows, last
-column, from an earlier run on the same kind of machine) cost a bfloat16 model 31 % of its
-throughput.  The target (>= 0.95 of the forward) is met for the float32 model of realistic
-shape, not for bfloat16 (0.89, where the forward itself is 8x faster and per-batch
-synchronisation shows; transformers' own loss loop keeps 0.83 there) nor for the tiny model.
+crosses the bus.  "Before" is the earlier path (``log_softmax`` of a float64 copy of the rows,
+handed over in chunks of 2^21 logits, each a launch and a synchronisation), measured on the same
+kind of machine the same day.  The target (>= 0.95 of the forward) is met for the float32 model
+of realistic shape (0.98), not for bfloat16 (0.87: that forward is 8x faster, so the per-window
+launches and the host's waits show; transformers' own loss loop keeps 0.82 there) nor for the
+tiny float32 model (0.91).
 
 What is left: a forward that hands the row kernel its logits in row chunks while they are in
 cache (a chunked ``lm_head``; matmuls of other shapes are not guaranteed the same bits), a

@@ -188,11 +188,15 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
     t0 = time.perf_counter()
     done = [0]
 
+    whole = all(d.type == "cuda" for d in devs)
+
     def post(i0, batch, box):  # every row chunk of one batch, in window order
         outs = box.pop()  # the only reference from here on: gone when this returns
         with torch.no_grad():
             rows = max(1, _kl_torch.ROW_BUDGET // max(1, outs[0][0].shape[-1]))
             for j, w in enumerate(batch):
+                if whole:  # on CUDA a window is one chunk: the consumers bound their own temporaries,
+                    rows = max(rows, w.b - w.a)  # and each chunk costs a launch and a sync
                 for r0 in range(w.a, w.b, rows):
                     r1 = min(r0 + rows, w.b)
                     chunks = [lg[j, r0 - w.start - f:r1 - w.start - f] for lg, f in outs]
