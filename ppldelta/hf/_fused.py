@@ -60,6 +60,12 @@ def log_probs_rows(rows, targets):
         rows = rows.contiguous()
     n, V = rows.shape
     t = targets.to(rows.device, torch.long).contiguous()
+    if t.shape != (n,):
+        raise ValueError(f"targets has shape {tuple(t.shape)} for {n} logits rows")
+    bad = ((t < 0) | (t >= V)).nonzero()
+    if bad.numel():  # the kernel reads row[target]: never out of bounds
+        r = int(bad[0, 0])
+        raise ValueError(f"targets[{r}] = {int(t[r])} is outside the vocabulary [0, {V})")
     out = torch.empty(n, dtype=torch.float64, device=rows.device)
     _kernel()[(n,)](rows, t, out, V, rows.stride(0), BLOCK=2048)
     return out
