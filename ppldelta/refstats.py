@@ -303,6 +303,13 @@ def _waterfill(qtop, btop, Qbeyond, qbT, P, cap):
     return W, C, Y
 
 
+def _row_var(x, mask):
+    """Per row, the sample variance (divisor count - 1) of ``x`` where ``mask``; 0 below 2 values."""
+    cnt = mask.sum(1)
+    mu = np.where(mask, x, 0.0).sum(1) / np.maximum(cnt, 1)
+    return np.where(cnt > 1, (np.where(mask, x - mu[:, None], 0.0) ** 2).sum(1) / np.maximum(cnt - 1, 1), 0.0)
+
+
 def _probe_estimates(rec, parts, pt, l, lf, bS, qS, PT, QT, F_old, R_old):
     """The KL estimates from the tail probes (docs/reference-bounds.md, "Estimate"): with
     c = log(P_T / Q_T) and δ_i = a_i - b_i - c, the tail's normalised distributions satisfy
@@ -325,11 +332,8 @@ def _probe_estimates(rec, parts, pt, l, lf, bS, qS, PT, QT, F_old, R_old):
         stored_f = (pt * (np.where(lf, l, 0.0) - bS)).sum(1)
         stored_r = -(qS * (np.where(lf, l, 0.0) - bS)).sum(1)
         F = stored_f + PT * c + PT * fwd.sum(1) / m
-        dm = np.where(pv, d, 0.0).sum(1) / m
-        dv = np.where(cnt > 1, (np.where(pv, d - dm[:, None], 0.0) ** 2).sum(1) / np.maximum(cnt - 1, 1), 0.0)
-        R = stored_r - QT * c + QT * dv / 2
-        s2 = np.where(cnt > 1, (np.where(pv, fwd - (fwd.sum(1) / m)[:, None], 0.0) ** 2).sum(1)
-                      / np.maximum(cnt - 1, 1), 0.0)
+        R = stored_r - QT * c + QT * _row_var(d, pv) / 2
+        s2 = _row_var(fwd, pv)
         var = np.where(use & np.isfinite(s2), PT * PT * s2 / m, 0.0)
     return np.where(use, F, F_old), np.where(use & np.isfinite(R), R, R_old), var
 
@@ -404,17 +408,12 @@ def finish(parts, records):
         W = np.where(PTp > 0, np.minimum(W1, W2), 0.0)
         F_lo_wf = gmin.sum(1) + W - M64 * (1 + np.abs(W))
         F_lo = np.maximum(np.maximum(F_lo_lin, F_lo_wf), 0.0)
-        _, C_est, Y_est = _waterfill(qtop, top, Qb, qbT, PT, cap_pt)
+        W_est, C_est, Y_est = _waterfill(qtop, top, Qb, qbT, PT, cap_pt)
         # second order: within the tail, p_i / q_i varies as the stored tokens' log-ratios do;
         # KL(p_tail || q_tail) ~ P_T Var(a - b) / 2 (docs/reference-bounds.md, "Estimate")
         ok = valid & lf & np.isfinite(bS)
-        cnt = ok.sum(1)
-        dd = np.where(ok, l - bSf, 0.0)
-        mu = dd.sum(1) / np.maximum(cnt, 1)
-        var = np.where(cnt > 1, (np.where(ok, dd - mu[:, None], 0.0) ** 2).sum(1) / np.maximum(cnt - 1, 1), 0.0)
-        corr = var / 2 if TAIL_VARIANCE else 0.0
+        corr = _row_var(np.where(ok, l - bSf, 0.0), ok) / 2 if TAIL_VARIANCE else 0.0
         if TAIL_VARIANCE:
-            W_est, _, _ = _waterfill(qtop, top, Qb, qbT, PT, cap_pt)
             F_est = (pt * (np.where(lf, l, 0.0) - bSf)).sum(1) + np.where(PT > 0, W_est, 0.0) + PT * corr
         else:
             F_est = -H - (pt * bSf).sum(1) - np.where(PT > 0, Y_est, 0.0)
