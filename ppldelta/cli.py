@@ -59,8 +59,13 @@ SOURCE is a reference file (ppldelta reference build), a llama.cpp --kl-divergen
 QUANT: Hugging Face ids or local paths (quantization configs are read from them); the loading
   arguments apply to every model. A .gguf file (SOURCE or QUANT) runs through llama-cpp-python
   (pip install llama-cpp-python; the loading arguments do not apply), SOURCE under the llama.cpp
-  protocol (--max-length is n_ctx, --text is read as llama-perplexity -f reads it). The tokens are the reference's own; --text is checked
-  against them (a different tokenizer or text is refused).
+  protocol (--max-length is n_ctx, one --text FILE is read as llama-perplexity -f reads it). The
+  tokens are the reference's own; --text is checked against them (a different tokenizer or text
+  is refused).
+Groups: several --text files (--text prose=wiki.txt --text code=src.txt) are joined with the
+  protocol's separator into one token stream, each file a group (LABEL, else the file's name);
+  the reference records them, and every table then adds a Δ PPL % per group (a token belongs to
+  the file it comes from; windows may span two files, as in one long text).
 The table has one row per variant, sorted by the KLD estimate (mean KL(original || variant)
   from the reference's top-K, nats). Text fits 100 columns: PPL, Δ PPL % and its CI, KLD mean
   and p99, same top-1, RMS Δp, bits per weight, the gate, then one verdict line per variant;
@@ -78,7 +83,8 @@ size (a local QUANT): the bytes of its weight files (a folder's *.safetensors, e
   matplotlib (pip install 'ppldelta[plot]').
 --save-tokens DIR: DIR/NAME.npz per variant, the per-token arrays (original_log_probs,
   quantized_log_probs, kld, kld_lo, kld_hi, kld_reverse[_lo|_hi], delta_p, same_top1,
-  top1_in_top5, top1_in_top10, target_positions), in the reference's token order; e.g.
+  top1_in_top5, top1_in_top10, target_positions; groups where the reference has them), in the
+  reference's token order; e.g. ppldelta compare F.npz gives the same report, and
   ppldelta compare F.npz:original_log_probs F.npz:quantized_log_probs gives the same PPLs.
 exit codes: 0 passed, 1 a variant failed a gate, 2 bad usage or input (one line on stderr)."""
 
@@ -94,8 +100,9 @@ def _load_args(p):
 
 
 def _build_args(p, text_required):
-    p.add_argument("--text", metavar="FILE", required=text_required,
-                   help="the evaluation text (a UTF-8 file, used verbatim)")
+    p.add_argument("--text", metavar="[LABEL=]FILE", required=text_required, action="append",
+                   help="the evaluation text (a UTF-8 file, used verbatim); repeat it for several texts, "
+                   "each a group of the report (LABEL=FILE names it, default the file's name)")
     p.add_argument("--protocol", help="sliding (default; llama.cpp for a GGUF file), hf, llama.cpp, gptq")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help="top-K log-probs kept per token (default 24)")
@@ -196,6 +203,9 @@ def _token_file(path):
                          f"{', '.join(sorted(need - have))})")
     col = lambda key: read_values(f"{path}:{key}")  # noqa: E731
     extra = {kw: col(key) for kw, key in _TOKEN_FILE_KWARGS.items() if key in have}
+    if "groups" in have:  # the reference's text groups (str), one per token
+        with np.load(path, allow_pickle=False) as z:
+            extra["groups"] = z["groups"]
     for kw in ("kld", "kld_reverse"):
         if {kw + "_lo", kw + "_hi"} <= have:
             extra[kw + "_bounds"] = (col(kw + "_lo"), col(kw + "_hi"))
@@ -207,7 +217,8 @@ def _compare(args) -> int:
     from .io import _one_line, read_labels
 
     orig, quant, extra = _inputs(args)
-    groups = read_labels(args.groups) if args.groups else None
+    stored = extra.pop("groups", None)  # a --save-tokens file's text groups; --groups overrides them
+    groups = read_labels(args.groups) if args.groups else stored
     try:
         report = analyze(orig, quant, groups=groups, confidence=args.confidence,
                          expected=args.expected, **extra)
@@ -373,8 +384,42 @@ def _check_options(args):
         raise ValueError(f"--probes must be >= 0, got {args.probes}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.text is not None and not os.path.isfile(args.text):
-        raise ValueError(f"--text {args.text}: not a file")
+    _texts(args)  # a missing file is refused before any model loads
+
+
+def _text_files(args) -> list:
+    """[(LABEL or None, FILE)] of the --text options, each file checked to exist."""
+    files = []
+    for item in args.text or ():
+        label, sep, path = item.partition("=")
+        if os.path.isfile(item) or not sep:  # a path holding "=" is a path
+            label, path = None, item
+        if not os.path.isfile(path):
+            raise ValueError(f"--text {item}: not a file")
+        if label is not None and not label.strip():
+            raise ValueError(f"--text {item}: empty LABEL")
+        files.append((label, path))
+    return files
+
+
+def _texts(args):
+    """(texts, groups) of the --text options: (None, None) without any; (FILE, None) for one
+    unlabelled file (read as the producer reads a file: verbatim, or as llama-perplexity -f for
+    a GGUF); else the files' texts as a list (joined with the protocol's separator) and one group
+    label per file (its LABEL, else its name)."""
+    files = _text_files(args)
+    if not files:
+        return None, None
+    if len(files) == 1 and files[0][0] is None:
+        return files[0][1], None
+    texts = []
+    for _, path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                texts.append(f.read())
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--text {path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return texts, [label if label is not None else os.path.basename(path) for label, path in files]
 
 
 def _is_reference_file(path) -> bool:
@@ -429,13 +474,14 @@ def _build_gguf(args, source, out, overwrite):
     if args.stride is not None:
         raise ValueError("--stride: the llama.cpp protocol scores non-overlapping chunks of --max-length "
                          "(n_ctx) tokens: leave --stride unset")
-    if args.text is None:
+    texts, groups = _texts(args)
+    if texts is None:
         raise ValueError(f"building the reference of {source} needs --text FILE")
     n_ctx = 512 if args.max_length is None else args.max_length
     llama = _load_gguf(source, n_ctx)
     try:
-        return build_reference(llama, out, texts=args.text, k=args.top_k, n_ctx=n_ctx, resume=not overwrite,
-                               progress=not args.no_progress, probes=args.probes)
+        return build_reference(llama, out, texts=texts, k=args.top_k, n_ctx=n_ctx, resume=not overwrite,
+                               progress=not args.no_progress, probes=args.probes, groups=groups)
     finally:
         _close(llama)
 
@@ -452,13 +498,14 @@ def _build(args, source, out, overwrite=False):
         raise ValueError(f"{source} is a reference file already (ppldelta eval reads it as it is)")
     if source.endswith((".ppldref", ".kld")) and not os.path.exists(source):
         raise ValueError(f"{source}: no such file")
-    if args.text is None:
+    texts, groups = _texts(args)
+    if texts is None:
         raise ValueError(f"building the reference of {source} needs --text FILE")
     from .hf._reference import build_reference, load_model, load_tokenizer
 
     model = load_model(source, **_load_kwargs(args))
     tok = load_tokenizer(source, **_tok_kwargs(args))
-    return build_reference(model, texts=args.text, out=out, tokenizer=tok, protocol=_protocol(args, source),
+    return build_reference(model, texts=texts, groups=groups, out=out, tokenizer=tok, protocol=_protocol(args, source),
                            max_length=args.max_length, stride=args.stride, k=args.top_k, probes=args.probes,
                            batch_size=args.batch_size, progress=not args.no_progress, resume=not overwrite)
 
@@ -518,9 +565,11 @@ def _cached_reference(args):
     else:
         local = os.path.exists(src)
         text_sha = None
-        if args.text is not None:
-            with open(args.text, "rb") as f:
-                text_sha = hashlib.sha256(f.read()).hexdigest()
+        if args.text:
+            text_sha = []
+            for label, path in _text_files(args):  # the labels, their order and each file's bytes
+                with open(path, "rb") as f:
+                    text_sha.append([label, os.path.basename(path), hashlib.sha256(f.read()).hexdigest()])
         key = {"source": os.path.abspath(src) if local else src,
                "fingerprint": _fingerprint(src) if local else None, "text": text_sha,
                "protocol": _protocol(args, src), "max_length": args.max_length, "stride": args.stride,
@@ -572,7 +621,7 @@ def _evaluate_variant(args, q, ref, expected):
 
         llama = _load_gguf(q, int((ref.header.get("protocol") or {}).get("max_length") or 512))
         try:
-            return evaluate_gguf(llama, ref, texts=args.text, progress=not args.no_progress, expected=expected,
+            return evaluate_gguf(llama, ref, texts=_texts(args)[0], progress=not args.no_progress, expected=expected,
                                  confidence=args.confidence, verify=False)
         finally:
             _close(llama)
@@ -580,13 +629,13 @@ def _evaluate_variant(args, q, ref, expected):
     try:
         tok = load_tokenizer(q, **_tok_kwargs(args))
     except (OSError, ValueError, TypeError):  # a checkpoint without tokenizer files
-        if args.text is not None:
+        if args.text:
             raise
         tok = None
     model = load_model(q, **_load_kwargs(args))
     try:
         return evaluate_against_reference(
-            model, ref, texts=args.text, tokenizer=tok, batch_size=args.batch_size,
+            model, ref, texts=_texts(args)[0], tokenizer=tok, batch_size=args.batch_size,
             progress=not args.no_progress, expected=expected, confidence=args.confidence, verify=False)
     finally:
         del model
@@ -637,7 +686,7 @@ def _eval(args) -> int:
 _WEIGHT_FILES = ((".safetensors",), (".bin", ".pt", ".pth"), (".gguf",))  # the first kind a folder has
 _TOKEN_ARRAYS = ("original_log_probs", "quantized_log_probs", "kld", "kld_lo", "kld_hi", "kld_reverse",
                 "kld_reverse_lo", "kld_reverse_hi", "delta_p", "same_top1", "top1_in_top5", "top1_in_top10",
-                "target_positions")
+                "target_positions", "groups")
 
 
 def _size(path, n_weights, gguf_file=None) -> dict:
@@ -683,7 +732,8 @@ def _save_tokens(path, per_token) -> str:
     if not all(k in per_token for k in _TOKEN_ARRAYS[:2]):
         raise ValueError(f"{path}: the evaluation handed back no per-token arrays to save")
     with atomic_write(path) as f:
-        np.savez(f, **{k: np.asarray(per_token[k]) for k in _TOKEN_ARRAYS if k in per_token})
+        np.savez(f, **{k: np.asarray(per_token[k], dtype=str if k == "groups" else None)
+                       for k in _TOKEN_ARRAYS if per_token.get(k) is not None})
     return path
 
 

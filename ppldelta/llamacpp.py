@@ -960,16 +960,24 @@ def _model_entry(llama) -> dict:
             **_gguf_hash(path)}
 
 
-def _text_tokens(llama, texts):
-    """(token ids, the header's text entry) of ``texts`` as llama-perplexity tokenizes its prompt
+def _text_tokens(llama, texts, groups=None):
+    """(token ids, the header's text entry, its groups entry or None) of ``texts`` as
+    llama-perplexity tokenizes its prompt
     (``llama.tokenize(data, add_bos=True, special=False)``: add_special on, which adds BOS only
     when the vocabulary does; special tokens not parsed).  A file is read as ``-f FILE`` reads it
     (raw bytes, one trailing newline dropped, backslash escapes processed: :func:`prompt_bytes`);
-    a string or a list of strings (joined with the protocol's join) is tokenized as it is."""
+    a string or a list of strings (joined with the protocol's join) is tokenized as it is.
+    ``groups``: one label per text of the list; each token goes to the text its first byte is in
+    (the vocabulary's pieces give the byte offsets; BOS, no bytes, to the first text)."""
     from .hf._load import load_texts
     from .protocols import get
+    from .reffile import groups_entry, text_labels
 
+    if groups is not None and (texts is None or isinstance(texts, (str, os.PathLike))):
+        raise ValueError("groups needs texts as a list (one label per text), not a file, a string or tokens")
     items, source, joinable = load_texts(texts)
+    if groups is not None:
+        names, per_text = text_labels(groups, len(items))
     join = get("llama.cpp").join
     joined = join.join(items) if joinable else items[0]
     if source.startswith("file:"):
@@ -978,24 +986,37 @@ def _text_tokens(llama, texts):
     else:
         data, read_as = joined.encode("utf-8"), "verbatim"
     ids = np.asarray(llama.tokenize(data, add_bos=True, special=False), dtype=np.int64)
+    group = None
+    if groups is not None:
+        ends = np.cumsum([len(llama.detokenize([int(t)], special=False)) for t in ids])
+        if ends.size and int(ends[-1]) != len(data):
+            raise ValueError("groups: this vocabulary's token pieces do not add up to the text's bytes "
+                             f"({int(ends[-1])} vs {len(data)}), so tokens cannot be assigned to texts")
+        sizes = [len(t.encode("utf-8")) + len(join.encode("utf-8")) for t in items]
+        starts = np.cumsum([0] + sizes[:-1])
+        first = np.r_[0, ends[:-1]] if ends.size else np.zeros(0, np.int64)
+        text = np.clip(np.searchsorted(starts, first, side="right") - 1, 0, len(items) - 1)
+        group = groups_entry(names, np.asarray(per_text, dtype=np.int64)[text])
     return ids, {"text_source": source, "text_sha256": hashlib.sha256(joined.encode("utf-8")).hexdigest(),
                  "n_texts": len(items), "join": join if joinable else None, "add_special_tokens": True,
-                 "read_as": read_as}
+                 "read_as": read_as}, group
 
 
-def _tokens(llama, texts, tokens):
+def _tokens(llama, texts, tokens, groups=None):
     from ._adapt import as_ids
 
     if (texts is None) == (tokens is None):
         raise ValueError("pass exactly one of texts= and tokens=")
     if texts is not None:
-        return _text_tokens(llama, texts)
+        return _text_tokens(llama, texts, groups)
+    if groups is not None:
+        raise ValueError("groups needs texts as a list (one label per text), not tokens")
     ids = as_ids(tokens)
     n_vocab = llama.n_vocab()
     bad = np.flatnonzero((ids < 0) | (ids >= n_vocab))
     if bad.size:
         raise ValueError(f"tokens[{bad[0]}] is {ids[bad[0]]}, outside the model's vocabulary [0, {n_vocab})")
-    return ids, None
+    return ids, None, None
 
 
 class _Model:
@@ -1035,7 +1056,8 @@ class _Model:
 
 
 def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None, n_ctx: int | None = None,
-                    resume: bool = True, progress: bool = True, probes: int | None = None) -> str:
+                    resume: bool = True, progress: bool = True, probes: int | None = None,
+                    groups=None) -> str:
     """The reference file of a GGUF model under the ``"llama.cpp"`` protocol (llama-perplexity's
     chunks: the same windows and record order as ``ppldelta.hf.build_reference(protocol=
     "llama.cpp")`` and as :func:`convert_logits_file` of a ``--kl-divergence-base`` file).
@@ -1046,7 +1068,8 @@ def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None
     ``n_ctx``: the chunk length (default the Llama's context, 512 in llama-perplexity).  BOS is
     written over each chunk's first token when the vocabulary adds one, as llama-perplexity does.
     ``k``: top-K log-probs per scored token (default ``refstats.DEFAULT_K``); ``probes``: tail
-    probes per scored token (default ``refstats.DEFAULT_PROBES``), as ``hf.build_reference``.
+    probes per scored token (default ``refstats.DEFAULT_PROBES``), as ``hf.build_reference``;
+    ``groups``: one label per text (``texts`` a list), stored for per-group deltas, as there.
 
     Each chunk's logits (llama.cpp's float32, ``Llama.scores``) are summarized in float64
     (``refstats.summarize``) and streamed through ``reffile.ReferenceWriter``: an interrupted
@@ -1063,7 +1086,7 @@ def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None
         raise ValueError(f"k must be >= 1, got {k}")
     if n_ctx is None:
         n_ctx = _context(llama) if hasattr(llama, "n_ctx") else 512
-    ids, text_entry = _tokens(llama, texts, tokens)
+    ids, text_entry, group_entry = _tokens(llama, texts, tokens, groups)
     spec, L, _ = protocols.resolve("llama.cpp", n_ctx)
     bos = _bos_of(llama, None)
     windows = protocols.plan(spec, ids.size, L, None, False if bos is None else bos)
@@ -1073,7 +1096,7 @@ def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None
         tokenizer={"name": os.path.basename(os.fspath(llama.model_path)), "class": "llama.cpp vocabulary",
                    "vocab_sha256": vocab_sha256(llama), "vocab_size": int(llama.n_vocab())},
         ids=ids, protocol=_ref._protocol_entry(spec, windows, L, None, ids.size, bos, "vocabulary"),
-        windows=windows, k=k, text=text_entry, probes=probes,
+        windows=windows, k=k, text=text_entry, probes=probes, groups=group_entry,
         source={"kind": "model", "backend": f"llama.cpp (llama-cpp-python {version})",
                 "logits": "llama.cpp's float32 logits (Llama.scores); log-sum-exp and log-probs in float64"})
     out = os.fspath(out)
@@ -1101,7 +1124,7 @@ def _check_reference(llama, header, texts) -> None:
                              f"model's vocabulary {llama.n_vocab()} tokens")
     if texts is None:
         return
-    ids, entry = _text_tokens(llama, texts)
+    ids, entry, _ = _text_tokens(llama, texts)
     stored = (header.get("text") or {}).get("text_sha256")
     if stored is not None:
         if stored != entry["text_sha256"]:

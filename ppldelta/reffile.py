@@ -43,7 +43,7 @@ from .refstats import RECORD_DTYPE
 
 __all__ = ["MAGIC", "END_MAGIC", "FORMAT_VERSION", "SUFFIX", "ReferenceWriter", "ReferenceFile",
            "read_reference", "merge_shards", "check_compatible", "tokens_sha256", "vocab_sha256",
-           "file_sha256", "shard_path", "shard_windows"]
+           "file_sha256", "shard_path", "shard_windows", "text_labels", "groups_entry", "scored_groups"]
 
 MAGIC = b"PPLDREF\x00"
 END_MAGIC = b"PPLDEND\x00"
@@ -935,3 +935,46 @@ def check_compatible(header, *, tokenizer_sha256=None, tokens_sha256=None, proto
                 problems.append(f"protocol mismatch: {_describe_diff(d)} (there = the reference)")
     if problems:
         raise ValueError("not comparable with this reference: " + "; ".join(problems))
+
+
+def text_labels(groups, n_texts: int) -> tuple[list, list]:
+    """(group names in order of first appearance, each text's index into them) of ``groups``: one
+    label per text (str() of each; texts may share a label).  A count that differs is a ValueError."""
+    labels = [str(g) for g in groups]
+    if len(labels) != n_texts:
+        raise ValueError(f"groups has {len(labels)} labels for {n_texts} texts (one label per text)")
+    names = list(dict.fromkeys(labels))
+    return names, [names.index(g) for g in labels]
+
+
+def groups_entry(names, token_groups) -> dict:
+    """The header's ``groups`` entry: the group names and, over the token stream, the runs of
+    tokens of one group as [first token index, index into names] (token_groups: one index per
+    token, e.g. the group of the text each token comes from)."""
+    g = np.asarray(token_groups, dtype=np.int64).reshape(-1)
+    if g.size and (g.min() < 0 or g.max() >= len(names)):
+        raise ValueError(f"token group indices must be in [0, {len(names)})")
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if g.size else np.zeros(0, np.int64)
+    return {"names": [str(x) for x in names], "runs": [[int(s), int(g[s])] for s in starts]}
+
+
+def scored_groups(header, positions):
+    """The group name of each scored token (the group of the token at each of ``positions``, the
+    targets' indices in the token stream) from the header's ``groups`` entry, as a NumPy array of
+    str; None when the reference records no groups.  A malformed entry is a ValueError."""
+    if hasattr(header, "header"):
+        header = header.header
+    entry = header.get("groups")
+    if not entry:
+        return None
+    try:
+        names = [str(x) for x in entry["names"]]
+        runs = np.asarray(entry["runs"], dtype=np.int64).reshape(-1, 2)
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("the reference's groups entry is malformed (it needs names and runs)") from None
+    pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+    if (not runs.size or runs[0, 0] != 0 or np.any(np.diff(runs[:, 0]) <= 0)
+            or runs[:, 1].min() < 0 or runs[:, 1].max() >= len(names)):
+        raise ValueError("the reference's groups entry is malformed (runs must start at token 0, "
+                         "ascend, and name a group)")
+    return np.asarray(names)[runs[np.searchsorted(runs[:, 0], pos, side="right") - 1, 1]]

@@ -455,3 +455,87 @@ def test_weight_count_is_the_unquantized_architecture(models):
     assert _n_weights(m) == n
     assert _n_weights(type("Own", (), {"ppldelta_n_weights": lambda self: 12345})()) == 12345
     assert _n_weights(object()) is None
+
+
+def test_text_groups_from_the_command_line(models, tmp_path, capsys):
+    """Several --text files: one token stream, each file a group (LABEL=FILE, else the file's
+    name); the reference records them and eval reports each group's perplexities, equal to the
+    per-token arrays split by an oracle of which file each target comes from (the word-level
+    tokenizer gives one token per word, and the blank line between files none)."""
+    ref = tmp_path / "g.ppldref"
+    assert main(["reference", "build", models["orig"], "--text", f"prose={models['text']}", "--text",
+                 models["other"], "-o", str(ref), "--no-progress"]) == 0
+    capsys.readouterr()
+    n1 = len(open(models["text"]).read().split())
+    h = reffile.read_reference(ref).header
+    assert h["groups"] == {"names": ["prose", "other.txt"], "runs": [[0, 0], [n1, 1]]}
+    d = tmp_path / "tok"
+    code = main(["eval", str(ref), models["q_large"], "--no-progress", "--format", "json", "--save-tokens", str(d)])
+    res = _strict(capsys.readouterr().out)
+    assert code == 0
+    rep = res["variants"][0]["report"]
+    with np.load(d / "q_large.npz", allow_pickle=False) as z:
+        pos, lo, lq, stored = z["target_positions"], z["original_log_probs"], z["quantized_log_probs"], z["groups"]
+    want = np.where(pos < n1, "prose", "other.txt")
+    assert np.array_equal(stored, want)
+    assert set(rep["groups"]) == {"prose", "other.txt"}
+    for g in ("prose", "other.txt"):
+        ref_g = rep["groups"][g]["reference"]
+        assert ref_g["original_perplexity"] == round(math.exp(-math.fsum(lo[want == g]) / (want == g).sum()), 4)
+        assert ref_g["quantized_perplexity"] == round(math.exp(-math.fsum(lq[want == g]) / (want == g).sum()), 4)
+    # the per-token file carries the groups into compare; the text table has a line per variant
+    assert main(["compare", str(d / "q_large.npz"), "--format", "json"]) == 0
+    assert set(_strict(capsys.readouterr().out)["groups"]) == {"prose", "other.txt"}
+    out = _eval_out(capsys, {"ref": str(ref), "q": models["q_small"]}, ["q"])
+    assert "Δ PPL % per group" in out and "prose" in out and "other.txt" in out
+    # passing the same texts again checks them against the reference; another order is refused
+    assert main(["eval", str(ref), models["q_small"], "--no-progress", "--text", f"prose={models['text']}",
+                 "--text", models["other"]]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(ref), models["q_small"], "--no-progress", "--text", models["other"],
+                 "--text", models["text"]]) == 2
+    assert "differ from the reference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,msg", [("=x.txt", "not a file"), ("lab=missing.txt", "not a file"),
+                                      ("  =TEXT", "empty LABEL")])
+def test_text_option_refusals(models, tmp_path, capsys, text, msg):
+    text = text.replace("TEXT", models["text"])
+    assert main(["reference", "build", models["orig"], "--text", text, "-o", str(tmp_path / "r.ppldref"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_groups_entry_round_trip_and_refusals(tmp_path):
+    """reffile.groups_entry / scored_groups: runs of a label per token give back every label;
+    malformed entries and label counts are refused; hf.build_reference needs a list of texts."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, 3), min_size=1, max_size=60))
+    def prop(labels):
+        names = ["a", "b", "c", "d"]
+        e = reffile.groups_entry(names, labels)
+        pos = np.arange(len(labels))
+        assert list(reffile.scored_groups({"groups": e}, pos)) == [names[i] for i in labels]
+        assert all(x[1] != y[1] for x, y in zip(e["runs"], e["runs"][1:]))  # maximal runs
+
+    prop()
+    assert reffile.scored_groups({"groups": None}, [0]) is None
+    for bad in ({"names": ["a"]}, {"names": ["a"], "runs": [[1, 0]]}, {"names": ["a"], "runs": [[0, 1]]},
+                {"names": ["a", "b"], "runs": [[0, 0], [0, 1]]}):
+        with pytest.raises(ValueError, match="groups entry is malformed"):
+            reffile.scored_groups({"groups": bad}, [0])
+    with pytest.raises(ValueError, match="groups has 1 labels for 2 texts"):
+        reffile.text_labels(["x"], 2)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    m = LlamaForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="groups needs texts as a list"):
+        hf.build_reference(m, texts="one text\nstring", tokenizer=_tokenizer(), groups=["x"],
+                           out=tmp_path / "r.ppldref", progress=False)
+    with pytest.raises(ValueError, match="groups has 3 labels for 2 texts"):
+        hf.build_reference(m, texts=["the cat", "a dog"], tokenizer=_tokenizer(), groups=["x", "y", "z"],
+                           out=tmp_path / "r.ppldref", progress=False)

@@ -67,6 +67,9 @@ class FakeLlama:
         ids = [2 + b % (V - 2) for b in data]
         return ([1] if add_bos and self._model.add_bos_token() else []) + ids
 
+    def detokenize(self, tokens, prev_tokens=None, special=False):
+        return b"".join(b"" if t == 1 else b"x" for t in tokens)  # one byte per token but BOS
+
 
 @pytest.fixture(autouse=True)
 def _no_llama_cpp_needed(monkeypatch):
@@ -133,6 +136,33 @@ def test_text_is_read_as_llama_perplexity_reads_it(tmp_path, gguf):
                                     progress=False)
     want2 = fake.tokenize(("x\\ty " * 10 + "\n\n" + "z" * 30).encode())
     assert reffile.read_reference(out2).header["tokens_sha256"] == reffile.tokens_sha256(np.asarray(want2, "<i4"))
+
+
+def test_text_groups_recorded(tmp_path, gguf):
+    """groups= (one label per text): each token goes to the text its first byte is in (BOS and the
+    blank line that joins two texts to the text before); the header records the runs, and every
+    evaluation reports the groups; a file or tokens with groups, or a wrong count, is refused."""
+    fake = FakeLlama(gguf, n_ctx=8)
+    texts = ["ab" * 10, "cd" * 7, "ef" * 9]
+    out = llamacpp.build_reference(fake, tmp_path / "r.ppldref", texts=texts, groups=["p", "c", "p"],
+                                   k=3, progress=False)
+    h = reffile.read_reference(out).header
+    assert h["groups"] == {"names": ["p", "c"], "runs": [[0, 0], [1 + 20 + 2, 1], [1 + 22 + 14 + 2, 0]]}
+    rep = llamacpp.evaluate_against_reference(FakeLlama(gguf, 8, shift=0.05), out, progress=False)
+    pos = rep.per_token["target_positions"]
+    want = np.where((pos >= 23) & (pos < 39), "c", "p")
+    assert np.array_equal(rep.per_token["groups"], want)
+    for g in ("p", "c"):
+        lo, lq = (rep.per_token[k][want == g] for k in ("original_log_probs", "quantized_log_probs"))
+        assert rep.groups[g].reference["original_perplexity"] == round(np.exp(-np.mean(lo)), 4)
+        assert rep.groups[g].reference["quantized_perplexity"] == round(np.exp(-np.mean(lq)), 4)
+    f = tmp_path / "t.txt"
+    f.write_text("abc " * 20)
+    for kw, msg in ((dict(texts=str(f), groups=["a"]), "groups needs texts as a list"),
+                    (dict(tokens=[3, 4, 5] * 9, groups=["a"]), "groups needs texts as a list"),
+                    (dict(texts=texts, groups=["a", "b"]), "groups has 2 labels for 3 texts")):
+        with pytest.raises(ValueError, match=msg):
+            llamacpp.build_reference(fake, tmp_path / "x.ppldref", k=3, progress=False, **kw)
 
 
 def test_evaluate_variant_against_reference(tmp_path, gguf):

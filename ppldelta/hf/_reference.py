@@ -21,7 +21,8 @@ Header entries written here (the FILE layer adds its own: K, record dtype, windo
 for ``reffile.check_compatible``), ``tokens`` (n, sha256, dtype, base64 ids), ``text`` (where the
 text came from, its sha256, joining and special tokens), ``protocol`` (name, max_length, stride,
 bos, bos_from, notes), ``window_records`` (records per window: enforced by the writer), ``k``,
-``versions``, ``source``.
+``versions``, ``source``, ``groups`` (the texts' group labels as runs over the token stream, or
+None: ``reffile.groups_entry``).
 """
 from __future__ import annotations
 
@@ -149,16 +150,18 @@ def _tokenizer_entry(tok) -> dict | None:
 
 
 def reference_header(*, model: dict, tokenizer: dict | None, ids, protocol: dict, windows, k: int,
-                     text: dict | None = None, source: dict | None = None, probes: int | None = None) -> dict:
+                     text: dict | None = None, source: dict | None = None, probes: int | None = None,
+                     groups: dict | None = None) -> dict:
     """The provenance header of a reference (see the module docstring); deterministic (no
-    timestamps), so that a resumed build writes the same bytes."""
+    timestamps), so that a resumed build writes the same bytes.  ``groups``:
+    ``reffile.groups_entry`` of the texts' labels, or None."""
     tokens = encode_ids(ids)
     return {"kind": KIND, "model": model, "tokenizer": tokenizer,
             "tokenizer_sha256": tokenizer["vocab_sha256"] if tokenizer else None,
             "tokens_sha256": tokens["sha256"], "tokens": tokens, "text": text, "protocol": protocol,
             "window_records": [int(w.b - w.a) for w in windows],
             "k": int(k), "probes": _stats().DEFAULT_PROBES if probes is None else int(probes),
-            "versions": _versions(), "source": source}
+            "versions": _versions(), "source": source, "groups": groups}
 
 
 def _protocol_entry(spec, windows, L, S, n, bos, bos_from) -> dict:
@@ -272,7 +275,7 @@ def _finished(out, header) -> bool:
 
 
 def _prepare(model, texts, input_ids, tokenizer, protocol, max_length, stride, bos_token_id, join,
-             add_special_tokens):
+             add_special_tokens, groups=None):
     spec = _protocols.get(protocol)
     if not spec.per_token:
         raise ValueError(f"the {spec.name} protocol gives per-window means, not per-token values: "
@@ -280,18 +283,26 @@ def _prepare(model, texts, input_ids, tokenizer, protocol, max_length, stride, b
     if (texts is None) == (input_ids is None):
         raise ValueError("pass exactly one of texts= and input_ids=")
     tok = None
-    text_entry = None
+    text_entry = group_entry = None
+    if groups is not None and (texts is None or isinstance(texts, (str, os.PathLike))):
+        raise ValueError("groups needs texts as a list (one label per text), not a file, a string or input_ids")
     if texts is not None:
         tok = _tokenizer_for(tokenizer, model)
         special = spec.add_special_tokens if add_special_tokens is None else bool(add_special_tokens)
-        ids_np, _, tnotes = tokenize(texts, tok, spec.join if join is None else join, special)
+        if groups is not None:
+            texts = list(texts)
+            names, per_text = _file().text_labels(groups, len(texts))
+        ids_np, text_idx, tnotes = tokenize(texts, tok, spec.join if join is None else join, special,
+                                            with_labels=groups is not None)
         text_entry = {k: tnotes[k] for k in ("text_source", "text_sha256", "n_texts", "join",
                                              "add_special_tokens")}
+        if groups is not None:
+            group_entry = _file().groups_entry(names, np.asarray(per_text, dtype=np.int64)[text_idx])
     else:
         if tokenizer is not None:
             tok = _tokenizer_for(tokenizer, model)
         ids_np = _adaptids(input_ids)
-    return spec, tok, ids_np, text_entry
+    return spec, tok, ids_np, text_entry, group_entry
 
 
 def _adaptids(input_ids):
@@ -301,7 +312,7 @@ def _adaptids(input_ids):
 def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=None, protocol="sliding",
                     max_length=None, stride=None, k=None, batch_size=1, device=None, progress=True,
                     resume=True, bos_token_id=None, join=None, add_special_tokens=None,
-                    load_kwargs=None, probes=None) -> str:
+                    load_kwargs=None, probes=None, groups=None) -> str:
     """Score ``model`` (the original) once and write its reference file to ``out``.
 
     ``model``: a loaded causal LM, or a hub id / local path (loaded with :func:`load_model`
@@ -311,8 +322,11 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
     ``protocol`` / ``max_length`` / ``stride`` / ``bos_token_id``: as for :func:`ppldelta.hf.score`
     (per-token protocols only).  ``k``: top-K log-probs kept per scored token (default
     ``refstats.DEFAULT_K`` = 24); ``probes``: tail probes per scored token (default
-    ``refstats.DEFAULT_PROBES`` = 8; 0 writes records without probes).  ``device``: where the input ids go (the model is not moved);
-    logits are summarized on the model's device.
+    ``refstats.DEFAULT_PROBES`` = 8; 0 writes records without probes).  ``groups``: one label per
+    text (``texts`` a list; e.g. "prose", "code"), stored in the header so that every evaluation
+    against the reference reports per-group deltas (a token belongs to the text it comes from).
+    ``device``: where the input ids go (the model is not moved); logits are summarized on the
+    model's device.
 
     The file is written window by window (``out.part`` plus a journal) and renamed to ``out``
     when complete.  ``resume=True``: an interrupted build continues after its last verified
@@ -330,8 +344,9 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
         raise ValueError(f"probes must be >= 0, got {probes}")
     if not is_model(model):
         model = load_model(model, **(load_kwargs or {}))
-    spec, tok, ids_np, text_entry = _prepare(model, texts, input_ids, tokenizer, protocol, max_length,
-                                             stride, bos_token_id, join, add_special_tokens)
+    spec, tok, ids_np, text_entry, group_entry = _prepare(model, texts, input_ids, tokenizer, protocol,
+                                                          max_length, stride, bos_token_id, join,
+                                                          add_special_tokens, groups)
     n = int(ids_np.size)
     spec, L, S, bos, bos_from = resolve(spec.name, max_length, stride, bos_token_id, model, tok)
     windows = _protocols.plan(spec, n, L, S, bos)
@@ -340,7 +355,7 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
                    "weights_sha256": weights_sha256(model)}
     header = reference_header(model=model_entry, tokenizer=_tokenizer_entry(tok), ids=ids_np,
                               protocol=_protocol_entry(spec, windows, L, S, n, bos, bos_from),
-                              windows=windows, k=k, text=text_entry, probes=probes,
+                              windows=windows, k=k, text=text_entry, probes=probes, groups=group_entry,
                               source={"kind": "model", "logits": "full precision of the model's forward; "
                                       "log-sum-exp and log-probs in float64"})
     out = os.fspath(out)
@@ -468,7 +483,8 @@ def compare_to_reference(model, reference, *, texts=None, input_ids=None, tokeni
     :func:`evaluate_against_reference`): ``refstats.compare``'s keys (original_log_probs,
     quantized_log_probs, same_top1, top1_in_top5/10, delta_p, kld, kld_lo, kld_hi, kld_reverse,
     kld_reverse_lo, kld_reverse_hi), each one value per scored token in the reference's order,
-    plus ``target_positions`` (index of each scored target in the token ids), ``protocol`` (a
+    plus ``target_positions`` (index of each scored target in the token ids), ``groups`` (each
+    scored token's group from the reference's labels, or None: ``reffile.scored_groups``), ``protocol`` (a
     dict), ``n_tokens`` and ``n_weights`` (the parameter count of the model's architecture
     unquantized, or None).  Arguments as for :func:`evaluate_against_reference`."""
     ref = _open(reference)
@@ -521,6 +537,7 @@ def compare_to_reference(model, reference, *, texts=None, input_ids=None, tokeni
                           on_batch=on_batch),
                       columns=list(cols.values()), offs=offs)
     cols["target_positions"] = positions
+    cols["groups"] = _file().scored_groups(header, positions)
     cols["n_tokens"] = n
     cols["n_weights"] = _n_weights(model)
     cols["protocol"] = {
@@ -548,8 +565,9 @@ def evaluate_against_reference(model, reference, *, texts=None, input_ids=None, 
     its stored record.  Exact, as from two full logits rows: both perplexities and every
     perplexity statistic, Δp, same top-1, the original's top-1 in the quantized top-5/10;
     KL(P||Q) and KL(Q||P): point estimates with certified per-token bounds (the report's
-    ``kld_bounds`` / ``kld_reverse_bounds``).  ``groups``: one label per input token (the label
-    of the predicted token is used).  ``verify``: check the file's checksum first.
+    ``kld_bounds`` / ``kld_reverse_bounds``).  Per-group results: by the labels the reference was
+    built with (``build_reference(groups=...)``), or ``groups``: one label per input token (the
+    label of the predicted token is used), which takes precedence.  ``verify``: check the file's checksum first.
     ``bos_token_id``: only for a converted llama.cpp file, which does not say whether BOS was
     written (default: the tokenizer's, else the model config's, as llama-perplexity).
     The report's ``per_token`` attribute holds :func:`compare_to_reference`'s dict (the
@@ -558,7 +576,7 @@ def evaluate_against_reference(model, reference, *, texts=None, input_ids=None, 
     c = compare_to_reference(model, reference, texts=texts, input_ids=input_ids, tokenizer=tokenizer,
                              protocol=protocol, batch_size=batch_size, device=device, progress=progress,
                              verify=verify, bos_token_id=bos_token_id, load_kwargs=load_kwargs)
-    g = None
+    g = c["groups"]  # the reference's own (its texts' labels), unless groups= says otherwise
     if groups is not None:
         g = np.asarray(groups).reshape(-1)
         if g.size != c["n_tokens"]:
