@@ -86,6 +86,10 @@ size (a local QUANT): the bytes of its weight files (a folder's *.safetensors, e
   top1_in_top5, top1_in_top10, target_positions; groups where the reference has them), in the
   reference's token order; e.g. ppldelta compare F.npz gives the same report, and
   ppldelta compare F.npz:original_log_probs F.npz:quantized_log_probs gives the same PPLs.
+--choices FILE.jsonl: multiple-choice items, one {"context", "choices", "answer"} per line (an
+  lm-eval multiple_choice task's file), scored as lm-eval's loglikelihood requests (context,
+  " " + choice); the original's scores go into the reference (reference build, or the cached
+  build of eval ORIGINAL), and eval adds each variant's acc change, flips and McNemar's p.
 exit codes: 0 passed, 1 a variant failed a gate, 2 bad usage or input (one line on stderr)."""
 
 
@@ -108,6 +112,9 @@ def _build_args(p, text_required):
                    help="top-K log-probs kept per token (default 24)")
     p.add_argument("--probes", type=int, default=None, metavar="M",
                    help="tail tokens sampled per token for the KLD estimate (default 8; 0: none)")
+    p.add_argument("--choices", metavar="FILE.jsonl",
+                   help="multiple-choice items ({context, choices, answer} per line): the original's "
+                   "scores go into the reference, each variant's flips into the table")
     p.add_argument("--max-length", type=int, help="window / n_ctx / seqlen (default: the protocol's)")
     p.add_argument("--stride", type=int, help="sliding and hf only (default max_length // 2)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward")
@@ -385,6 +392,10 @@ def _check_options(args):
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     _texts(args)  # a missing file is refused before any model loads
+    if getattr(args, "choices", None) is not None:
+        from .choices import read_items
+
+        read_items(args.choices)  # so is a bad items file
 
 
 def _text_files(args) -> list:
@@ -481,7 +492,8 @@ def _build_gguf(args, source, out, overwrite):
     llama = _load_gguf(source, n_ctx)
     try:
         return build_reference(llama, out, texts=texts, k=args.top_k, n_ctx=n_ctx, resume=not overwrite,
-                               progress=not args.no_progress, probes=args.probes, groups=groups)
+                               progress=not args.no_progress, probes=args.probes, groups=groups,
+                               choices=args.choices)
     finally:
         _close(llama)
 
@@ -493,6 +505,8 @@ def _build(args, source, out, overwrite=False):
     if _is_gguf(source):
         return _build_gguf(args, source, out, overwrite)
     if is_logits_file(source):
+        if args.choices is not None:
+            raise ValueError(f"--choices: {source} is a logits file; choice scores need the original model")
         return convert_logits_file(source, out, resume=not overwrite, k=args.top_k, probes=args.probes)
     if _is_reference_file(source):
         raise ValueError(f"{source} is a reference file already (ppldelta eval reads it as it is)")
@@ -505,7 +519,7 @@ def _build(args, source, out, overwrite=False):
 
     model = load_model(source, **_load_kwargs(args))
     tok = load_tokenizer(source, **_tok_kwargs(args))
-    return build_reference(model, texts=texts, groups=groups, out=out, tokenizer=tok, protocol=_protocol(args, source),
+    return build_reference(model, texts=texts, groups=groups, choices=args.choices, out=out, tokenizer=tok, protocol=_protocol(args, source),
                            max_length=args.max_length, stride=args.stride, k=args.top_k, probes=args.probes,
                            batch_size=args.batch_size, progress=not args.no_progress, resume=not overwrite)
 
@@ -558,6 +572,7 @@ def _cached_reference(args):
     import json
 
     from .llamacpp import is_logits_file
+    from .reffile import file_sha256
 
     src = args.source
     if args.reference:
@@ -574,6 +589,7 @@ def _cached_reference(args):
                "fingerprint": _fingerprint(src) if local else None, "text": text_sha,
                "protocol": _protocol(args, src), "max_length": args.max_length, "stride": args.stride,
                "k": args.top_k, "probes": args.probes, "logits_file": is_logits_file(src),
+               "choices": None if args.choices is None else file_sha256(args.choices),
                "load": {k: v for k, v in _load_kwargs(args).items() if k != "device_map"}}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         base = os.path.basename(os.path.normpath(src))
@@ -612,31 +628,40 @@ def _expected_for(args, names) -> dict:
 
 
 def _evaluate_variant(args, q, ref, expected):
-    """The report of the quantized variant ``q`` (a model id or path, or a GGUF file) against the open
-    reference."""
+    """(report, choice flips or None) of the quantized variant ``q`` (a model id or path, or a GGUF
+    file) against the open reference."""
     from .hf._reference import evaluate_against_reference, load_model, load_tokenizer
 
     if _is_gguf(q):  # through llama-cpp-python, its context the reference's window
+        from .llamacpp import choice_flips
         from .llamacpp import evaluate_against_reference as evaluate_gguf
 
         llama = _load_gguf(q, int((ref.header.get("protocol") or {}).get("max_length") or 512))
         try:
-            return evaluate_gguf(llama, ref, texts=_texts(args)[0], progress=not args.no_progress, expected=expected,
-                                 confidence=args.confidence, verify=False)
+            rep = evaluate_gguf(llama, ref, texts=_texts(args)[0], progress=not args.no_progress, expected=expected,
+                                confidence=args.confidence, verify=False)
+            return rep, (None if args.choices is None else
+                         choice_flips(llama, ref, args.choices, progress=not args.no_progress))
         finally:
             _close(llama)
 
     try:
         tok = load_tokenizer(q, **_tok_kwargs(args))
     except (OSError, ValueError, TypeError):  # a checkpoint without tokenizer files
-        if args.text:
+        if args.text or args.choices is not None:
             raise
         tok = None
     model = load_model(q, **_load_kwargs(args))
     try:
-        return evaluate_against_reference(
+        rep = evaluate_against_reference(
             model, ref, texts=_texts(args)[0], tokenizer=tok, batch_size=args.batch_size,
             progress=not args.no_progress, expected=expected, confidence=args.confidence, verify=False)
+        if args.choices is None:
+            return rep, None
+        from .hf._choices import choice_flips
+
+        return rep, choice_flips(model, ref, args.choices, tokenizer=tok, batch_size=args.batch_size,
+                                 progress=not args.no_progress)
     finally:
         del model
 
@@ -660,15 +685,22 @@ def _eval(args) -> int:
     ref_path = args.source if _is_reference_file(args.source) else _cached_reference(args)
     ref = read_reference(ref_path)
     ref.verify()  # once, not per variant
+    if args.choices is not None:  # refused before any variant runs
+        from .choices import read_items, stored_scores
+
+        if not ref.header.get("choices"):
+            raise ValueError(f"--choices: {ref_path} holds no choice scores of the original "
+                             "(build it with --choices FILE)")
+        stored_scores(ref.header["choices"], read_items(args.choices))
     rows = []
     for name, q in zip(names, args.quantized):
         try:
-            rep = _evaluate_variant(args, q, ref, expected[name])
+            rep, flips = _evaluate_variant(args, q, ref, expected[name])
         except ValueError as exc:
             raise ValueError(f"{q}: {exc}") from None
         per_token = rep.__dict__.pop("per_token", None) or {}  # saved now, not kept per variant
         row = {"name": name, "source": q, "report": rep, "gate": _gate(rep.reference, args),
-               "size": _size(q, per_token.get("n_weights"), args.gguf_file)}
+               "size": _size(q, per_token.get("n_weights"), args.gguf_file), "flips": flips}
         if files:
             row["tokens_file"] = _save_tokens(files[name], per_token)
         rows.append(row)
@@ -787,6 +819,9 @@ def _eval_table(rows, md):
                 "RMS Δp", "bits/w", "gate"]
     groups = _group_names(rows) if md else []
     head[-2:-2] = [f"{g} Δ %" for g in groups]
+    mc = md and any(r.get("flips") for r in rows)
+    if mc:
+        head[-2:-2] = ["choice acc Δ pts, flips (right→wrong), McNemar p"]
     out = []
     for r in rows:
         rep, size = r["report"], r.get("size") or {}
@@ -801,7 +836,8 @@ def _eval_table(rows, md):
                         f"{ratio:.4f}" + ("" if ci[0] is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]"),
                         _kld_cell(rep, "mean", md), _kld_cell(rep, "p99", md), top1, f"{rep.delta_p.rms:.3f}",
                         band, _mb(size.get("bytes")), "-" if bpw is None else f"{bpw:.2f}"]
-                       + [_group_cell(rep, g) for g in groups] + [rep.verdict.headline, gate])
+                       + [_group_cell(rep, g) for g in groups] + ([_flips_cell(r.get("flips"))] if mc else [])
+                       + [rep.verdict.headline, gate])
         else:
             out.append([r["name"], _num(rep.ppl.quantized.value, 3), _num((ratio - 1) * 100, sign=True),
                         "-" if ci[0] is None else
@@ -809,6 +845,12 @@ def _eval_table(rows, md):
                         _kld_cell(rep, "mean", md), _kld_cell(rep, "p99", md), top1, f"{rep.delta_p.rms:.2f}",
                         "-" if bpw is None else f"{bpw:.2f}", gate])
     return head, out
+
+
+def _flips_cell(f):
+    if f is None:
+        return "-"
+    return f"{f.accuracy_delta * 100:+.1f}, {f.flips}/{f.n} ({f.right_to_wrong}), p {f.mcnemar_p:.3g}"
 
 
 def _group_names(rows):
@@ -865,7 +907,8 @@ def _emit_eval(rows, ref, ref_path, fmt):
     doc = {"reference": meta, "variants": [
         {"name": r["name"], "source": r["source"], "gate": {"passed": r["gate"] is None, "reason": r["gate"]},
          "size": r.get("size") or {"bytes": None, "parameters": None, "bits_per_weight": None},
-         **({"tokens_file": r["tokens_file"]} if "tokens_file" in r else {}), "report": r["report"].to_dict()}
+         **({"tokens_file": r["tokens_file"]} if "tokens_file" in r else {}),
+         "flips": r["flips"].to_dict() if r.get("flips") else None, "report": r["report"].to_dict()}
         for r in rows]}
     line = (f"reference {meta['path']} ({meta['model']}): {meta['n_scored']:,} scored tokens, "
             f"K = {meta['k']}, protocol {p.get('name')} max_length {p.get('max_length')}"
@@ -887,6 +930,9 @@ def _emit_eval(rows, ref, ref_path, fmt):
         verdicts = [f"  {r['name']:<{w}}  {r['report'].verdict.headline}"
                     + (f" ({r['report'].expected.format})" if r["report"].expected else "") for r in rows]
         files = [f"  {r['name']:<{w}}  {r['tokens_file']}" for r in rows if "tokens_file" in r]
+        flips = [textwrap.fill(r["flips"].summary(), 100, initial_indent=f"  {r['name']:<{w}}  ",
+                               subsequent_indent=" " * (w + 4)) for r in rows if r.get("flips")]
+        n_items = next((r["flips"].n for r in rows if r.get("flips")), 0)
         groups = _group_names(rows)
         per_group = [textwrap.fill(", ".join(f"{g} {_group_cell(r['report'], g, ci=False)}" for g in groups), 100,
                                    initial_indent=f"  {r['name']:<{w}}  ", subsequent_indent=" " * (w + 4))
@@ -896,6 +942,8 @@ def _emit_eval(rows, ref, ref_path, fmt):
                             "KLD: mean and p99 of the top-K estimate, nats; bounds, ratio CIs, sizes: --format "
                             "markdown/html/json", "verdict:"] + verdicts
                          + (["Δ PPL % per group (CIs: --format markdown/html/json):"] + per_group if groups else [])
+                         + ([f"multiple choice ({n_items} items, acc: the larger log-likelihood), flips vs the "
+                             "original:"] + flips if flips else [])
                          + (["per-token results (ppldelta compare F:original_log_probs F:quantized_log_probs):"]
                             + files if files else []))
     try:

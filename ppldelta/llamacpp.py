@@ -1057,7 +1057,7 @@ class _Model:
 
 def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None, n_ctx: int | None = None,
                     resume: bool = True, progress: bool = True, probes: int | None = None,
-                    groups=None) -> str:
+                    groups=None, choices=None) -> str:
     """The reference file of a GGUF model under the ``"llama.cpp"`` protocol (llama-perplexity's
     chunks: the same windows and record order as ``ppldelta.hf.build_reference(protocol=
     "llama.cpp")`` and as :func:`convert_logits_file` of a ``--kl-divergence-base`` file).
@@ -1069,7 +1069,9 @@ def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None
     written over each chunk's first token when the vocabulary adds one, as llama-perplexity does.
     ``k``: top-K log-probs per scored token (default ``refstats.DEFAULT_K``); ``probes``: tail
     probes per scored token (default ``refstats.DEFAULT_PROBES``), as ``hf.build_reference``;
-    ``groups``: one label per text (``texts`` a list), stored for per-group deltas, as there.
+    ``groups``: one label per text (``texts`` a list), stored for per-group deltas, and
+    ``choices``: multiple-choice items whose scores are stored for flips (:func:`choice_encoder`),
+    as there.
 
     Each chunk's logits (llama.cpp's float32, ``Llama.scores``) are summarized in float64
     (``refstats.summarize``) and streamed through ``reffile.ReferenceWriter``: an interrupted
@@ -1100,6 +1102,11 @@ def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None
         source={"kind": "model", "backend": f"llama.cpp (llama-cpp-python {version})",
                 "logits": "llama.cpp's float32 logits (Llama.scores); log-sum-exp and log-probs in float64"})
     out = os.fspath(out)
+    if choices is not None:
+        from .hf._choices import original_entry
+
+        enc, prefix = choice_encoder(llama)
+        header["choices"] = original_entry(_Model(llama), out, choices, enc, prefix, L, progress=progress)
     if resume and _ref._finished(out, header):
         return out
     with reffile.ReferenceWriter(out, header, k, n_windows=len(windows), resume=resume) as w:
@@ -1108,6 +1115,26 @@ def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None
                            desc=f"reference (llama.cpp, K={k})")
         w.finalize()
     return out
+
+
+def choice_encoder(llama):
+    """(encode, prefix token) of a GGUF vocabulary for multiple-choice items (``ppldelta.choices``):
+    ``Llama.tokenize`` without BOS or special tokens; an empty context is BOS, else EOS."""
+    def encode(s):
+        return llama.tokenize(s.encode("utf-8"), add_bos=False, special=False)
+
+    bos = llama.token_bos() if hasattr(llama, "token_bos") else -1
+    eos = llama.token_eos() if hasattr(llama, "token_eos") else -1
+    return encode, (int(bos) if bos is not None and bos >= 0 else int(eos) if eos is not None and eos >= 0 else None)
+
+
+def choice_flips(llama, reference, choices, *, progress: bool = True, alpha: float = 0.05):
+    """``ppldelta.choice_flips`` of a GGUF model against the original's choice scores stored in
+    ``reference`` (built with ``choices=``): the same items, checked by their sha256."""
+    from .hf._choices import flips_against_reference
+
+    enc, _ = choice_encoder(llama)
+    return flips_against_reference(_Model(llama), reference, choices, encode=enc, progress=progress, alpha=alpha)
 
 
 def _check_reference(llama, header, texts) -> None:

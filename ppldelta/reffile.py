@@ -978,3 +978,18 @@ def scored_groups(header, positions):
         raise ValueError("the reference's groups entry is malformed (runs must start at token 0, "
                          "ascend, and name a group)")
     return np.asarray(names)[runs[np.searchsorted(runs[:, 0], pos, side="right") - 1, 1]]
+
+
+def read_header(path):
+    """The header of the reference ``path``, finished or still ``path.part``; None when there is
+    neither or it cannot be read (a producer's way to reuse what a killed build computed)."""
+    for p in (os.fspath(path), os.fspath(path) + ".part"):
+        try:
+            with open(p, "rb") as f:
+                magic, version, hlen = _PREFIX.unpack(f.read(_PREFIX.size))
+                if magic != MAGIC or version not in READ_VERSIONS or hlen > MAX_JSON:
+                    continue
+                return _parse_json(f.read(hlen), f"{p}: header")
+        except (OSError, struct.error, ValueError):
+            continue
+    return None

@@ -165,6 +165,50 @@ def test_text_groups_recorded(tmp_path, gguf):
             llamacpp.build_reference(fake, tmp_path / "x.ppldref", k=3, progress=False, **kw)
 
 
+def test_choice_scores_and_flips_of_gguf_models(tmp_path, gguf):
+    """Multiple-choice items through a GGUF model's own loop: the stored scores are lm-eval's rule
+    by hand (request (context, " " + choice); one byte per token here, so the continuation is the
+    choice's bytes with the delimiter; an empty context is BOS), and the flips count by hand."""
+    import math
+
+    L = 8
+    base, quant = FakeLlama(gguf, L), FakeLlama(gguf, L, shift=2.0)
+    g = np.random.default_rng(5)
+    word = lambda n: "".join(chr(97 + int(x)) for x in g.integers(0, 26, n))  # noqa: E731
+    items = [{"context": word(i % 4), "choices": [word(int(g.integers(1, 4))) for _ in range(2 + i % 2)],
+              "answer": i % 2} for i in range(40)]
+    out = llamacpp.build_reference(base, tmp_path / "r.ppldref", tokens=np.arange(3 * L) % V, k=3,
+                                   progress=False, choices=items)
+
+    def oracle(fake):
+        s = np.full((len(items), 3), -np.inf)
+        for i, it in enumerate(items):
+            for j, c in enumerate(it["choices"]):
+                ctx = fake.tokenize(it["context"].encode(), add_bos=False) or [1]
+                cont = fake.tokenize((" " + c).encode(), add_bos=False)
+                seq = ctx + cont
+                lp = _log_softmax(fake.logits(np.array(seq[-(L + 1):][:-1])))
+                s[i, j] = math.fsum(lp[len(lp) - len(cont) + k, cont[k]] for k in range(len(cont)))
+        return s
+
+    so, sq = oracle(base), oracle(quant)
+    entry = reffile.read_reference(out).header["choices"]
+    assert entry["max_length"] == L and entry["prefix_token"] == 1
+    np.testing.assert_allclose(ch_stored(entry, items), so, rtol=1e-12)
+    fl = llamacpp.choice_flips(quant, out, items, progress=False)
+    ans = np.array([it["answer"] for it in items])
+    po, pq = so.argmax(1), sq.argmax(1)
+    assert (fl.flips, fl.right_to_wrong, fl.wrong_to_right) == (
+        int((po != pq).sum()), int(((po == ans) & (pq != ans)).sum()), int(((po != ans) & (pq == ans)).sum()))
+    assert fl.flips > 0
+
+
+def ch_stored(entry, items):
+    from ppldelta.choices import stored_scores
+
+    return stored_scores(entry, items)
+
+
 def test_evaluate_variant_against_reference(tmp_path, gguf):
     L = 8
     base, quant = FakeLlama(gguf, L), FakeLlama(gguf, L, shift=0.05)

@@ -37,7 +37,8 @@ Modules, one job each: ``_run`` (running models over the windows of a protocol; 
 ``_kl_torch`` (per-row statistics of logit chunks: C kernels on the CPU, the torch twin on an
 accelerator), ``_load`` (texts, tokenizers, models), ``_reports`` (evaluate_perplexity,
 compare_models, quantization_report), ``_reference`` (build_reference: the original scored once
-into a reference file; evaluate_against_reference: a quantized model against it).  torch, transformers and tqdm are imported lazily
+into a reference file; evaluate_against_reference: a quantized model against it), ``_choices``
+(multiple-choice scores as lm-eval's loglikelihood, and flips against a reference).  torch, transformers and tqdm are imported lazily
 (``pip install ppldelta[hf]``).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ from ._reports import (PerplexityResult, QuantizationReport, compare_models, eva
                        quantization_report)
 from ._run import Protocol, hf_recipe_perplexity, score, token_log_probs, window_mean_perplexity
 from ._reference import build_reference, compare_to_reference, evaluate_against_reference
+from ._choices import choice_flips, score_choices
 from . import _run
 
 __all__ = [
@@ -65,6 +67,8 @@ __all__ = [
     "build_reference",
     "evaluate_against_reference",
     "compare_to_reference",
+    "score_choices",
+    "choice_flips",
     "last_protocol",
 ]
 

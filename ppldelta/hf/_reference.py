@@ -151,17 +151,18 @@ def _tokenizer_entry(tok) -> dict | None:
 
 def reference_header(*, model: dict, tokenizer: dict | None, ids, protocol: dict, windows, k: int,
                      text: dict | None = None, source: dict | None = None, probes: int | None = None,
-                     groups: dict | None = None) -> dict:
+                     groups: dict | None = None, choices: dict | None = None) -> dict:
     """The provenance header of a reference (see the module docstring); deterministic (no
     timestamps), so that a resumed build writes the same bytes.  ``groups``:
-    ``reffile.groups_entry`` of the texts' labels, or None."""
+    ``reffile.groups_entry`` of the texts' labels, or None; ``choices``: the original's
+    multiple-choice scores (``hf._choices.original_entry``), or None."""
     tokens = encode_ids(ids)
     return {"kind": KIND, "model": model, "tokenizer": tokenizer,
             "tokenizer_sha256": tokenizer["vocab_sha256"] if tokenizer else None,
             "tokens_sha256": tokens["sha256"], "tokens": tokens, "text": text, "protocol": protocol,
             "window_records": [int(w.b - w.a) for w in windows],
             "k": int(k), "probes": _stats().DEFAULT_PROBES if probes is None else int(probes),
-            "versions": _versions(), "source": source, "groups": groups}
+            "versions": _versions(), "source": source, "groups": groups, "choices": choices}
 
 
 def _protocol_entry(spec, windows, L, S, n, bos, bos_from) -> dict:
@@ -312,7 +313,7 @@ def _adaptids(input_ids):
 def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=None, protocol="sliding",
                     max_length=None, stride=None, k=None, batch_size=1, device=None, progress=True,
                     resume=True, bos_token_id=None, join=None, add_special_tokens=None,
-                    load_kwargs=None, probes=None, groups=None) -> str:
+                    load_kwargs=None, probes=None, groups=None, choices=None) -> str:
     """Score ``model`` (the original) once and write its reference file to ``out``.
 
     ``model``: a loaded causal LM, or a hub id / local path (loaded with :func:`load_model`
@@ -326,7 +327,9 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
     text (``texts`` a list; e.g. "prose", "code"), stored in the header so that every evaluation
     against the reference reports per-group deltas (a token belongs to the text it comes from).
     ``device``: where the input ids go (the model is not moved); logits are summarized on the
-    model's device.
+    model's device.  ``choices``: multiple-choice items (a JSON Lines file or a list of dicts,
+    ``ppldelta.choices``): the original's per-choice log-likelihoods (lm-eval's rule) go into the
+    header, so that every evaluation with the same items counts flips without the original.
 
     The file is written window by window (``out.part`` plus a journal) and renamed to ``out``
     when complete.  ``resume=True``: an interrupted build continues after its last verified
@@ -359,6 +362,14 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
                               source={"kind": "model", "logits": "full precision of the model's forward; "
                                       "log-sum-exp and log-probs in float64"})
     out = os.fspath(out)
+    if choices is not None:
+        from . import _choices
+
+        ctok = tok if tok is not None else _tokenizer_for(tokenizer, model)
+        enc, prefix = _choices.hf_encoder(ctok)
+        header["choices"] = _choices.original_entry(model, out, choices, enc, prefix,
+                                                    _choices.max_length_of(model, ctok), batch_size=batch_size,
+                                                    device=device, progress=progress)
     if resume and _finished(out, header):
         return out
     ids = as_ids(ids_np)

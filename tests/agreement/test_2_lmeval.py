@@ -182,3 +182,32 @@ def test_token_level_equals_lm_eval_rolling(cfg, lmeval_runs, task_dir, table):
     table.rows.append(_agree.Row("lm-eval", "loglikelihood_rolling (original), per document",
                                  "summed log-likelihood: largest relative difference", "-",
                                  f"{worst:.1e}", digits, "<= 1e-6 relative"))
+
+
+def test_choice_scores_equal_lm_eval(cfg, lmeval_runs, task_dir, table):
+    """ppldelta.hf.score_choices (the scores a reference stores for flips, ``--choices``) on the
+    task's own items file equals lm-eval's per-choice loglikelihoods, and gives its acc."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ppldelta import hf
+
+    out = lmeval_runs["original"]
+    want, answers, doc_ids = lmeval.multiple_choice_scores(lmeval.read_samples(out, "ppldelta_mc"))
+    items = [json.loads(line) for line in (task_dir / "mc.jsonl").read_text().splitlines()]
+    assert [items[i]["answer"] for i in doc_ids] == answers.tolist()
+    tok = AutoTokenizer.from_pretrained(cfg.gguf.parent, gguf_file=cfg.gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(cfg.gguf.parent, gguf_file=cfg.gguf.name, dtype=torch.float64)
+    ours = hf.score_choices(model, task_dir / "mc.jsonl", tokenizer=tok, progress=False)[doc_ids]
+    fin = np.isfinite(want)
+    assert np.array_equal(fin, np.isfinite(ours))
+    worst = float(np.max(np.abs(ours[fin] - want[fin]) / np.abs(want[fin])))
+    assert worst <= 1e-9, f"largest relative difference {worst:.2e}"
+    acc = float(np.mean(ours.argmax(axis=1) == answers))
+    assert acc == _results(out)["ppldelta_mc"]["acc,none"]
+    table.add("lm-eval", "multiple_choice (original), ppldelta.hf.score_choices", "acc",
+              _results(out)["ppldelta_mc"]["acc,none"], acc, "equal")
+    digits = "all" if worst == 0 else str(max(0, int(math.floor(-math.log10(worst)))))
+    table.rows.append(_agree.Row("lm-eval", "multiple_choice (original), per choice",
+                                 "loglikelihood: largest relative difference", "-", f"{worst:.1e}", digits,
+                                 "<= 1e-9 relative"))
