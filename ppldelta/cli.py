@@ -59,7 +59,9 @@ SOURCE is a reference file (ppldelta reference build), a llama.cpp --kl-divergen
 QUANT: Hugging Face ids or local paths (quantization configs are read from them); the loading
   arguments apply to every model. A .gguf file (SOURCE or QUANT) runs through llama-cpp-python
   (pip install llama-cpp-python; the loading arguments do not apply), SOURCE under the llama.cpp
-  protocol (--max-length is n_ctx, one --text FILE is read as llama-perplexity -f reads it). The
+  protocol (--max-length is n_ctx, one --text FILE is read as llama-perplexity -f reads it). A
+  llama.cpp logits file as QUANT (llama-perplexity --kl-divergence-base run on the quant, same
+  text and -c) is compared as stored: uint16-decoded rows, floored 16 nats below the maximum. The
   tokens are the reference's own; --text is checked against them (a different tokenizer or text
   is refused).
 Groups: several --text files (--text prose=wiki.txt --text code=src.txt) are joined with the
@@ -632,6 +634,11 @@ def _evaluate_variant(args, q, ref, expected):
     file) against the open reference."""
     from .hf._reference import evaluate_against_reference, load_model, load_tokenizer
 
+    from .llamacpp import evaluate_logits_file, is_logits_file
+
+    if is_logits_file(q):  # a llama-perplexity --kl-divergence-base file of the quant: its stored rows
+        return evaluate_logits_file(q, ref, progress=not args.no_progress, expected=expected,
+                                    confidence=args.confidence, verify=False), None
     if _is_gguf(q):  # through llama-cpp-python, its context the reference's window
         from .llamacpp import choice_flips
         from .llamacpp import evaluate_against_reference as evaluate_gguf
@@ -687,7 +694,11 @@ def _eval(args) -> int:
     ref.verify()  # once, not per variant
     if args.choices is not None:  # refused before any variant runs
         from .choices import read_items, stored_scores
+        from .llamacpp import is_logits_file
 
+        files = [q for q in args.quantized if is_logits_file(q)]
+        if files:
+            raise ValueError(f"--choices: {files[0]} is a llama.cpp logits file, which cannot score choices")
         if not ref.header.get("choices"):
             raise ValueError(f"--choices: {ref_path} holds no choice scores of the original "
                              "(build it with --choices FILE)")
@@ -722,9 +733,14 @@ _TOKEN_ARRAYS = ("original_log_probs", "quantized_log_probs", "kld", "kld_lo", "
 
 
 def _size(path, n_weights, gguf_file=None) -> dict:
-    """{"bytes", "parameters", "bits_per_weight"} of a variant (None where unknown: a hub id)."""
+    """{"bytes", "parameters", "bits_per_weight"} of a variant (None where unknown: a hub id, a
+    llama.cpp logits file)."""
+    from .llamacpp import is_logits_file
+
     nbytes = None
-    if os.path.isfile(path):
+    if is_logits_file(path):
+        pass
+    elif os.path.isfile(path):
         nbytes = os.path.getsize(path)
     elif os.path.isdir(path):
         if gguf_file:

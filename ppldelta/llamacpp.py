@@ -82,6 +82,9 @@ __all__ = [
     "vocab_sha256",
     "build_reference",
     "evaluate_against_reference",
+    "evaluate_logits_file",
+    "choice_flips",
+    "choice_encoder",
 ]
 
 MAGIC = b"_logits_"
@@ -870,6 +873,70 @@ def convert_logits_file(base_kld_path: str | os.PathLike, out_path: str | os.Pat
         w.finalize()
     lf.close()
     return out_path
+
+
+class _LogitsFileModel:
+    """A quantized model's llama.cpp logits file as the reference loops take a model: its stored
+    rows, decoded (``_decode_rows``) chunk by chunk, in place of a forward."""
+
+    def __init__(self, lf):
+        self.lf = lf
+        self.name_or_path = f"{os.path.basename(lf.path)} (llama.cpp logits file, uint16-decoded)"
+        self.ppldelta_n_weights = None
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError("a llama.cpp logits file runs only through ppldelta_run_windows")
+
+    def ppldelta_run_windows(self, models, ids, windows, *, on_rows, index0=0, on_batch=None, **_):
+        lf = self.lf
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        for j, w in enumerate(windows):
+            c, off = divmod(w.start, lf.n_ctx)
+            if off or c >= lf.n_chunk or w.a != w.start + lf.first_scored or w.b - w.a != lf.rows_per_chunk:
+                raise ValueError(f"{lf.path}: the reference's window {index0 + j} is not one of the file's "
+                                 f"chunks of n_ctx = {lf.n_ctx}")
+            for block in _row_blocks(lf.rows_per_chunk, lf.n_vocab):
+                r0, r1 = w.a + block.start, w.a + block.stop
+                on_rows(index0 + j, r0, r1, [_decode_rows(lf._rows[c][block], lf.n_vocab)], ids[r0 + 1:r1 + 1])
+            if on_batch is not None:
+                on_batch(w.b - w.a)
+
+
+def evaluate_logits_file(path, reference, *, verify: bool = True, progress: bool = True, **analyze_kwargs):
+    """A quantized model's llama.cpp ``--kl-divergence-base`` file (llama-perplexity run on the
+    quant, the same text and ``-c``) against a reference file of the original; returns the
+    report of ``ppldelta.hf.evaluate_against_reference``.
+
+    The file's tokens must be the reference's and its chunks the reference's windows (the
+    ``"llama.cpp"`` protocol with the same ``n_ctx``): anything else is a ValueError.  The
+    quantized side is what the file stores: uint16-decoded log-probs, each within half a
+    quantization step, everything below ``max - 16`` nats at the row's floor (PPL(Q) then off by
+    up to about 4e-5 relative, as :func:`compare_logits_files`); prefer the GGUF itself
+    (:func:`evaluate_against_reference`) where it is at hand."""
+    from .hf import _reference as _ref
+    from .reffile import tokens_sha256
+
+    ref = _ref._open(reference)
+    lf = read_logits_file(path)
+    try:
+        p = ref.header.get("protocol") or {}
+        if p.get("name") != "llama.cpp" or p.get("max_length") != lf.n_ctx:
+            raise ValueError(f"not comparable with this reference: {lf.path} holds llama.cpp chunks of "
+                             f"n_ctx = {lf.n_ctx}, the reference is protocol {p.get('name')!r} with "
+                             f"max_length {p.get('max_length')}")
+        ids = _ref.decode_ids(ref.header["tokens"])
+        mine = np.asarray(lf.tokens, dtype=np.int64).reshape(-1)
+        if ids.size < mine.size or tokens_sha256(ids[:mine.size].astype("<i4")) != tokens_sha256(mine.astype("<i4")):
+            raise ValueError(f"not comparable with this reference: the tokens of {lf.path} differ from the "
+                             "reference's (use the text, tokenizer and -c the reference was built with)")
+        n = (ref.header.get("source") or {}).get("n_vocab")
+        if n is not None and int(n) != lf.n_vocab:
+            raise ValueError(f"not comparable with this reference: its logits have n_vocab={n}, "
+                             f"{lf.path} {lf.n_vocab}")
+        return _ref.evaluate_against_reference(_LogitsFileModel(lf), ref, verify=verify, progress=progress,
+                                               bos_token_id=False, **analyze_kwargs)  # logits stored: BOS moot
+    finally:
+        lf.close()
 
 
 # ---------------------------------------------------------------------------- GGUF models: references

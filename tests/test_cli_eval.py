@@ -204,6 +204,39 @@ def test_llamacpp_logits_file_as_reference_source(models, tmp_path, capsys):
     direct = hf.evaluate_against_reference(LlamaForCausalLM.from_pretrained(models["q_small"]).eval(),
                                            out, tokenizer=tok, progress=False).to_dict()
     assert rep["reference"] == direct["reference"]
+    # a quant's own logits file as QUANT: its stored rows, decoded by hand here, against the reference
+    qm = LlamaForCausalLM.from_pretrained(models["q_large"]).eval()
+    with torch.no_grad():
+        qchunks = [qm(torch.from_numpy(ids[c * n_ctx:(c + 1) * n_ctx])[None]).logits[0].numpy()
+                   for c in range(ids.size // n_ctx)]
+    qkld = tmp_path / "q.kld"
+    llamacpp.write_logits_file(qkld, ids, qchunks, n_ctx)
+    raw = qkld.read_bytes()
+    n_chunk = ids.size // n_ctx
+    nv = 2 * ((V + 1) // 2) + 4
+    rows = np.frombuffer(raw, dtype="<u2", offset=20 + 4 * n_chunk * n_ctx).reshape(-1, nv)
+    par = np.ascontiguousarray(rows[:, :4]).view("<f4")
+    dec = ((rows[:, 4:4 + V].astype(np.float32) * par[:, :1]) + par[:, 1:2]).astype(np.float64)  # float32, as llama.cpp
+    m = dec.max(1, keepdims=True)
+    lsm = dec - m - np.log(np.exp(dec - m).sum(1, keepdims=True))
+    first, per = n_ctx // 2, n_ctx - 1 - n_ctx // 2
+    targets = np.concatenate([ids[c * n_ctx + first + 1:(c + 1) * n_ctx] for c in range(n_chunk)])
+    lpq = lsm[np.arange(targets.size), targets]
+    d = tmp_path / "tok"
+    assert main(["eval", str(out), str(qkld), "--format", "json", "--no-progress", "--save-tokens", str(d)]) == 0
+    v = json.loads(capsys.readouterr().out)["variants"][0]
+    assert v["size"]["bytes"] is None  # a logits file is no weights file
+    with np.load(d / "q.kld.npz") as z:
+        np.testing.assert_allclose(z["quantized_log_probs"], lpq, rtol=0, atol=1e-7)  # the kernel's float32 exp
+    assert v["report"]["n_tokens"] == n_chunk * per
+    wrong = tmp_path / "wrong.kld"
+    llamacpp.write_logits_file(wrong, ids[: 2 * 8], [qchunks[0][:8], qchunks[1][:8]], 8)
+    assert main(["eval", str(out), str(wrong), "--no-progress"]) == 2
+    assert "not comparable" in capsys.readouterr().err
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"context": "the cat", "choices": ["sat", "ran"], "answer": 0}) + "\n")
+    assert main(["eval", str(out), str(qkld), "--choices", str(mc), "--no-progress"]) == 2
+    assert "cannot score choices" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the eval's outputs
