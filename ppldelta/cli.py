@@ -960,6 +960,9 @@ def _emit_eval(rows, ref, ref_path, fmt):
                          + (["Δ PPL % per group (CIs: --format markdown/html/json):"] + per_group if groups else [])
                          + ([f"multiple choice ({n_items} items, acc: the larger log-likelihood), flips vs the "
                              "original:"] + flips if flips else [])
+                         + ([f"(the reference holds the original's scores of {h['choices'].get('n_items')} "
+                             f"multiple-choice items from {h['choices'].get('source')}: --choices FILE adds flips)"]
+                            if h.get("choices") and not flips else [])
                          + (["per-token results (ppldelta compare F:original_log_probs F:quantized_log_probs):"]
                             + files if files else []))
     try:

@@ -140,6 +140,8 @@ def test_reference_stores_scores_and_flips_count_by_hand(setup, tmp_path, capsys
     # the text table has the line; the same flips from Python
     assert main(["eval", str(ref), setup["paths"]["quant"], "--choices", setup["path"], "--no-progress"]) == 0
     assert f"flips {f['flips']}/{f['n']}" in capsys.readouterr().out
+    assert main(["eval", str(ref), setup["paths"]["quant"], "--no-progress"]) == 0  # without: a hint
+    assert "30 multiple-choice items from mc.jsonl: --choices FILE adds flips" in capsys.readouterr().out
     fl = hf.choice_flips(setup["quant"], str(ref), setup["path"], tokenizer=setup["tok"], progress=False)
     assert (fl.flips, fl.right_to_wrong, fl.wrong_to_right) == (f["flips"], b, c)
 
