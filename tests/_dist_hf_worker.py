@@ -6,7 +6,8 @@ initialised here (file://, the user-initialised path).
 
     python _dist_hf_worker.py MODE OUT [--init FILE --rank R --world W]
 
-MODE: ``same`` (every protocol: score at batch sizes 1 and 2, compare_models with groups),
+MODE: ``same`` (every protocol: score at batch sizes 1 and 2, compare_models with groups;
+multiple-choice scores),
 ``fail`` (the last rank's model raises on its second forward), ``ref`` / ``ref-slow`` (build a
 reference file; ``ref-slow`` sleeps after every window so the test can kill it),
 ``refeval`` (evaluate_against_reference)."""
@@ -72,6 +73,16 @@ def run_same():
             rep = hf.compare_models(base, quant, x, protocol=name, max_length=L, stride=S,
                                     batch_size=2, groups=g, progress=False, bos_token_id=1)
             reports[f"compare/{name}"] = json.loads(json.dumps(rep.to_dict(), default=str))
+    # multiple-choice scores: each (item, choice) pair a window of its own length, sharded too
+    from ppldelta.hf._choices import run_pairs
+
+    g = np.random.default_rng(4)
+    words = ["ab", "cde", "f", "ghij", "kl"]
+    items = [{"context": " ".join(g.choice(words, int(g.integers(1, 6)))),
+              "choices": [str(g.choice(words)) for _ in range(int(g.integers(2, 5)))], "answer": 0}
+             for _ in range(9)]
+    arrays["choices"] = run_pairs(base, items, lambda s: [3 + ord(c) % (V - 3) for c in s], 1, 64,
+                                  batch_size=2)
     return arrays, reports
 
 
