@@ -1173,7 +1173,7 @@ def build_reference(llama, out, *, texts=None, tokens=None, k: int | None = None
         from .hf._choices import original_entry
 
         enc, prefix = choice_encoder(llama)
-        header["choices"] = original_entry(_Model(llama), out, choices, enc, prefix, L, progress=progress)
+        header["choices"] = original_entry(_Model(llama), out, header, choices, enc, prefix, L, progress=progress)
     if resume and _ref._finished(out, header):
         return out
     with reffile.ReferenceWriter(out, header, k, n_windows=len(windows), resume=resume) as w:

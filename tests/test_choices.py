@@ -160,6 +160,10 @@ def test_build_reuses_stored_scores_and_refusals(setup, tmp_path, capsys, monkey
     hf.build_reference(setup["orig"], choices=setup["path"], **kw)  # finished, same items: reused
     assert out.read_bytes() == before
     monkeypatch.undo()
+    # overwriting with another model scores again (the stored scores were another build's)
+    hf.build_reference(setup["quant"], choices=setup["path"], resume=False, **kw)
+    got = ch.stored_scores(reffile.read_reference(out).header["choices"], setup["items"])
+    np.testing.assert_allclose(got, _oracle_scores(setup["quant"], setup["tok"], setup["items"]), rtol=1e-7)
     # another items file: eval refuses it (before any model loads), and a reference without scores
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"context": "the cat", "choices": ["sat", "ran"], "answer": 1}) + "\n")

@@ -74,17 +74,21 @@ def hf_encoder(tokenizer):
     return encode, bos if bos is not None else eos
 
 
-def original_entry(model, out, choices, encode, prefix, max_length, *, batch_size=1, device=None,
+def original_entry(model, out, header, choices, encode, prefix, max_length, *, batch_size=1, device=None,
                    progress=True) -> dict:
-    """The header's ``choices`` entry of a build: the original's scores, or the ones the killed
-    build at ``out`` (``.part``) or a finished ``out`` already recorded for the same items and
+    """The header's ``choices`` entry of a build whose other entries are ``header``: the
+    original's scores, or the ones that the killed build at ``out`` (``.part``) or a finished
+    ``out`` of the same build (every other header entry equal) recorded for the same items and
     settings (so that a resumed build has the same header, whatever the device's rounding)."""
     from ..reffile import read_header
+    from ._reference import _same_header
 
     items = _ch.read_items(choices)
     source = os.path.basename(os.fspath(choices)) if isinstance(choices, (str, os.PathLike)) else "list"
-    old = (read_header(out) or {}).get("choices") or {}
-    if (old.get("items_sha256") == _ch.items_sha256(items) and old.get("max_length") == int(max_length)
+    stored = read_header(out) or {}
+    old = stored.get("choices") or {}
+    same_build = _same_header({**stored, "choices": None}, {**header, "choices": None}) is None
+    if (same_build and old.get("items_sha256") == _ch.items_sha256(items) and old.get("max_length") == int(max_length)
             and old.get("prefix_token") == prefix and old.get("rule") == _ch.RULE and old.get("source") == source):
         return old
     s = run_pairs(model, items, encode, prefix, int(max_length), batch_size=batch_size, device=device,

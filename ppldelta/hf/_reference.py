@@ -367,7 +367,7 @@ def build_reference(model, texts=None, input_ids=None, out=None, *, tokenizer=No
 
         ctok = tok if tok is not None else _tokenizer_for(tokenizer, model)
         enc, prefix = _choices.hf_encoder(ctok)
-        header["choices"] = _choices.original_entry(model, out, choices, enc, prefix,
+        header["choices"] = _choices.original_entry(model, out, header, choices, enc, prefix,
                                                     _choices.max_length_of(model, ctok), batch_size=batch_size,
                                                     device=device, progress=progress)
     if resume and _finished(out, header):
