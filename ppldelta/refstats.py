@@ -310,11 +310,16 @@ def _row_var(x, mask):
     return np.where(cnt > 1, (np.where(mask, x - mu[:, None], 0.0) ** 2).sum(1) / np.maximum(cnt - 1, 1), 0.0)
 
 
-def _probe_estimates(rec, parts, pt, l, lf, bS, qS, PT, QT, F_old, R_old):
+def _probe_estimates(rec, parts, pt, l, lf, bS, qS, PT, QT, s2, F_old, R_old):
     """The KL estimates from the tail probes (docs/reference-bounds.md, "Estimate"): with
     c = log(P_T / Q_T) and δ_i = a_i - b_i - c, the tail's normalised distributions satisfy
-    E_p̂[e^{-δ}] = 1 exactly, so KL(p̂ || q̂) = E_p̂[δ + e^{-δ} - 1]: the probes are a sample of
-    p̂, and the mean over them estimates it without bias.  KL(q̂ || p̂) = E_p̂[e^{-δ}(-δ)] would
+    E_p̂[e^{-δ}] = 1 exactly, so KL(p̂ || q̂) = E_p̂[δ + β(e^{-δ} - 1)] for any β fixed without
+    the probes: the probes are a sample of p̂, and the mean over them estimates it without bias.
+    β = v / (e^v - 1) is the variance-minimising β where δ is normal with variance v (1 for Q close
+    to P, towards 0 where Q puts mass that P does not and e^{-δ} is heavy tailed), with
+    v = s2 (1 + s2) from ``s2``, the stored tokens' sample variance of l - b: inflated, since the
+    stored tokens understate the tail's variance and a β too large costs far more than one too
+    small (docs/reference-bounds.md).  KL(q̂ || p̂) = E_p̂[e^{-δ}(-δ)] would
     need the rare tail tokens where Q is far above P, so its estimate is the second-order
     Var_p̂(δ)/2 with the probes' sample variance.  Rows without probes (no tail, or no tail mass
     in Q) keep the second-order estimates ``F_old`` / ``R_old`` (and the reverse one where a probe
@@ -326,7 +331,9 @@ def _probe_estimates(rec, parts, pt, l, lf, bS, qS, PT, QT, F_old, R_old):
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         c = np.log(PT / QT)
         d = np.where(pv, rec["plps"].astype(np.float64) - parts["bP"] - c[:, None], 0.0)
-        fwd = np.where(pv, d + np.expm1(-d), 0.0)
+        v = s2 * (1 + s2)
+        beta = np.where(v >= 700, 0.0, np.where(v > 0, v / np.expm1(np.clip(v, 0.0, 700.0)), 1.0))[:, None]
+        fwd = np.where(pv, d + np.where(beta > 0, beta * np.expm1(-d), 0.0), 0.0)
         use = (cnt > 0) & (PT > 0) & (QT > 0)
         m = np.maximum(cnt, 1)
         stored_f = (pt * (np.where(lf, l, 0.0) - bS)).sum(1)
@@ -412,7 +419,8 @@ def finish(parts, records):
         # second order: within the tail, p_i / q_i varies as the stored tokens' log-ratios do;
         # KL(p_tail || q_tail) ~ P_T Var(a - b) / 2 (docs/reference-bounds.md, "Estimate")
         ok = valid & lf & np.isfinite(bS)
-        corr = _row_var(np.where(ok, l - bSf, 0.0), ok) / 2 if TAIL_VARIANCE else 0.0
+        s2 = _row_var(np.where(ok, l - bSf, 0.0), ok)
+        corr = s2 / 2 if TAIL_VARIANCE else 0.0
         if TAIL_VARIANCE:
             F_est = (pt * (np.where(lf, l, 0.0) - bSf)).sum(1) + np.where(PT > 0, W_est, 0.0) + PT * corr
         else:
@@ -420,7 +428,7 @@ def finish(parts, records):
         R_est = -HQ - (qS * np.where(lf, l, 0.0)).sum(1) + np.where(QT > 0, -C_est, 0.0) + QT * corr
         svar = np.zeros(n)
         if "pids" in rec.dtype.names and rec["pids"].shape[1]:
-            F_est, R_est, svar = _probe_estimates(rec, parts, pt, l, lf, bSf, qS, PT, QT, F_est, R_est)
+            F_est, R_est, svar = _probe_estimates(rec, parts, pt, l, lf, bSf, qS, PT, QT, s2, F_est, R_est)
         # infinities: a stored token with p > 0 = q; tail mass forced onto q = 0 tokens
         f_inf = (valid & lf & (bS == -np.inf)).any(1) | ((ninfT > 0) & (floor > 0)) | \
             (PTm > nfinT * cap * (1 + 1e-12))
