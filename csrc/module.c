@@ -15,6 +15,7 @@
 #include "reference.h"
 #include "stats.h"
 #include "summarize.h"
+#include "compare.h"
 #include <limits.h>
 
 enum { PD_K_ORIG, PD_K_QUANT, PD_K_ABS, PD_K_REL, PD_K_QUALITY, PD_NKEYS };
@@ -821,6 +822,121 @@ done:
     return res;
 }
 
+/* Stored ids for compare_rows: a native, aligned, C-contiguous int32 (rows, k >= 1) ndarray
+ * (records' fields are strided views: the caller makes them contiguous), every id < V. */
+static int pd_ids_from(PyObject *obj, const char *name, npy_intp rows, npy_intp V, int need_k,
+                       const int32_t **data, npy_intp *k)
+{
+    PyArrayObject *arr = (PyArrayObject *)obj;
+    npy_intp i, n;
+    if (!PyArray_Check(obj) || PyArray_TYPE(arr) != NPY_INT32) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int32 ndarray", name);
+        return -1;
+    }
+    if (PyArray_NDIM(arr) != 2 || PyArray_DIM(arr, 0) != rows || (need_k && PyArray_DIM(arr, 1) < 1)) {
+        PyErr_Format(PyExc_ValueError, "%s must have shape (%zd, k)%s, got %d dimension(s)%s", name,
+                     (Py_ssize_t)rows, need_k ? " with k >= 1" : "", PyArray_NDIM(arr),
+                     PyArray_NDIM(arr) == 2 ? " of another shape" : "");
+        return -1;
+    }
+    if (!PyArray_ISCARRAY_RO(arr) || !PyArray_ISNOTSWAPPED(arr)) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous, aligned and in native byte order", name);
+        return -1;
+    }
+    *data = (const int32_t *)PyArray_DATA(arr);
+    *k = PyArray_DIM(arr, 1);
+    n = rows * *k;
+    for (i = 0; i < n; i++)
+        if ((*data)[i] >= V) {
+            PyErr_Format(PyExc_ValueError, "%s[%zd, %zd] = %ld is outside the vocabulary [0, %zd)", name,
+                         (Py_ssize_t)(i / *k), (Py_ssize_t)(i % *k), (long)(*data)[i], (Py_ssize_t)V);
+            return -1;
+        }
+    return 0;
+}
+
+static const char *const pd_compare_kw[] = {"rows", "ids", "m", "pids", "bf16", "threads"};
+
+PyDoc_STRVAR(pd_compare_rows_doc,
+"compare_rows(rows, ids, m, pids=None, *, bf16=False, threads=1)\n"
+"--\n\nStage 1 of refstats.compare (csrc/compare.c): per logits row, against the stored ids (int32,\n"
+"(rows, k), -1 unused) and probe ids, the dict V, M, bS, bP (with pids), HQ, zq, bmax, nT, ninfT,\n"
+"QT, sbT, qbT, top, bot (rows, m), Qbeyond, argmax_q, rank_q.");
+
+static PyObject *pd_compare_rows_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                                    PyObject *kwnames)
+{
+    enum { NV = 16 };
+    static const char *const names[NV] = {"bS", "bP", "top", "bot", "HQ", "zq", "bmax", "QT", "sbT",
+                                          "qbT", "Qbeyond", "nT", "ninfT", "argmax_q", "rank_q", NULL};
+    PyObject *a[6] = {NULL, NULL, NULL, NULL, NULL, NULL}, *v[NV] = {NULL}, *res = NULL, *iv = NULL;
+    const int32_t *ids = NULL, *pids = NULL;
+    Py_ssize_t m;
+    npy_intp K = 0, P = 0, bad = -1;
+    long threads_l = 1;
+    int bf16, rc, kind = 0, i;
+    pd_mat mat;
+    pd_compare_out out;
+    (void)module;
+    if (PD_PARSE("compare_rows", pd_compare_kw, 4, 3, a) < 0 || pd_arg_ssize(a[2], "m", 1, 1, &m) < 0 ||
+        pd_arg_bool(a[4], 0, &bf16) < 0)
+        return NULL;
+    if (a[5] && (threads_l = PyLong_AsLong(a[5])) == -1 && PyErr_Occurred())
+        return NULL;
+    if (threads_l > INT_MAX || threads_l < INT_MIN) {
+        PyErr_SetString(PyExc_OverflowError, "threads does not fit a C int");
+        return NULL;
+    }
+    if (m > 65536) {
+        PyErr_Format(PyExc_ValueError, "m must be <= 65536, got %zd", m);
+        return NULL;
+    }
+    if (pd_mat_from(a[0], "quantized_logits", bf16, &mat) < 0 ||
+        pd_ids_from(a[1], "ids", mat.rows, mat.V, 1, &ids, &K) < 0 ||
+        (a[3] && a[3] != Py_None && pd_ids_from(a[3], "pids", mat.rows, mat.V, 0, &pids, &P) < 0))
+        return NULL;
+    {
+        npy_intp dk[2] = {mat.rows, K}, dp[2] = {mat.rows, P}, dm[2] = {mat.rows, m};
+        for (i = 0; i < NV - 1; i++)
+            if ((i != 1 || pids) &&
+                (v[i] = PyArray_SimpleNew(i < 4 ? 2 : 1, i == 0 ? dk : i == 1 ? dp : i < 4 ? dm : dk,
+                                          i < 11 ? NPY_DOUBLE : NPY_INT64)) == NULL)
+                goto done;
+    }
+    out = (pd_compare_out){pd_vec_data(v[0]), pd_vec_data(v[1]), pd_vec_data(v[2]), pd_vec_data(v[3]),
+                           pd_vec_data(v[4]), pd_vec_data(v[5]), pd_vec_data(v[6]), pd_vec_data(v[7]),
+                           pd_vec_data(v[8]), pd_vec_data(v[9]), pd_vec_data(v[10]), pd_vec_data(v[11]),
+                           pd_vec_data(v[12]), pd_vec_data(v[13]), pd_vec_data(v[14])};
+    Py_BEGIN_ALLOW_THREADS
+    rc = pd_compare_run(&mat, ids, K, pids, P, m, (int)threads_l, &out, &bad, &kind);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        if (kind == 3)
+            PyErr_NoMemory();
+        else
+            PyErr_Format(PyExc_ValueError,
+                         "quantized_logits row %zd contains NaN or +inf, or is entirely -inf", (Py_ssize_t)bad);
+        goto done;
+    }
+    if ((res = PyDict_New()) == NULL || (iv = PyLong_FromSsize_t((Py_ssize_t)mat.V)) == NULL ||
+        PyDict_SetItemString(res, "V", iv) < 0)
+        goto fail;
+    Py_CLEAR(iv);
+    if ((iv = PyLong_FromSsize_t(m)) == NULL || PyDict_SetItemString(res, "M", iv) < 0)
+        goto fail;
+    for (i = 0; i < NV - 1; i++)
+        if (v[i] && PyDict_SetItemString(res, names[i], v[i]) < 0)
+            goto fail;
+    goto done;
+fail:
+    Py_CLEAR(res);
+done:
+    Py_XDECREF(iv);
+    for (i = 0; i < NV; i++)
+        Py_XDECREF(v[i]);
+    return res;
+}
+
 /* ----------------------------------------------------------------------------- SIMD, testing hooks */
 
 static const char *const pd_x_kw[] = {"x"};
@@ -899,6 +1015,7 @@ static PyMethodDef pd_methods[] = {
     {"paired_moments", PD_FASTCALL(pd_paired_moments_py), pd_paired_moments_doc},
     {"logits_stats", PD_FASTCALL(pd_logits_stats), pd_logits_stats_doc},
     {"summarize_rows", PD_FASTCALL(pd_summarize_rows_py), pd_summarize_rows_doc},
+    {"compare_rows", PD_FASTCALL(pd_compare_rows_py), pd_compare_rows_doc},
     {"block_bootstrap", PD_FASTCALL(pd_block_bootstrap_py),
      "block_bootstrap(num, den, n_boot, seed)\n--\n\n"
      "Replicates sum(num[idx]) / sum(den[idx]) over blocks drawn with replacement."},

@@ -107,6 +107,10 @@ def paired_moments(
 def summarize_rows(
     rows: Any, k: int, probes: int, *, bf16: bool = ..., threads: int = ...
 ) -> dict[str, npt.NDArray[Any]]: ...  # entropy, tail, lp_min, ids, lps, pids, plps
+def compare_rows(
+    rows: Any, ids: npt.NDArray[np.int32], m: int, pids: npt.NDArray[np.int32] | None = ..., *,
+    bf16: bool = ..., threads: int = ...
+) -> dict[str, Any]: ...  # V, M, bS, bP, HQ, zq, bmax, nT, ninfT, QT, sbT, qbT, top, bot, Qbeyond, argmax_q, rank_q
 
 def block_bootstrap(
     num: npt.ArrayLike, den: npt.ArrayLike, n_boot: int, seed: int

@@ -7,9 +7,11 @@ point estimate with certified per-token lower and upper bounds.  The derivation 
 and of their rounding margins is docs/reference-bounds.md.
 
 ``summarize`` runs the C kernel ``_core.summarize_rows`` (csrc/summarize.c: two reads per row,
-float64); ``summarize_rows`` is its NumPy twin (the tests' oracle).  ``compare`` computes in
-float64 NumPy on the CPU, in row chunks (no (tokens x vocab) temporary beyond a chunk); the
-torch twins for accelerator tensors are ppldelta/hf/_ref_torch.py, which share the second stage (``finish``: the bounds from O(K) values per token) with this module.
+float64); ``summarize_rows`` is its NumPy twin (the tests' oracle).  ``compare``'s stage 1 is
+the C kernel ``_core.compare_rows`` (csrc/compare.c: the rows read in place, twice, no float64
+copy; its NumPy form is the tests' oracle, tests/test_compare_kernel.py); the torch twins for
+accelerator tensors are ppldelta/hf/_ref_torch.py, which share the second stage (``finish``:
+the bounds from O(K) values per token) with this module.
 """
 from __future__ import annotations
 
@@ -66,16 +68,6 @@ def probe_positions(cum, m):
     for r in range(n):
         pos[r] = np.searchsorted(cum[r], thr[r], side="right")
     return np.where((tot > 0)[:, None], np.minimum(pos, V - 1), -1)
-
-
-def _chunk_rows(V: int) -> int:
-    return max(1, ROW_BUDGET // max(1, V))
-
-
-def _f64(a, bf16):
-    if bf16:
-        return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return a.astype(np.float64)
 
 
 def _check_scored(t, ignore_index):
@@ -179,60 +171,15 @@ def tail_m(k: int) -> int:
     return max(64, 2 * int(k))
 
 
-def parts_rows(y, ids, M, pids=None):
-    """Stage 1 of ``compare`` on float64 quantized logits rows ``y`` and the stored ids (and the
-    tail probes' ids ``pids``): the O(K + M) values per row that ``finish`` needs (the torch twin
-    computes the same dict)."""
-    n, V = y.shape
-    K = ids.shape[1]
-    Mv = min(M, V)
-    valid = ids >= 0
-    idc = np.where(valid, ids, 0)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        m = y.max(axis=1)
-        d = y - m[:, None]
-        b = d - np.log(np.exp(d).sum(axis=1))[:, None]
-        q = np.exp(b)
-        qb = np.where(q > 0, q * b, 0.0)
-        fin = b > -np.inf
-        tm = np.ones((n, V), dtype=bool)
-        rows = np.broadcast_to(np.arange(n)[:, None], (n, K))
-        tm[rows[valid], idc[valid]] = False
-        out = {"V": V, "M": M}
-        out["bS"] = np.where(valid, np.take_along_axis(b, idc, 1), np.nan)
-        if pids is not None:
-            out["bP"] = np.where(pids >= 0, np.take_along_axis(b, np.maximum(pids, 0), 1), np.nan)
-        out["HQ"] = -qb.sum(axis=1)
-        out["zq"] = np.where(q > 0, q * (1 + np.abs(b)) ** 2, 0.0).sum(axis=1)
-        out["bmax"] = np.where(fin, -b, 0.0).max(axis=1)
-        out["nT"] = tm.sum(axis=1)
-        out["ninfT"] = (tm & ~fin).sum(axis=1)
-        qt = np.where(tm, q, 0.0)
-        out["QT"] = qt.sum(axis=1)
-        out["sbT"] = np.where(tm & fin, b, 0.0).sum(axis=1)
-        out["qbT"] = np.where(tm, qb, 0.0).sum(axis=1)
-        bt = np.where(tm, b, -np.inf)
-        it = np.argpartition(-bt, Mv - 1, axis=1)[:, :Mv] if Mv < V else np.broadcast_to(np.arange(V), (n, V))
-        top = -np.sort(-np.take_along_axis(bt, it, 1), axis=1)
-        np.put_along_axis(qt, it, 0.0, 1)
-        out["Qbeyond"] = qt.sum(axis=1)
-        bb = np.where(tm, b, np.inf)
-        ib = np.argpartition(bb, Mv - 1, axis=1)[:, :Mv] if Mv < V else np.broadcast_to(np.arange(V), (n, V))
-        bot = np.sort(np.take_along_axis(bb, ib, 1), axis=1)
-    out["top"], out["bot"] = _pad(top, M, -np.inf), _pad(bot, M, np.inf)
-    out["argmax_q"] = y.argmax(axis=1)
-    out["rank_q"] = (y > np.take_along_axis(y, idc[:, :1], 1)).sum(axis=1)
-    return out
-
-
 def _pad(a, M, v):
+    """``a`` (rows x m) padded with ``v`` to M columns (the torch twin's top / bot)."""
     if a.shape[1] >= M:
         return a
     return np.concatenate([a, np.full((a.shape[0], M - a.shape[1]), v)], axis=1)
 
 
 def concat_parts(chunks):
-    """One parts dict from the parts of row chunks."""
+    """One parts dict from the parts of row chunks (the torch twin's)."""
     first = chunks[0]
     return {k: (v if np.isscalar(v) else np.concatenate([c[k] for c in chunks]))
             for k, v in first.items()}
@@ -534,12 +481,10 @@ def compare(quantized_logits, records, *, bf16=False, threads=1):
     n, V = a.shape
     t = check_rows_fit(rec, n, V)
     lq = _core.logits_stats(a, None, t, ignore_index=-(2 ** 63), bf16=bf, threads=_threads(threads)).lp_a
-    step = _chunk_rows(V)
-    M = tail_m(rec["ids"].shape[1])
-    pids = rec["pids"] if n_probes(rec) else None
-    parts = concat_parts([parts_rows(_f64(a[r0:r0 + step], bf), rec["ids"][r0:r0 + step], M,
-                                     None if pids is None else pids[r0:r0 + step])
-                          for r0 in range(0, n, step)])
+    # stage 1: the C kernel (csrc/compare.c) reads the rows in place, two reads per row
+    ids = np.ascontiguousarray(rec["ids"], dtype=np.int32)
+    pids = np.ascontiguousarray(rec["pids"], dtype=np.int32) if n_probes(rec) else None
+    parts = _core.compare_rows(a, ids, tail_m(ids.shape[1]), pids, bf16=bf, threads=_threads(threads))
     out = finish(parts, rec)
     return assemble(out, rec["lp"].astype(np.float64), lq)
 

@@ -438,7 +438,7 @@ def test_accumulator_carries_bounds_through_merge_and_state():
 
 def _c_and_numpy(x, k, m, bf16=False, threads=1):
     r = np.zeros(x.shape[0], rs.RECORD_DTYPE(k, m))
-    x64 = rs._f64(x, bf16)
+    x64 = (x.astype(np.uint32) << 16).view(np.float32).astype(np.float64) if bf16 else x.astype(np.float64)
     rs.summarize_rows(x64, k, r)
     return ppldelta._core.summarize_rows(x, k, m, bf16=bf16, threads=threads), r, x64
 

@@ -136,7 +136,8 @@ def _summarize_device(logits, targets, k, ignore_index=-100, probes=refstats.DEF
 
 
 def _parts_torch(y, ids_np, M, pids_np=None):
-    """refstats.parts_rows on the device: the dict of O(K + M) values per row, on the host."""
+    """Stage 1 of ``refstats.compare`` on the device (the C kernel ``_core.compare_rows`` on the
+    CPU): the dict of O(K + M) values per row, on the host."""
     import torch
 
     n, V = y.shape
