@@ -9,22 +9,24 @@ kernel reaches (the row is read twice: the second read mostly hits the cache).
     python benchmarks/bench_summarize.py              # 256 rows (NumPy: 32)
     python benchmarks/bench_summarize.py --rows 64    # quicker
 
-Measured on a shared 2-core Intel Xeon VM (AVX-512, 480 MiB L3, load average 8 from other jobs:
-absolute numbers are a fraction of an idle core's and vary by +-30 % between runs; each row's
-numbers come from the same run), ppldelta's default SIMD path avx512, 256 rows (NumPy: 32):
+Measured on a shared 2-core Intel Xeon VM (AVX-512, 2 MiB L2, 480 MiB L3, load average 2 from
+other jobs: absolute numbers vary by +-30 % between runs; each row's numbers come from the same
+run), ppldelta's default SIMD path avx512, 256 rows (NumPy: 32):
 
 | vocab | C kernel rows/s | NumPy twin rows/s | torch f32 rows/s | C / NumPy | C / torch | C, 2 threads | fraction of read BW |
 |---|---|---|---|---|---|---|---|
-| 32000 | 4477 | 373 | 1954 | 12.0x | 2.29x | 3433 | 0.03 |
-| 49152 | 2850 | 374 | 1108 | 7.6x | 2.57x | 2935 | 0.03 |
-| 151936 | 1129 | 97.8 | 326 | 11.5x | 3.46x | 1016 | 0.08 |
+| 32000 | 21866 | 1.04e+03 | 5360 | 21.1x | 4.08x | 20171 | 0.10 |
+| 49152 | 15881 | 1.13e+03 | 3109 | 14.1x | 5.11x | 20578 | 0.21 |
+| 151936 | 5252 | 245 | 1016 | 21.4x | 5.17x | 5155 | 0.17 |
 
-(The second thread gains nothing on a machine whose two cores are already busy.  The NumPy
-twin on 32 rows keeps its float64 temporaries in the cache; on 64 rows of 32000 it ran 26x
-slower than the kernel.)  The kernel is bound by its float64 exp (an own polynomial without FMA,
-so that every SIMD path gives the same bits: with FMA on AVX-512 it measured 20-30 % faster) and
-by the format's sequential running sum for the probes (overlapped with the next chunk's exps),
-not by memory: the "fraction of read BW" is of this VM's single-thread read rate, from L3 here.
+(The second thread gains little on a machine whose two cores are already busy.)  Against the
+previous kernel (a degree-13 float64 exp without FMA, every row converted to float64, the probes'
+running sum one add at a time), in one run on 128 rows: 2.1-2.3x with probes (M = 8), 2.2-2.5x
+without.  What is left is compute, not memory: the float64 exp (about 20 vector operations per 8
+values, every path the same bits, the error model's 16 ulp kept), then the top-K filter; the
+"fraction of read BW" is of this VM's single-thread read rate (17-28 GB/s, from L3 here).  A
+float32 exp (as the logits kernels') would be the next step, at the price of a wider
+reference-side error bound in refstats.finish.
 """
 import argparse
 import os

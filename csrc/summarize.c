@@ -1,72 +1,82 @@
 /* The reference record of a logits row (refstats.summarize; docs/reference-format.md): in two
- * reads of the row, chunk by chunk (PD_SCH values converted to float64 in an L1 buffer):
+ * reads of the row, chunk by chunk (PD_SCH values; float32 rows are read as they are in pass 1
+ * where the path can, else converted to float64 in an L1 buffer):
  *
  *   1. max, min, NaN check, and the top K by a threshold filter: a candidate buffer takes the
  *      values above the K-th best so far (a SIMD compare finds them); when it is full the K best
  *      are selected (quickselect) and the threshold rises.  Then the K best are sorted (value
  *      down, id up: a later equal value never beats an earlier one, so the filter is strict).
- *   2. e_i = exp(x_i - max) (a float64 exp of our own, below), and in float64 lanes:
- *      S = sum of the e_i but the first argmax's, W = sum_{e_i > 0} e_i (x_i - max),
- *      T = sum of the e_i outside the top K; with probes, also the running sum R_i of those
- *      e_i left to right (the format's definition), kept at the end of each chunk, summed
- *      while the next chunk's exps are computed (the add chain hides under them).
+ *   2. e_i = exp(d_i), d_i = max(x_i - max, -746) (a float64 exp of our own, below) over the
+ *      tail (the top ids masked to -inf), in float64 lanes: T = sum e_i, W = sum e_i d_i; with
+ *      probes, the running sum R_i of the tail's e_i left to right (the format's definition),
+ *      kept at the end of each block of PD_RB values (v5_runsum: without its add chain where
+ *      that is exact).  Then S = T + the top K's e_i but the first argmax's, W += their e_i d_i.
  *
  * The argmax's e is exactly 1, so ls = log1p(S) keeps its relative accuracy when one token
  * holds nearly all the mass; entropy = ls - W / (1 + S) (= -sum p_i a_i with p_i = e_i / (1 + S):
  * two non-negative terms, no cancellation), lp_min = (min - max) - ls, tail = log T - ls, and
  * probe j is the first i with R_i > (j + 1/2)/M R (the last id if none: a total so small that
- * the threshold rounds up to it, as refstats.probe_positions): the chunk is found from the
- * chunk-end sums and only that chunk's running sum is computed again (the same exps and adds,
- * so the same values).
+ * the threshold rounds up to it, as refstats.probe_positions): the block is found from the
+ * block-end sums and only that block's exps and running sum are computed again (the same exps
+ * and adds, so the same values).
  *
- * Every SIMD path gives the same bits: the exp uses no FMA (so the portable C exp rounds
- * exactly as the vector ones), and the lane sums have one fixed order (8 lanes by index mod 8
- * within a chunk, folded ((0+4)+(2+6))+((1+5)+(3+7)), chunk sums added in order).
- * Memory per thread: O(K) candidates and a few chunk buffers; no (rows x vocab) temporary. */
+ * Every SIMD path gives the same bits: each step of the exp is one correctly rounded operation
+ * (FMA included: C's fma() on the scalar path), the lane sums have one fixed order (8 lanes by
+ * index mod 8 within a chunk, folded ((0+4)+(2+6))+((1+5)+(3+7)), chunk sums added in order),
+ * the running sum equals the one-add-at-a-time sum bit for bit, and a max of -0 is taken as +0.
+ * Memory per thread: O(K) candidates, two chunk buffers and V / PD_RB block sums; no
+ * (rows x vocab) temporary. */
 #include "summarize.h"
 #include <stdlib.h>
 
-#define PD_SCH 1024          /* values per chunk (a multiple of 8) */
+#define PD_SCH 1024          /* values per chunk (a multiple of PD_RB) */
+#define PD_RB 64             /* values per block of the running sum (a multiple of 8) */
 #define PD_XMIN (-746.0)     /* exp(x) rounds to 0 below this (and -inf is clamped to it) */
 
 /* ------------------------------------------------------------------------------- exp(x), x <= 0
- * x = n ln2 + r (n = round(x log2 e) by the 1.5 2^52 shift; ln2 in two parts, the first with 32
- * significant bits so n ln2_hi is exact), exp(r) by its Taylor polynomial of degree 13
- * (|r| <= 0.3466: truncation below 2^-57), 2^n in two factors so that results below 2^-1022
- * round once into the subnormals.  Each operation is a separate multiply or add, so every path
- * rounds the same way; about 2 ulp (the error model allows 16). */
+ * x = (16 k + j) ln2/16 + r (n = 16 k + j = round(16 x log2 e) by the 1.5 2^52 shift, whose low
+ * bits then hold n; ln2/16 in two parts, the first with 33 significant bits so n ln2_hi is exact),
+ * exp(x) = 2^k 2^(j/16) exp(r): a table of the 16 2^(j/16) (each rounded to nearest), exp(r) by
+ * its Taylor polynomial of degree 7 (|r| <= ln2/32: truncation below 2^-59), 2^k at the end with
+ * one rounding (results below 2^-1022 round once into the subnormals: on AVX-512 vscalefpd, on
+ * the others two factors, the first exact).  Every step is one correctly rounded operation (FMA:
+ * C's fma() on the scalar path, which the hardware's FMA matches bit for bit), so every path
+ * gives the same bits; error at most 2.5 ulp (table 0.5, polynomial and rounding 1.5, the
+ * product 0.5; the error model allows 16). */
 #define PD_SHIFT 0x1.8p52
-#define PD_LOG2E 0x1.71547652b82fep+0
-#define PD_LN2HI 0x1.62e42fee00000p-1
-#define PD_LN2LO 0x1.a39ef35793c76p-33
-static const double pd_ec[14] = {
+#define PD_SHIFT_BITS UINT64_C(0x4338000000000000)
+#define PD_L16 0x1.71547652b82fep+4 /* 16 log2 e */
+#define PD_LN2HI 0x1.62e42fee00000p-5 /* ln2/16 = PD_LN2HI + PD_LN2LO */
+#define PD_LN2LO 0x1.a39ef35793c76p-37
+static const double pd_ec[8] = {
     0x1.0000000000000p+0, 0x1.0000000000000p+0, 0x1.0000000000000p-1, 0x1.5555555555555p-3,
-    0x1.5555555555555p-5, 0x1.1111111111111p-7, 0x1.6c16c16c16c17p-10, 0x1.a01a01a01a01ap-13,
-    0x1.a01a01a01a01ap-16, 0x1.71de3a556c734p-19, 0x1.27e4fb7789f5cp-22, 0x1.ae64567f544e4p-26,
-    0x1.1eed8eff8d898p-29, 0x1.6124613a86d09p-33};
+    0x1.5555555555555p-5, 0x1.1111111111111p-7, 0x1.6c16c16c16c17p-10, 0x1.a01a01a01a01ap-13};
+static const double pd_e2[16] = { /* 2^(j/16) */
+    0x1.0000000000000p+0, 0x1.0b5586cf9890fp+0, 0x1.172b83c7d517bp+0, 0x1.2387a6e756238p+0,
+    0x1.306fe0a31b715p+0, 0x1.3dea64c123422p+0, 0x1.4bfdad5362a27p+0, 0x1.5ab07dd485429p+0,
+    0x1.6a09e667f3bcdp+0, 0x1.7a11473eb0187p+0, 0x1.8ace5422aa0dbp+0, 0x1.9c49182a3f090p+0,
+    0x1.ae89f995ad3adp+0, 0x1.c199bdd85529cp+0, 0x1.d5818dcfba487p+0, 0x1.ea4afa2a490dap+0};
 
 static inline double pd_bits_d(uint64_t u) { double d; memcpy(&d, &u, sizeof d); return d; }
 
 static inline double pd_expd(double x)
 {
-    double t, n, r, u, p;
+    double t, n, r, p;
+    uint64_t u;
     int64_t k, h;
     int i;
     x = x < PD_XMIN ? PD_XMIN : x;
-    t = x * PD_LOG2E;
-    t = t + PD_SHIFT;
+    t = fma(x, PD_L16, PD_SHIFT);
     n = t - PD_SHIFT;
-    u = n * PD_LN2HI;
-    r = x - u;
-    u = n * PD_LN2LO;
-    r = r - u;
-    p = pd_ec[13];
-    for (i = 12; i >= 0; i--) {
-        p = p * r;
-        p = p + pd_ec[i];
-    }
-    k = (int64_t)n;                 /* in [-1077, 0] */
-    h = (k + 2048) >> 1;            /* floor(k / 2) + 1024 */
+    r = fma(-n, PD_LN2HI, x);
+    r = fma(-n, PD_LN2LO, r);
+    p = pd_ec[7];
+    for (i = 6; i >= 0; i--)
+        p = fma(p, r, pd_ec[i]);
+    memcpy(&u, &t, sizeof u);
+    p = p * pd_e2[u & 15];
+    k = (int64_t)(u >> 4) - (int64_t)(PD_SHIFT_BITS >> 4); /* floor(n / 16), in [-1077, 0] */
+    h = (k + 2048) >> 1;                                    /* floor(k / 2) + 1024 */
     p = p * pd_bits_d((uint64_t)(h - 1) << 52);
     return p * pd_bits_d((uint64_t)(k + 2047 - h) << 52);
 }
@@ -83,12 +93,14 @@ typedef struct {
     int (*minmax)(const double *p, npy_intp n8, double *mx, double *mn);
     /* the first index >= j whose value exceeds thr, or n8 */
     npy_intp (*next_gt)(const double *p, npy_intp j, npy_intp n8, double thr);
-    /* e = exp(p - m); *s = sum e, *w = sum_{e > 0} e (p - m) (8 lanes, pd_fold8); and, in the
-     * same loop (the latency-bound running sum then hides under the exps), *run += prev[i] for
-     * i = 0 .. nprev - 1 in order */
+    /* e = exp(d) into e, d = max(p - m, PD_XMIN); *s = sum e, *w = sum e d (8 lanes, e d added
+     * by FMA, pd_fold8); with run, also the running sum *run += e[0] + e[1] + ... left to right,
+     * its value at the end of each block of PD_RB values into out (sc_runsum) */
     void (*expsum)(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                   const double *prev, npy_intp nprev, double *run);
-    double (*lanesum)(const double *p, npy_intp n8); /* sum (8 lanes, pd_fold8) */
+                   double *run, double *out);
+    /* minmax and next_gt on len float32 values as they are (NULL: through load) */
+    int (*minmax32)(const char *p, npy_intp len, double *mx, double *mn);
+    npy_intp (*next_gt32)(const char *p, npy_intp j, npy_intp len, double thr);
     void (*load)(pd_dtype dt, const char *p, npy_intp len, double *b); /* row values as float64 */
 } pd_sm_ops;
 
@@ -114,58 +126,62 @@ static npy_intp sc_next_gt(const double *p, npy_intp j, npy_intp n8, double thr)
     return j;
 }
 
+static double sc_runsum(const double *p, npy_intp n, double r, double *out);
+
 static void sc_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                      const double *prev, npy_intp nprev, double *run)
+                      double *run, double *out)
 {
     double as[8] = {0}, aw[8] = {0};
     npy_intp j;
     for (j = 0; j < n8; j++) {
-        double d = p[j] - m, v = pd_expd(d), dw = v > 0 ? v * d : 0.0;
+        double d = p[j] - m, v;
+        d = d < PD_XMIN ? PD_XMIN : d;
+        v = pd_expd(d);
         e[j] = v;
         as[j & 7] += v;
-        aw[j & 7] += dw;
+        aw[j & 7] = fma(v, d, aw[j & 7]);
     }
     *s = pd_fold8(as);
     *w = pd_fold8(aw);
-    for (j = 0; j < nprev; j++)
-        *run += prev[j];
+    if (run)
+        *run = sc_runsum(e, n8, *run, out);
 }
 
-#define PD_RUN8(r, q, i)                                                                          \
-    (r += q[i], r += q[i + 1], r += q[i + 2], r += q[i + 3], r += q[i + 4], r += q[i + 5],         \
-     r += q[i + 6], r += q[i + 7])
-
-static double sc_lanesum(const double *p, npy_intp n8)
+/* r + p[0] + p[1] + ... + p[n - 1] added left to right (p >= 0), its value after each block of
+ * PD_RB values (and after the last) into out (the format's running sum) */
+static double sc_runsum(const double *p, npy_intp n, double r, double *out)
 {
-    double a[8] = {0};
     npy_intp j;
-    for (j = 0; j < n8; j++)
-        a[j & 7] += p[j];
-    return pd_fold8(a);
+    for (j = 0; j < n; j++) {
+        r += p[j];
+        if (j % PD_RB == PD_RB - 1 || j == n - 1)
+            out[j / PD_RB] = r;
+    }
+    return r;
 }
-
 
 #ifdef PD_X86
 #include <immintrin.h>
 
 /* ---- AVX2: 8 lanes as two __m256d (lanes 0-3, 4-7) */
-#define PD_T2 __attribute__((target("avx2")))
+#define PD_T2 __attribute__((target("avx2,fma")))
 
-PD_T2 static inline __m256d v2_exp(__m256d x)
+PD_T2 static inline __m256d v2_exp(__m256d x) /* x >= PD_XMIN, as the next */
 {
     const __m256d sh = _mm256_set1_pd(PD_SHIFT);
     __m256d t, n, r, p;
-    __m256i k, h;
+    __m256i u, k, h;
     int i;
-    x = _mm256_max_pd(x, _mm256_set1_pd(PD_XMIN));
-    t = _mm256_add_pd(_mm256_mul_pd(x, _mm256_set1_pd(PD_LOG2E)), sh);
+    t = _mm256_fmadd_pd(x, _mm256_set1_pd(PD_L16), sh);
     n = _mm256_sub_pd(t, sh);
-    r = _mm256_sub_pd(x, _mm256_mul_pd(n, _mm256_set1_pd(PD_LN2HI)));
-    r = _mm256_sub_pd(r, _mm256_mul_pd(n, _mm256_set1_pd(PD_LN2LO)));
-    p = _mm256_set1_pd(pd_ec[13]);
-    for (i = 12; i >= 0; i--)
-        p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(pd_ec[i]));
-    k = _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_castpd_si256(sh));
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(PD_LN2HI), x);
+    r = _mm256_fnmadd_pd(n, _mm256_set1_pd(PD_LN2LO), r);
+    p = _mm256_set1_pd(pd_ec[7]);
+    for (i = 6; i >= 0; i--)
+        p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(pd_ec[i]));
+    u = _mm256_castpd_si256(t);
+    p = _mm256_mul_pd(p, _mm256_i64gather_pd(pd_e2, _mm256_and_si256(u, _mm256_set1_epi64x(15)), 8));
+    k = _mm256_sub_epi64(_mm256_srli_epi64(u, 4), _mm256_set1_epi64x((int64_t)(PD_SHIFT_BITS >> 4)));
     h = _mm256_srli_epi64(_mm256_add_epi64(k, _mm256_set1_epi64x(2048)), 1);
     p = _mm256_mul_pd(p, _mm256_castsi256_pd(_mm256_slli_epi64(
                              _mm256_sub_epi64(h, _mm256_set1_epi64x(1)), 52)));
@@ -214,67 +230,46 @@ PD_T2 static npy_intp v2_next_gt(const double *p, npy_intp j, npy_intp n8, doubl
 }
 
 PD_T2 static void v2_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                            const double *prev, npy_intp nprev, double *run)
+                            double *run, double *out)
 {
-    __m256d vm = _mm256_set1_pd(m), z = _mm256_setzero_pd(), s0 = z, s1 = z, w0 = z, w1 = z;
-    double rr = *run;
-    npy_intp j, i = 0;
+    __m256d vm = _mm256_set1_pd(m), lo = _mm256_set1_pd(PD_XMIN), z = _mm256_setzero_pd(), s0 = z,
+            s1 = z, w0 = z, w1 = z;
+    npy_intp j;
     for (j = 0; j < n8; j += 8) {
-        if (i + 8 <= nprev) {
-            PD_RUN8(rr, prev, i);
-            i += 8;
-        }
-        __m256d d0 = _mm256_sub_pd(_mm256_loadu_pd(p + j), vm), e0 = v2_exp(d0);
-        __m256d d1 = _mm256_sub_pd(_mm256_loadu_pd(p + j + 4), vm), e1 = v2_exp(d1);
+        __m256d d0 = _mm256_max_pd(_mm256_sub_pd(_mm256_loadu_pd(p + j), vm), lo), e0 = v2_exp(d0);
+        __m256d d1 = _mm256_max_pd(_mm256_sub_pd(_mm256_loadu_pd(p + j + 4), vm), lo), e1 = v2_exp(d1);
         _mm256_storeu_pd(e + j, e0);
         _mm256_storeu_pd(e + j + 4, e1);
         s0 = _mm256_add_pd(s0, e0);
         s1 = _mm256_add_pd(s1, e1);
-        w0 = _mm256_add_pd(w0, _mm256_and_pd(_mm256_mul_pd(e0, d0), _mm256_cmp_pd(e0, z, _CMP_GT_OQ)));
-        w1 = _mm256_add_pd(w1, _mm256_and_pd(_mm256_mul_pd(e1, d1), _mm256_cmp_pd(e1, z, _CMP_GT_OQ)));
+        w0 = _mm256_fmadd_pd(e0, d0, w0);
+        w1 = _mm256_fmadd_pd(e1, d1, w1);
     }
-    for (; i < nprev; i++)
-        rr += prev[i];
-    *run = rr;
     *s = v2_fold(s0, s1);
     *w = v2_fold(w0, w1);
+    if (run)
+        *run = sc_runsum(e, n8, *run, out);
 }
-
-PD_T2 static double v2_lanesum(const double *p, npy_intp n8)
-{
-    __m256d a = _mm256_setzero_pd(), b = a;
-    npy_intp j;
-    for (j = 0; j < n8; j += 8) {
-        a = _mm256_add_pd(a, _mm256_loadu_pd(p + j));
-        b = _mm256_add_pd(b, _mm256_loadu_pd(p + j + 4));
-    }
-    return v2_fold(a, b);
-}
-
 
 /* ---- AVX-512: 8 lanes in one __m512d */
-#define PD_T5 __attribute__((target("avx512f,avx2")))
+#define PD_T5 __attribute__((target("avx512f,avx2,fma")))
 
-PD_T5 static inline __m512d v5_exp(__m512d x)
+PD_T5 static inline __m512d v5_exp(__m512d x) /* x >= PD_XMIN */
 {
     const __m512d sh = _mm512_set1_pd(PD_SHIFT);
     __m512d t, n, r, p;
-    __m512i k, h;
     int i;
-    x = _mm512_max_pd(x, _mm512_set1_pd(PD_XMIN));
-    t = _mm512_add_pd(_mm512_mul_pd(x, _mm512_set1_pd(PD_LOG2E)), sh);
+    t = _mm512_fmadd_pd(x, _mm512_set1_pd(PD_L16), sh);
     n = _mm512_sub_pd(t, sh);
-    r = _mm512_sub_pd(x, _mm512_mul_pd(n, _mm512_set1_pd(PD_LN2HI)));
-    r = _mm512_sub_pd(r, _mm512_mul_pd(n, _mm512_set1_pd(PD_LN2LO)));
-    p = _mm512_set1_pd(pd_ec[13]);
-    for (i = 12; i >= 0; i--)
-        p = _mm512_add_pd(_mm512_mul_pd(p, r), _mm512_set1_pd(pd_ec[i]));
-    k = _mm512_sub_epi64(_mm512_castpd_si512(t), _mm512_castpd_si512(sh));
-    h = _mm512_srli_epi64(_mm512_add_epi64(k, _mm512_set1_epi64(2048)), 1);
-    p = _mm512_mul_pd(p, _mm512_castsi512_pd(_mm512_slli_epi64(
-                             _mm512_sub_epi64(h, _mm512_set1_epi64(1)), 52)));
-    return _mm512_mul_pd(p, _mm512_castsi512_pd(_mm512_slli_epi64(
-                                _mm512_sub_epi64(_mm512_add_epi64(k, _mm512_set1_epi64(2047)), h), 52)));
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(PD_LN2HI), x);
+    r = _mm512_fnmadd_pd(n, _mm512_set1_pd(PD_LN2LO), r);
+    p = _mm512_set1_pd(pd_ec[7]);
+    for (i = 6; i >= 0; i--)
+        p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(pd_ec[i]));
+    /* the table by the low 4 bits of t (= n mod 16); 2^floor(n / 16) by vscalefpd */
+    p = _mm512_mul_pd(p, _mm512_permutex2var_pd(_mm512_loadu_pd(pd_e2), _mm512_castpd_si512(t),
+                                                _mm512_loadu_pd(pd_e2 + 8)));
+    return _mm512_scalef_pd(p, _mm512_mul_pd(n, _mm512_set1_pd(0.0625)));
 }
 
 PD_T5 static double v5_fold(__m512d a)
@@ -322,36 +317,101 @@ PD_T5 static npy_intp v5_next_gt(const double *p, npy_intp j, npy_intp n8, doubl
     return n8;
 }
 
-PD_T5 static void v5_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                            const double *prev, npy_intp nprev, double *run)
+
+/* float32 as it is, 16 lanes (the tail masked) */
+#define PD_M16(len, j) ((len) - (j) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << ((len) - (j))) - 1))
+
+PD_T5 static int v5_minmax32(const char *p, npy_intp len, double *mx, double *mn)
 {
-    __m512d vm = _mm512_set1_pd(m), z = _mm512_setzero_pd(), as = z, aw = z;
-    double rr = *run;
-    npy_intp j, i = 0;
-    for (j = 0; j < n8; j += 8) {
-        if (i + 8 <= nprev) {
-            PD_RUN8(rr, prev, i);
-            i += 8;
-        }
-        __m512d d = _mm512_sub_pd(_mm512_loadu_pd(p + j), vm), v = v5_exp(d);
-        _mm512_storeu_pd(e + j, v);
-        as = _mm512_add_pd(as, v);
-        aw = _mm512_add_pd(aw, _mm512_maskz_mul_pd(_mm512_cmp_pd_mask(v, z, _CMP_GT_OQ), v, d));
+    __m512 a = _mm512_set1_ps(-INFINITY), b = _mm512_set1_ps(INFINITY);
+    __mmask16 nan = 0;
+    npy_intp j;
+    for (j = 0; j < len; j += 16) {
+        __mmask16 k = PD_M16(len, j);
+        __m512 v = _mm512_maskz_loadu_ps(k, p + 4 * j);
+        nan |= _mm512_mask_cmp_ps_mask(k, v, v, _CMP_UNORD_Q);
+        a = _mm512_mask_max_ps(a, k, a, v);
+        b = _mm512_mask_min_ps(b, k, b, v);
     }
-    for (; i < nprev; i++)
-        rr += prev[i];
-    *run = rr;
-    *s = v5_fold(as);
-    *w = v5_fold(aw);
+    *mx = _mm512_reduce_max_ps(a);
+    *mn = _mm512_reduce_min_ps(b);
+    return nan != 0;
 }
 
-PD_T5 static double v5_lanesum(const double *p, npy_intp n8)
+PD_T5 static npy_intp v5_next_gt32(const char *p, npy_intp j, npy_intp len, double thr)
 {
-    __m512d a = _mm512_setzero_pd();
+    __m512 t = _mm512_set1_ps((float)thr); /* a float32 value (or -inf): exact */
+    for (; j < len; j += 16) {
+        __mmask16 k = PD_M16(len, j);
+        unsigned m = _mm512_mask_cmp_ps_mask(k, _mm512_maskz_loadu_ps(k, p + 4 * j), t, _CMP_GT_OQ);
+        if (m)
+            return j + __builtin_ctz(m);
+    }
+    return len;
+}
+
+/* The running sum without its latency chain: while r stays in its binade [2^E, 2^(E+1)) (ulp
+ * u), r + p_i rounds to r + q_i, q_i = p_i rounded to a multiple of u (by the 1.5 2^E shift),
+ * when |p_i - q_i| < u/2 (no tie); then every partial sum is a multiple of u below 2^(E+1), exact
+ * in any order (a rounded one would carry the total to 2^(E+1) or above).  So each block is summed
+ * in lanes with the E of r at the start, the block sums added in order; where that fails (a
+ * binade crossed, a tie, r below 2^-1000: a few times a row), block by block, then one add at a
+ * time. */
+PD_T5 static double v5_runfast(const double *p, npy_intp nb, double r, double *out)
+{
+    uint64_t bits;
+    double e2, t = r, bs[PD_SCH / PD_RB];
+    __mmask8 bad = 0;
+    npy_intp b, j;
+    if (!(r >= 0x1p-1000))
+        return -1.0;
+    memcpy(&bits, &r, sizeof bits);
+    e2 = pd_bits_d(bits & UINT64_C(0x7ff0000000000000));
+    __m512d c = _mm512_set1_pd(1.5 * e2), h = _mm512_set1_pd(0x1p-53 * e2);
+    for (b = 0; b < nb; b++) {
+        __m512d a0 = _mm512_setzero_pd(), a1 = a0;
+        for (j = b * PD_RB; j < (b + 1) * PD_RB; j += 16) {
+            __m512d v0 = _mm512_loadu_pd(p + j), q0 = _mm512_sub_pd(_mm512_add_pd(v0, c), c);
+            __m512d v1 = _mm512_loadu_pd(p + j + 8), q1 = _mm512_sub_pd(_mm512_add_pd(v1, c), c);
+            bad |= _mm512_cmp_pd_mask(_mm512_abs_pd(_mm512_sub_pd(v0, q0)), h, _CMP_GE_OQ);
+            bad |= _mm512_cmp_pd_mask(_mm512_abs_pd(_mm512_sub_pd(v1, q1)), h, _CMP_GE_OQ);
+            a0 = _mm512_add_pd(a0, q0);
+            a1 = _mm512_add_pd(a1, q1);
+        }
+        bs[b] = v5_fold(_mm512_add_pd(a0, a1));
+    }
+    for (b = 0; b < nb; b++)
+        out[b] = t = t + bs[b];
+    return !bad && t < 2.0 * e2 ? t : -1.0;
+}
+
+PD_T5 static double v5_runsum(const double *p, npy_intp n, double r, double *out)
+{
+    npy_intp nb = n / PD_RB, b;
+    double t = v5_runfast(p, nb, r, out);
+    if (t < 0)
+        for (b = 0, t = r; b < nb; b++) {
+            double u = v5_runfast(p + b * PD_RB, 1, t, out + b);
+            t = u < 0 ? sc_runsum(p + b * PD_RB, PD_RB, t, out + b) : u;
+        }
+    return nb * PD_RB < n ? sc_runsum(p + nb * PD_RB, n - nb * PD_RB, t, out + nb) : t;
+}
+
+PD_T5 static void v5_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
+                            double *run, double *out)
+{
+    __m512d vm = _mm512_set1_pd(m), lo = _mm512_set1_pd(PD_XMIN), as = _mm512_setzero_pd(), aw = as;
     npy_intp j;
-    for (j = 0; j < n8; j += 8)
-        a = _mm512_add_pd(a, _mm512_loadu_pd(p + j));
-    return v5_fold(a);
+    for (j = 0; j < n8; j += 8) {
+        __m512d d = _mm512_max_pd(_mm512_sub_pd(_mm512_loadu_pd(p + j), vm), lo), v = v5_exp(d);
+        _mm512_storeu_pd(e + j, v);
+        as = _mm512_add_pd(as, v);
+        aw = _mm512_fmadd_pd(v, d, aw);
+    }
+    *s = v5_fold(as);
+    *w = v5_fold(aw);
+    if (run) /* after the loop: in it, the exps ran slower */
+        *run = v5_runsum(e, n8, *run, out);
 }
 
 #endif
@@ -417,12 +477,11 @@ typedef struct {
     const pd_sm_ops *ops;
     const pd_mat *a;
     npy_intp K, M, kk, cap, nch;
-    npy_intp amax;     /* the row's first argmax */
     const pd_summary_out *out;
     pd_cand *cand;     /* cap */
     npy_intp *sid;     /* kk: the top ids in increasing order */
-    double *buf, *eb[2]; /* PD_SCH each: the values, the exps of two chunks */
-    double *rend;      /* nch: running sum at each chunk's end */
+    double *buf, *eb;  /* PD_SCH each: the values, their exps */
+    double *rend;      /* (V + PD_RB - 1) / PD_RB: the running sum at each block's end */
 } pd_sm_ctx;
 
 /* row[c0 .. c0 + len) as float64 into buf, padded to a multiple of 8 with pad (NAN: buf[0]);
@@ -444,15 +503,16 @@ PD_SM_LOAD(v2_load, PD_T2)
 PD_SM_LOAD(v5_load, PD_T5)
 #endif
 
-static const pd_sm_ops pd_sm_scalar = {sc_minmax, sc_next_gt, sc_expsum, sc_lanesum, sc_load};
+static const pd_sm_ops pd_sm_scalar = {sc_minmax, sc_next_gt, sc_expsum, NULL, NULL, sc_load};
 #ifdef PD_X86
-static const pd_sm_ops pd_sm_avx2 = {v2_minmax, v2_next_gt, v2_expsum, v2_lanesum, v2_load};
-static const pd_sm_ops pd_sm_avx512 = {v5_minmax, v5_next_gt, v5_expsum, v5_lanesum, v5_load};
+static const pd_sm_ops pd_sm_avx2 = {v2_minmax, v2_next_gt, v2_expsum, NULL, NULL, v2_load};
+static const pd_sm_ops pd_sm_avx512 = {v5_minmax, v5_next_gt, v5_expsum, v5_minmax32,
+                                       v5_next_gt32, v5_load};
 #endif
 
-static npy_intp pd_sm_load(const pd_sm_ctx *x, const char *row, npy_intp c0, double pad)
+static npy_intp pd_sm_load(const pd_sm_ctx *x, const char *row, npy_intp c0, npy_intp lim, double pad)
 {
-    npy_intp len = x->a->V - c0 < PD_SCH ? x->a->V - c0 : PD_SCH, n8 = (len + 7) & ~(npy_intp)7, j;
+    npy_intp len = x->a->V - c0 < lim ? x->a->V - c0 : lim, n8 = (len + 7) & ~(npy_intp)7, j;
     double *b = x->buf;
     x->ops->load(x->a->dt, row + c0 * pd_itemsize[x->a->dt], len, b);
     pad = pad != pad ? b[0] : pad;
@@ -461,18 +521,15 @@ static npy_intp pd_sm_load(const pd_sm_ctx *x, const char *row, npy_intp c0, dou
     return len;
 }
 
-/* e_i of chunk c into e, 0 at the top ids (*si: the first top id not below the chunk), while
- * *run sums prev[0 .. nprev). */
-static npy_intp pd_sm_exps(const pd_sm_ctx *x, const char *row, npy_intp c, double m, npy_intp *si,
-                           double *s, double *w, double *e, const double *prev, npy_intp nprev,
-                           double *run)
+/* e_i of ids c0 .. c0 + lim (or the row's end) into e, 0 at the top ids (*si: the first top id
+ * not below c0), their sums and the running sum (expsum); returns their number. */
+static npy_intp pd_sm_exps(const pd_sm_ctx *x, const char *row, npy_intp c0, npy_intp lim, double m,
+                           npy_intp *si, double *s, double *w, double *e, double *run, double *out)
 {
-    npy_intp c0 = c * PD_SCH, len = pd_sm_load(x, row, c0, -INFINITY);
-    if (x->amax >= c0 && x->amax < c0 + len) /* its e = 1 is left out of S (ls = log1p S) */
-        x->buf[x->amax - c0] = -INFINITY;
-    x->ops->expsum(x->buf, (len + 7) & ~(npy_intp)7, m, e, s, w, prev, nprev, run);
+    npy_intp len = pd_sm_load(x, row, c0, lim, -INFINITY);
     while (*si < x->kk && x->sid[*si] < c0 + len)
-        e[x->sid[(*si)++] - c0] = 0.0;
+        x->buf[x->sid[(*si)++] - c0] = -INFINITY;
+    x->ops->expsum(x->buf, (len + 7) & ~(npy_intp)7, m, e, s, w, run, out);
     return len;
 }
 
@@ -482,19 +539,21 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
     const pd_summary_out *o = x->out;
     const char *row = a->base + r * a->rstride;
     npy_intp V = a->V, kk = x->kk, K = x->K, M = x->M, nc = 0, c, j, si = 0;
-    double m = -INFINITY, mn = INFINITY, thr = -INFINITY, S = 0, W = 0, T = 0, R = 0, ls, cs, cw;
-    int filt = 0;
+    double m = -INFINITY, mn = INFINITY, thr = -INFINITY, S = 0, W = 0, Wt = 0, T = 0, R = 0, ls, cs, cw;
+    int filt = 0, f32 = a->dt == PD_F32 && x->ops->minmax32;
 
-    /* 1: max, min, NaN, top-K candidates */
+    /* 1: max, min, NaN, top-K candidates (float32 rows read as they are where the path can) */
     for (c = 0; c < x->nch; c++) {
-        npy_intp c0 = c * PD_SCH, len = pd_sm_load(x, row, c0, NAN), n8 = (len + 7) & ~(npy_intp)7;
+        npy_intp c0 = c * PD_SCH, len = V - c0 < PD_SCH ? V - c0 : PD_SCH, n8 = (len + 7) & ~(npy_intp)7;
+        const char *p32 = f32 ? row + 4 * c0 : NULL;
         double cm, cn;
-        if (x->ops->minmax(x->buf, n8, &cm, &cn))
+        if (f32 ? x->ops->minmax32(p32, len, &cm, &cn)
+                : (pd_sm_load(x, row, c0, PD_SCH, NAN), x->ops->minmax(x->buf, n8, &cm, &cn)))
             return -1;
         m = cm > m ? cm : m;
         mn = cn < mn ? cn : mn;
         for (j = 0; !filt && j < len; j++) {
-            x->cand[nc++] = (pd_cand){x->buf[j], c0 + j};
+            x->cand[nc++] = (pd_cand){f32 ? pd_load_f32(p32 + 4 * j) : x->buf[j], c0 + j};
             if (nc == kk) { /* the threshold: the smallest of the first kk */
                 npy_intp i;
                 filt = kk < V;
@@ -502,8 +561,8 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
                     thr = i == 0 || x->cand[i].v < thr ? x->cand[i].v : thr;
             }
         }
-        while (filt && (j = x->ops->next_gt(x->buf, j, n8, thr)) < len) {
-            x->cand[nc++] = (pd_cand){x->buf[j], c0 + j};
+        while (filt && (j = f32 ? x->ops->next_gt32(p32, j, len, thr) : x->ops->next_gt(x->buf, j, n8, thr)) < len) {
+            x->cand[nc++] = (pd_cand){f32 ? pd_load_f32(p32 + 4 * j) : x->buf[j], c0 + j};
             if (nc == x->cap) {
                 npy_intp i;
                 pd_select(x->cand, nc, kk);
@@ -516,34 +575,34 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
     }
     if (m == INFINITY || m == -INFINITY)
         return -1;
+    m += 0.0; /* -0 as +0, whichever of the two a path's max kept */
+    mn += 0.0;
     if (nc > kk)
         pd_select(x->cand, nc, kk);
     qsort(x->cand, (size_t)kk, sizeof(pd_cand), pd_cand_cmp);
-    x->amax = x->cand[0].id;
     for (j = 0; j < kk; j++)
         x->sid[j] = x->cand[j].id;
     qsort(x->sid, (size_t)kk, sizeof(npy_intp), pd_id_cmp);
 
-    /* 2: the exps and their sums; the running sum of a chunk's tail exps while the next
-     * chunk's exps are computed */
-    for (c = 0, j = 0; c < x->nch; c++) {
+    /* 2: the tail's exps (the top ids masked), their sums T and W, the running sum at each
+     * block's end; then S = T + the top's exps but the argmax's (e = 1, d = 0: ls = log1p S),
+     * smallest first, and W their e d */
+    for (c = 0; c < x->nch; c++) {
         int run = M && kk < V;
-        npy_intp len = pd_sm_exps(x, row, c, m, &si, &cs, &cw, x->eb[c & 1], x->eb[(c + 1) & 1],
-                                  run ? j : 0, &R);
-        S += cs;
+        pd_sm_exps(x, row, c * PD_SCH, PD_SCH, m, &si, &cs, &cw, x->eb, run ? &R : NULL,
+                   x->rend + c * (PD_SCH / PD_RB));
+        T += cs;
         W += cw;
-        if (kk < V)
-            T += x->ops->lanesum(x->eb[c & 1], (len + 7) & ~(npy_intp)7);
-        if (run && c > 0)
-            x->rend[c - 1] = R;
-        j = len;
-        if (run && c == x->nch - 1) {
-            npy_intp i;
-            for (i = 0; i < len; i++)
-                R += x->eb[c & 1][i];
-            x->rend[c] = R;
-        }
     }
+    for (j = kk - 1; j > 0; j--) {
+        double d = x->cand[j].v - m, v;
+        d = d < PD_XMIN ? PD_XMIN : d;
+        v = pd_expd(d);
+        S += v;
+        Wt = fma(v, d, Wt);
+    }
+    S += T;
+    W += Wt;
     ls = log1p(S);
     o->entropy[r] = ls - W / (1.0 + S);
     o->lp_min[r] = (mn - m) - ls;
@@ -553,9 +612,10 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
         o->lps[r * K + j] = j < kk ? (float)((x->cand[j].v - m) - ls) : -INFINITY;
     }
 
-    /* the probes: the first i with R_i > (j + 1/2)/M R */
+    /* the probes: the first i with R_i > (j + 1/2)/M R: its block from the block-end sums, then
+     * that block's exps and running sum again (the same values) */
     if (M) {
-        npy_intp cur = -1, len = 0, pos;
+        npy_intp cur = -1, len = 0, pos, nb = (V + PD_RB - 1) / PD_RB;
         for (c = 0, j = 0; j < M; j++) {
             double q = ((double)j + 0.5) / (double)M * R, run = 0.0;
             if (kk >= V || !(R > 0)) {
@@ -563,26 +623,26 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
                 o->plps[r * M + j] = -INFINITY;
                 continue;
             }
-            while (c < x->nch && !(x->rend[c] > q))
+            while (c < nb && !(x->rend[c] > q))
                 c++;
-            if (c == x->nch) {
+            if (c == nb) {
                 pos = V - 1; /* q rounded up to R (subnormal totals): as probe_positions */
             }
             else {
                 npy_intp i = 0;
                 if (cur != c) {
-                    for (si = 0; si < kk && x->sid[si] < c * PD_SCH; si++)
+                    for (si = 0; si < kk && x->sid[si] < c * PD_RB; si++)
                         ;
-                    len = pd_sm_exps(x, row, c, m, &si, &cs, &cw, x->eb[0], NULL, 0, &run);
+                    len = pd_sm_exps(x, row, c * PD_RB, PD_RB, m, &si, &cs, &cw, x->eb, NULL, NULL);
                     cur = c;
                 }
                 run = c > 0 ? x->rend[c - 1] : 0.0;
                 for (; i < len - 1; i++) { /* the same sums as pass 2: run reaches rend[c] > q */
-                    run += x->eb[0][i];
+                    run += x->eb[i];
                     if (run > q)
                         break;
                 }
-                pos = c * PD_SCH + i;
+                pos = c * PD_RB + i;
             }
             o->pids[r * M + j] = (int32_t)pos;
             o->plps[r * M + j] = (float)((pd_load(a->dt, row + pos * pd_itemsize[a->dt]) - m) - ls);
@@ -601,10 +661,9 @@ static void pd_sm_rows(void *ctx, npy_intp r0, npy_intp r1, npy_intp *bad_row, i
         return;
     x->cand = malloc((size_t)x->cap * sizeof(pd_cand));
     x->sid = malloc((size_t)x->kk * sizeof(npy_intp));
-    x->buf = malloc(3 * PD_SCH * sizeof(double));
-    x->rend = malloc((size_t)x->nch * sizeof(double));
-    x->eb[0] = x->buf ? x->buf + PD_SCH : NULL;
-    x->eb[1] = x->buf ? x->buf + 2 * PD_SCH : NULL;
+    x->buf = malloc(2 * PD_SCH * sizeof(double));
+    x->rend = malloc((size_t)((x->a->V + PD_RB - 1) / PD_RB) * sizeof(double));
+    x->eb = x->buf ? x->buf + PD_SCH : NULL;
     if (!x->cand || !x->sid || !x->buf || !x->rend) {
         *bad_row = r0;
         *bad_kind = 3;
@@ -640,7 +699,7 @@ int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, i
     x.K = k;
     x.M = probes;
     x.kk = k < a->V ? k : a->V;
-    x.cap = x.kk + (x.kk > 256 ? x.kk : 256);
+    x.cap = x.kk + (x.kk > 32 ? x.kk : 32);
     x.nch = (a->V + PD_SCH - 1) / PD_SCH;
     x.out = out;
     return pd_run_rows(pd_sm_rows, &x, a->rows, threads, bad_row, bad_kind);
