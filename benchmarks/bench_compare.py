@@ -11,23 +11,22 @@ kernel reaches.  NumPy and torch run on one thread; the kernel on 1 and 2.
     python benchmarks/bench_compare.py              # 64 rows (NumPy and torch: 32)
     python benchmarks/bench_compare.py --rows 16    # quicker
 
-Measured on a shared 2-core Intel Xeon VM (AVX-512, load from other jobs: absolute numbers vary
-by +-30 % between runs; each line's ratios come from the same run), 64 rows (NumPy, torch: 32), ppldelta's
-default SIMD path avx512 (the kernel has one portable path), K = 24, 8 probes, M = 64:
+Measured on a 2-core Intel Xeon VM (AVX-512, quiet: load 0.5, 2026-11-27), 64 rows (NumPy,
+torch: 32), ppldelta's default SIMD path avx512, K = 24, 8 probes, M = 64:
 
 | vocab | dtype | C, 1 thread ms/row | C / NumPy | C / torch | C 2 threads / NumPy | 2 threads / 1 | fraction of read BW |
 |---|---|---|---|---|---|---|---|
-| 32000 | float32 | 0.399 | 3.2x | 4.2x | 3.2x | 0.98x | 0.012 |
-| 32000 | bf16 | 0.401 | 3.3x | 4.0x | 3.3x | 1.00x | 0.005 |
-| 151936 | float32 | 1.36 | 4.3x | 11.8x | 8.6x | 2.01x | 0.017 |
-| 151936 | bf16 | 1.35 | 4.6x | 11.5x | 4.5x | 0.97x | 0.008 |
+| 32000 | float32 | 0.322 | 4.3x | 4.6x | 8.6x | 1.98x | 0.015 |
+| 32000 | bf16 | 0.319 | 3.4x | 4.5x | 6.6x | 1.96x | 0.007 |
+| 151936 | float32 | 1.01 | 6.2x | 16.2x | 12.2x | 1.97x | 0.024 |
+| 151936 | bf16 | 1.02 | 6.8x | 16.2x | 13.6x | 2.02x | 0.011 |
 
-(Two threads gain where the VM's second core happened to be free, nothing where it was busy.
-NumPy and torch also make a float64 copy of each row chunk; the kernel none.)
-
-The kernel is scalar C, far from memory bound: about 9 ns per value at 151936 (perf: libm's
-exp a quarter of it, the rest the compares, filters and sums of the two reads); summarize.c's
-vectorised float64 exp, shared, is the next step.  The NumPy stage ran about 20 full-row passes
+The exps are summarize.c's vectorised float64 exp (``pd_exp_many``: the same bits on every
+path); measured alternately against the kernel with libm's scalar exp, 1.22x faster at 32000
+and 1.34x at 151936.  The rest of the time is scalar: the two threshold filters (M largest and
+M smallest of the tail) and the segment sums, per value; vectorising those (a SIMD compare that
+skips values inside both thresholds, as summarize's filter does) is the next step.
+The NumPy stage ran about 20 full-row passes
 over float64 copies plus two argpartitions and sorts of each row.
 """
 import argparse

@@ -10,7 +10,8 @@
  *      values beyond the M-th best so far; when it is full the M best are kept and the
  *      threshold moves).  The stored ids are sorted per row and masked (NaN) in the chunk, so
  *      no tail value is ever computed as a total minus the stored ones.
- *   2. e = exp(d) (libm), and over the whole row S' (S but the first argmax's e = 1, so that
+ *   2. e = exp(d) (the summarize kernel's float64 exp, pd_exp_many: vectorised where the path
+ *      allows, the same bits on every path), and over the whole row S' (S but the first argmax's e = 1, so that
  *      ls = log1p(S') keeps its accuracy when one token holds nearly all the mass),
  *      W = sum_{e>0} e d, D2 = sum_{e>0} e d^2, the smallest finite d; over the segments between
  *      the sorted stored ids: E_T = sum e, W_T = sum_{e>0} e d, sum of the finite d, the count of
@@ -22,13 +23,14 @@
  * Sums: 8 lanes by index mod 8 within a chunk, folded in a fixed order, chunk sums added with
  * Neumaier's compensation: each sum within (min(V, PD_CCH/8) + 8) u of the sum of |terms|
  * (u = 2^-53), inside the (V + 64) 2^-52 that the bounds' rounding margins allow
- * (docs/reference-bounds.md, E1); libm's exp is within 1 ulp (E1 allows 16), and each b = d - ls
+ * (docs/reference-bounds.md, E1); the exp is within 2.5 ulp (E1 allows 16), and each b = d - ls
  * within a few ulps of |b| (d = y - max rounded once, as the bounds assume).  So every float
  * output is within a few ulps of the row's scale (tests/test_compare_kernel.py writes the
  * tolerance down and pins it against the float64 NumPy oracle).
- * One portable C path (no SIMD dispatch): the same bytes on every PPLDELTA_SIMD path and thread
- * count.  Memory per thread: 3 chunk buffers, 2 (M + 256) candidates, K ids. */
+ * One portable C path but the exps (which give the same bits on every path): the same bytes on
+ * every PPLDELTA_SIMD path and thread count.  Memory per thread: 3 chunk buffers, 2 (M + 256) candidates, K ids. */
 #include "compare.h"
+#include "summarize.h"
 #include <stdlib.h>
 
 #define PD_CCH 1024 /* values per chunk (a multiple of 8) */
@@ -104,6 +106,7 @@ typedef struct {
     const int32_t *ids, *pids;
     npy_intp K, P, M, cap, nch;
     const pd_compare_out *out;
+    pd_isa isa;        /* the exps' path (the same bits on every one) */
     double *y, *e, *d; /* PD_CCH each */
     pd_cc *ct, *cb;    /* cap each: top and bottom candidates */
     npy_intp *sid;     /* K: the valid stored ids, sorted, distinct */
@@ -208,10 +211,11 @@ static int pd_cmp_row(pd_cmp_ctx *x, npy_intp r)
         int has_am = am >= c0 && am < c0 + len;
         if (has_am)
             y[am - c0] = -INFINITY; /* its e = 1 is left out of S' */
+        for (j = 0; j < len; j++)
+            d[j] = y[j] - m;
+        pd_exp_many(x->isa, d, e, len);
         for (j = 0; j < len; j++) {
-            double dj = y[j] - m, ej = exp(dj);
-            d[j] = dj;
-            e[j] = ej;
+            double dj = d[j], ej = e[j];
             lS[j & 7] += ej;
             if (ej > 0) {
                 double w = ej * dj;
@@ -253,8 +257,11 @@ static int pd_cmp_row(pd_cmp_ctx *x, npy_intp r)
         pd_nsum_add(&ST, pd_fold(lST));
         pd_nsum_add(&EB, pd_fold(lB));
     }
-    if (beyond && neq > used)
-        pd_nsum_add(&EB, (double)(neq - used) * exp(t - m));
+    if (beyond && neq > used) {
+        double dt = t - m, et;
+        pd_exp_many(x->isa, &dt, &et, 1);
+        pd_nsum_add(&EB, (double)(neq - used) * et);
+    }
 
     Sv = S.s + S.c;
     ls = log1p(Sv);
@@ -314,12 +321,13 @@ static void pd_cmp_rows(void *ctx, npy_intp r0, npy_intp r1, npy_intp *bad_row, 
     free(x->sid);
 }
 
-int pd_compare_run(const pd_mat *a, const int32_t *ids, npy_intp K, const int32_t *pids,
+int pd_compare_run(pd_isa isa, const pd_mat *a, const int32_t *ids, npy_intp K, const int32_t *pids,
                    npy_intp P, npy_intp M, int threads, const pd_compare_out *out,
                    npy_intp *bad_row, int *bad_kind)
 {
     pd_cmp_ctx x;
     memset(&x, 0, sizeof x);
+    x.isa = isa;
     x.a = a;
     x.ids = ids;
     x.pids = pids;

@@ -877,6 +877,7 @@ static PyObject *pd_compare_rows_py(PyObject *module, PyObject *const *args, Py_
     int bf16, rc, kind = 0, i;
     pd_mat mat;
     pd_compare_out out;
+    pd_isa isa;
     (void)module;
     if (PD_PARSE("compare_rows", pd_compare_kw, 4, 3, a) < 0 || pd_arg_ssize(a[2], "m", 1, 1, &m) < 0 ||
         pd_arg_bool(a[4], 0, &bf16) < 0)
@@ -907,8 +908,9 @@ static PyObject *pd_compare_rows_py(PyObject *module, PyObject *const *args, Py_
                            pd_vec_data(v[4]), pd_vec_data(v[5]), pd_vec_data(v[6]), pd_vec_data(v[7]),
                            pd_vec_data(v[8]), pd_vec_data(v[9]), pd_vec_data(v[10]), pd_vec_data(v[11]),
                            pd_vec_data(v[12]), pd_vec_data(v[13]), pd_vec_data(v[14])};
+    isa = pd_dispatch_current(); /* read under the GIL (_set_simd may run concurrently) */
     Py_BEGIN_ALLOW_THREADS
-    rc = pd_compare_run(&mat, ids, K, pids, P, m, (int)threads_l, &out, &bad, &kind);
+    rc = pd_compare_run(isa, &mat, ids, K, pids, P, m, (int)threads_l, &out, &bad, &kind);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         if (kind == 3)

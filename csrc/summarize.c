@@ -681,6 +681,48 @@ static void pd_sm_rows(void *ctx, npy_intp r0, npy_intp r1, npy_intp *bad_row, i
     free(x->rend);
 }
 
+/* e[i] = exp(x[i]) for x[i] <= 0 (-inf and anything below PD_XMIN give 0) with the kernel's exp:
+ * the same bits on every path (compare.c's exps too). */
+#ifdef PD_X86
+PD_T5 static void v5_exp_many(const double *x, double *e, npy_intp n)
+{
+    const __m512d lo = _mm512_set1_pd(PD_XMIN);
+    npy_intp i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm512_storeu_pd(e + i, v5_exp(_mm512_max_pd(_mm512_loadu_pd(x + i), lo)));
+    for (; i < n; i++)
+        e[i] = pd_expd(x[i]);
+}
+
+PD_T2 static void v2_exp_many(const double *x, double *e, npy_intp n)
+{
+    const __m256d lo = _mm256_set1_pd(PD_XMIN);
+    npy_intp i = 0;
+    for (; i + 4 <= n; i += 4)
+        _mm256_storeu_pd(e + i, v2_exp(_mm256_max_pd(_mm256_loadu_pd(x + i), lo)));
+    for (; i < n; i++)
+        e[i] = pd_expd(x[i]);
+}
+#endif
+
+void pd_exp_many(pd_isa isa, const double *x, double *e, npy_intp n)
+{
+    npy_intp i;
+#ifdef PD_X86
+    if (isa == PD_ISA_AVX512) {
+        v5_exp_many(x, e, n);
+        return;
+    }
+    if (isa == PD_ISA_AVX2) {
+        v2_exp_many(x, e, n);
+        return;
+    }
+#endif
+    (void)isa;
+    for (i = 0; i < n; i++)
+        e[i] = pd_expd(x[i]);
+}
+
 int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, int threads,
                      const pd_summary_out *out, npy_intp *bad_row, int *bad_kind)
 {

@@ -13,6 +13,10 @@ typedef struct {
 /* The reference records of the rows of a (see summarize.c) on `threads` threads with the kernels
  * of the active SIMD path (isa, read under the GIL); needs no GIL.  Returns 0, or -1 with
  * *bad_row set and *bad_kind = 2 (a row has NaN or +inf, or is all -inf) or 3 (no memory). */
+/* e[i] = exp(x[i]) (x[i] <= 0, -inf or below -746 giving 0) with this kernel's float64 exp:
+ * within 2.5 ulp, the same bits on every SIMD path (isa: the active one).  compare.c uses it. */
+void pd_exp_many(pd_isa isa, const double *x, double *e, npy_intp n);
+
 int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, int threads,
                      const pd_summary_out *out, npy_intp *bad_row, int *bad_kind);
 #endif
