@@ -10,7 +10,6 @@ from hypothesis import given, settings, strategies as st
 
 from ppldelta import _core, refstats
 
-mpmath = pytest.importorskip("mpmath")
 ISAS = _core.supported_simd()
 ULP = 2.0 ** -52
 
@@ -31,6 +30,7 @@ def as_bytes(d):
 
 def entropy_oracle(x):
     """H of the two-value row [0, x]: log(1 + e) - e x / (1 + e), e = exp(x), in 60 digits."""
+    mpmath = pytest.importorskip("mpmath")  # with torch (sympy) and in the test extras
     with mpmath.workdps(60):
         e = mpmath.exp(mpmath.mpf(x))
         return float(mpmath.log1p(e) - e * x / (1 + e)), float(e)
@@ -153,6 +153,7 @@ def test_bad_rows_name_the_row():
 
 def test_entropy_of_a_near_uniform_row_is_accurate():
     # every e in [e^-0.6, 1]: one narrow part of the reduction interval (a biased exp shows here)
+    mpmath = pytest.importorskip("mpmath")
     rng = np.random.default_rng(11)
     x = rng.uniform(-0.6, 0.0, (20, 150))
     for isa in ISAS:
