@@ -953,6 +953,34 @@ static PyObject *pd_round4_py(PyObject *module, PyObject *const *args, Py_ssize_
     return pd_round4(pd_get_state(module), x);
 }
 
+static const char *const pd_runsum_kw[] = {"values", "start"};
+
+static PyObject *pd_runsum_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
+                              PyObject *kwnames)
+{
+    PyObject *a[2] = {NULL, NULL}, *arr = NULL, *out = NULL;
+    double r, total;
+    npy_intp n;
+    pd_isa isa;
+    (void)module;
+    if (PD_PARSE("_runsum", pd_runsum_kw, 2, 2, a) < 0 || pd_arg_double(a[1], &r) < 0)
+        return NULL;
+    arr = PyArray_FROMANY(a[0], NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY);
+    if (arr == NULL)
+        return NULL;
+    n = PyArray_DIM((PyArrayObject *)arr, 0);
+    out = PyArray_SimpleNew(1, (npy_intp[]){(n + 63) / 64}, NPY_DOUBLE);
+    if (out == NULL) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    isa = pd_dispatch_current();
+    total = pd_runsum(isa, (const double *)PyArray_DATA((PyArrayObject *)arr), n, r,
+                      (double *)PyArray_DATA((PyArrayObject *)out));
+    Py_DECREF(arr);
+    return Py_BuildValue("dN", total, out);
+}
+
 static PyObject *pd_path_counts(PyObject *module, PyObject *unused)
 {
     (void)module;
@@ -1024,6 +1052,9 @@ static PyMethodDef pd_methods[] = {
     {"segment_sums", PD_FASTCALL(pd_segment_sums_py),
      "segment_sums(codes, n_groups, values)\n--\n\n"
      "(counts, sums): per-group counts and exactly rounded sums in one pass."},
+    {"_runsum", PD_FASTCALL(pd_runsum_py),
+     "_runsum(values, start)\n--\n\n(total, sums after every 64 values) of the summarize kernel's running "
+     "sum on the active path, values >= 0 (testing hook)."},
     {"_round4", PD_FASTCALL(pd_round4_py),
      "_round4(x)\n--\n\nround(x, 4) as the core computes it (testing hook)."},
     {"_path_counts", pd_path_counts, METH_NOARGS,

@@ -705,6 +705,16 @@ PD_T2 static void v2_exp_many(const double *x, double *e, npy_intp n)
 }
 #endif
 
+double pd_runsum(pd_isa isa, const double *p, npy_intp n, double r, double *out)
+{
+#ifdef PD_X86
+    if (isa == PD_ISA_AVX512)
+        return v5_runsum(p, n, r, out);
+#endif
+    (void)isa;
+    return sc_runsum(p, n, r, out);
+}
+
 void pd_exp_many(pd_isa isa, const double *x, double *e, npy_intp n)
 {
     npy_intp i;

@@ -17,6 +17,11 @@ typedef struct {
  * within 2.5 ulp, the same bits on every SIMD path (isa: the active one).  compare.c uses it. */
 void pd_exp_many(pd_isa isa, const double *x, double *e, npy_intp n);
 
+/* The probes' running sum r + p[0] + p[1] + ... (p >= 0) as the path isa computes it: returns the
+ * total and writes its value after every block of 64 values (and after the last) into out
+ * (ceil(n / 64) values); equal to the one-add-at-a-time sum on every path (testing hook). */
+double pd_runsum(pd_isa isa, const double *p, npy_intp n, double r, double *out);
+
 int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, int threads,
                      const pd_summary_out *out, npy_intp *bad_row, int *bad_kind);
 #endif

@@ -164,3 +164,59 @@ def test_entropy_of_a_near_uniform_row_is_accurate():
                 s = mpmath.fsum(e)
                 want = float(-mpmath.fsum(ei / s * mpmath.log(ei / s) for ei in e))
             assert math.isclose(h[r], want, rel_tol=1e-14), (isa, r)
+
+
+def _one_add_at_a_time(values, r):
+    """The format's running sum, as Python adds floats: r + v0, + v1, ...; the value after every
+    block of 64 and after the last."""
+    out = []
+    for j, v in enumerate(values):
+        r = r + float(v)
+        if j % 64 == 63 or j == len(values) - 1:
+            out.append(r)
+    return r, out
+
+
+def _check_runsum(values, r):
+    values = np.asarray(values, dtype=np.float64)
+    total, blocks = _core._runsum(values, r)
+    want_total, want_blocks = _one_add_at_a_time(values, r)
+    assert total == want_total and blocks.tolist() == want_blocks, (r, values[:8])
+
+
+def test_running_sum_shortcut_equals_one_add_at_a_time(isa):
+    """_core._runsum (the kernel's running sum, block sums in lanes where provably exact) against
+    one add at a time, on adversarial inputs: half-ulp ties (round to even depends on the running
+    total), binade crossings, starts at 0, subnormal and near 2^-1000, and mixed magnitudes."""
+    u = 2.0 ** -52
+    rng = np.random.default_rng(5)
+    cases = [
+        (np.full(200, u / 2), 1.0),                       # every add a tie: stays at 1.0
+        (np.full(200, 3 * u / 2), 1.0),                   # ties that round up and down in turn
+        (np.r_[np.full(64, u / 2), np.full(64, u)], 1.0),
+        (np.full(300, u), 2.0 - 64 * u),                  # crosses into the next binade mid-block
+        (np.full(300, u / 4), 1.0),                       # every add rounds away entirely
+        (rng.exponential(1.0, 1000), 0.0),                # a row's start: r = 0
+        (rng.exponential(1e-310, 500), 0.0),              # subnormal totals
+        (rng.exponential(2.0 ** -1000, 500), 2.0 ** -1000),
+        (rng.exponential(1.0, 1000) * 10.0 ** rng.integers(-30, 1, 1000), 0.5),
+        (np.ldexp(rng.integers(0, 4, 640).astype(float), -54), 1.0),  # multiples of a quarter ulp
+        (np.ldexp(rng.integers(0, 4, 640).astype(float), -54), 1.0 + 2 * u),
+        (np.zeros(130), 3.0),
+        (rng.exponential(1.0, 5), 1.0),                   # shorter than a block
+    ]
+    for values, r in cases:
+        _check_runsum(values, r)
+
+
+def test_running_sum_hypothesis(isa):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.integers(0, 8), min_size=1, max_size=400), st.sampled_from([-56, -54, -53, -52, -40]),
+           st.sampled_from([0.0, 1.0, 1.0 + 2.0 ** -52, 2.0 - 2.0 ** -48, 0.75, 2.0 ** -1000]))
+    def prop(ks, e, r):
+        _check_runsum(np.ldexp(np.asarray(ks, dtype=float), e), r)
+
+    prop()
