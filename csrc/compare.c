@@ -35,31 +35,9 @@
 
 #define PD_CCH 1024 /* values per chunk (a multiple of 8) */
 
-typedef struct {
-    double v;
-    npy_intp id;
-} pd_cc;
-
-static inline int pd_cc_before(const pd_cc *a, const pd_cc *b)
-{
-    return a->v > b->v || (a->v == b->v && a->id < b->id);
-}
-
-static int pd_cc_cmp(const void *x, const void *y)
-{
-    const pd_cc *a = x, *b = y;
-    return pd_cc_before(a, b) ? -1 : pd_cc_before(b, a);
-}
-
-static int pd_intp_cmp(const void *x, const void *y)
-{
-    npy_intp a = *(const npy_intp *)x, b = *(const npy_intp *)y;
-    return (a > b) - (a < b);
-}
-
 /* the M best of a candidate list: c[0 .. *n), threshold thr (candidates must beat it once full) */
 typedef struct {
-    pd_cc *c;
+    pd_cand *c;
     npy_intp n;
     double thr;
     int full;
@@ -68,14 +46,14 @@ typedef struct {
 static void pd_best_push(pd_best *b, npy_intp M, npy_intp cap, double v, npy_intp id)
 {
     npy_intp i;
-    b->c[b->n++] = (pd_cc){v, id};
+    b->c[b->n++] = (pd_cand){v, id};
     if (!b->full && b->n == M) {
         b->full = 1;
         for (b->thr = b->c[0].v, i = 1; i < M; i++)
             b->thr = b->c[i].v < b->thr ? b->c[i].v : b->thr;
     }
     else if (b->n == cap) {
-        qsort(b->c, (size_t)b->n, sizeof(pd_cc), pd_cc_cmp);
+        qsort(b->c, (size_t)b->n, sizeof(pd_cand), pd_cand_cmp);
         b->n = M;
         b->thr = b->c[M - 1].v;
     }
@@ -108,7 +86,7 @@ typedef struct {
     const pd_compare_out *out;
     pd_isa isa;        /* the exps' path (the same bits on every one) */
     double *y, *e, *d; /* PD_CCH each */
-    pd_cc *ct, *cb;    /* cap each: top and bottom candidates */
+    pd_cand *ct, *cb;    /* cap each: top and bottom candidates */
     npy_intp *sid;     /* K: the valid stored ids, sorted, distinct */
 } pd_cmp_ctx;
 
@@ -143,7 +121,7 @@ static int pd_cmp_row(pd_cmp_ctx *x, npy_intp r)
     for (j = 0; j < K; j++)
         if (ids[j] >= 0)
             x->sid[nu++] = ids[j];
-    qsort(x->sid, (size_t)nu, sizeof(npy_intp), pd_intp_cmp);
+    qsort(x->sid, (size_t)nu, sizeof(npy_intp), pd_id_cmp);
     for (i = 0, j = 0; j < nu; j++)
         if (i == 0 || x->sid[j] != x->sid[i - 1])
             x->sid[i++] = x->sid[j];
@@ -194,8 +172,8 @@ static int pd_cmp_row(pd_cmp_ctx *x, npy_intp r)
     }
     if (m == -INFINITY)
         return -1;
-    qsort(top.c, (size_t)top.n, sizeof(pd_cc), pd_cc_cmp);
-    qsort(bot.c, (size_t)bot.n, sizeof(pd_cc), pd_cc_cmp);
+    qsort(top.c, (size_t)top.n, sizeof(pd_cand), pd_cand_cmp);
+    qsort(bot.c, (size_t)bot.n, sizeof(pd_cand), pd_cand_cmp);
     mt = top.n < M ? top.n : M;
     mb = bot.n < M ? bot.n : M;
     beyond = nT > M;
@@ -299,7 +277,7 @@ static void pd_cmp_rows(void *ctx, npy_intp r0, npy_intp r1, npy_intp *bad_row, 
     if (r0 >= r1)
         return;
     x->y = malloc(3 * PD_CCH * sizeof(double));
-    x->ct = malloc(2 * (size_t)x->cap * sizeof(pd_cc));
+    x->ct = malloc(2 * (size_t)x->cap * sizeof(pd_cand));
     x->sid = malloc((size_t)x->K * sizeof(npy_intp));
     if (!x->y || !x->ct || !x->sid) {
         *bad_row = r0;

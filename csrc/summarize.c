@@ -417,24 +417,13 @@ PD_T5 static void v5_expsum(const double *p, npy_intp n8, double m, double *e, d
 #endif
 
 /* ------------------------------------------------------------------------------- top K */
-typedef struct {
-    double v;
-    npy_intp id;
-} pd_cand;
-
-/* a ranks before b: larger value, ties by smaller id (ids are distinct: a strict order) */
-static inline int pd_before(const pd_cand *a, const pd_cand *b)
-{
-    return a->v > b->v || (a->v == b->v && a->id < b->id);
-}
-
-static int pd_cand_cmp(const void *x, const void *y)
+int pd_cand_cmp(const void *x, const void *y)
 {
     const pd_cand *a = x, *b = y;
     return pd_before(a, b) ? -1 : pd_before(b, a);
 }
 
-static int pd_id_cmp(const void *x, const void *y)
+int pd_id_cmp(const void *x, const void *y)
 {
     npy_intp a = *(const npy_intp *)x, b = *(const npy_intp *)y;
     return (a > b) - (a < b);

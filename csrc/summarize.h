@@ -2,6 +2,21 @@
 #define PPLDELTA_SUMMARIZE_H
 #include "logits.h"
 
+/* A top-K candidate (value, id) and its order, shared with compare.c's filters: a ranks before b
+ * when its value is larger, ties by smaller id (ids are distinct: a strict order). */
+typedef struct {
+    double v;
+    npy_intp id;
+} pd_cand;
+
+static inline int pd_before(const pd_cand *a, const pd_cand *b)
+{
+    return a->v > b->v || (a->v == b->v && a->id < b->id);
+}
+
+int pd_cand_cmp(const void *x, const void *y); /* qsort: best first */
+int pd_id_cmp(const void *x, const void *y);   /* qsort: npy_intp ascending */
+
 /* Per-row outputs of pd_summarize_run (refstats.RECORD_DTYPE's fields but token and lp):
  * entropy, tail, lp_min (rows); ids, lps (rows x k); pids, plps (rows x probes). */
 typedef struct {

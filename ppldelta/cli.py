@@ -393,7 +393,7 @@ def _check_options(args):
         raise ValueError(f"--probes must be >= 0, got {args.probes}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _texts(args)  # a missing file is refused before any model loads
+    args.texts = _texts(args)  # read once; a missing file is refused before any model loads
     if getattr(args, "choices", None) is not None:
         from .choices import read_items
 
@@ -487,7 +487,7 @@ def _build_gguf(args, source, out, overwrite):
     if args.stride is not None:
         raise ValueError("--stride: the llama.cpp protocol scores non-overlapping chunks of --max-length "
                          "(n_ctx) tokens: leave --stride unset")
-    texts, groups = _texts(args)
+    texts, groups = args.texts
     if texts is None:
         raise ValueError(f"building the reference of {source} needs --text FILE")
     n_ctx = 512 if args.max_length is None else args.max_length
@@ -514,7 +514,7 @@ def _build(args, source, out, overwrite=False):
         raise ValueError(f"{source} is a reference file already (ppldelta eval reads it as it is)")
     if source.endswith((".ppldref", ".kld")) and not os.path.exists(source):
         raise ValueError(f"{source}: no such file")
-    texts, groups = _texts(args)
+    texts, groups = args.texts
     if texts is None:
         raise ValueError(f"building the reference of {source} needs --text FILE")
     from .hf._reference import build_reference, load_model, load_tokenizer
@@ -645,7 +645,7 @@ def _evaluate_variant(args, q, ref, expected):
 
         llama = _load_gguf(q, int((ref.header.get("protocol") or {}).get("max_length") or 512))
         try:
-            rep = evaluate_gguf(llama, ref, texts=_texts(args)[0], progress=not args.no_progress, expected=expected,
+            rep = evaluate_gguf(llama, ref, texts=args.texts[0], progress=not args.no_progress, expected=expected,
                                 confidence=args.confidence, verify=False)
             return rep, (None if args.choices is None else
                          choice_flips(llama, ref, args.choices, progress=not args.no_progress))
@@ -661,7 +661,7 @@ def _evaluate_variant(args, q, ref, expected):
     model = load_model(q, **_load_kwargs(args))
     try:
         rep = evaluate_against_reference(
-            model, ref, texts=_texts(args)[0], tokenizer=tok, batch_size=args.batch_size,
+            model, ref, texts=args.texts[0], tokenizer=tok, batch_size=args.batch_size,
             progress=not args.no_progress, expected=expected, confidence=args.confidence, verify=False)
         if args.choices is None:
             return rep, None
