@@ -431,7 +431,7 @@ int pd_id_cmp(const void *x, const void *y)
 
 /* Rearrange c[0..n) so that c[0..k) are its k first in the order (0 < k < n): Hoare's
  * selection with a median-of-three pivot. */
-static void pd_select(pd_cand *c, npy_intp n, npy_intp k)
+void pd_select(pd_cand *c, npy_intp n, npy_intp k)
 {
     npy_intp lo = 0, hi = n - 1, t = k - 1;
     while (lo < hi) {
@@ -702,6 +702,22 @@ double pd_runsum(pd_isa isa, const double *p, npy_intp n, double r, double *out)
 #endif
     (void)isa;
     return sc_runsum(p, n, r, out);
+}
+
+void pd_load_many(pd_isa isa, pd_dtype dt, const char *p, npy_intp len, double *b)
+{
+#ifdef PD_X86
+    if (isa == PD_ISA_AVX512) {
+        v5_load(dt, p, len, b);
+        return;
+    }
+    if (isa == PD_ISA_AVX2) {
+        v2_load(dt, p, len, b);
+        return;
+    }
+#endif
+    (void)isa;
+    sc_load(dt, p, len, b);
 }
 
 void pd_exp_many(pd_isa isa, const double *x, double *e, npy_intp n)

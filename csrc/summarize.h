@@ -16,6 +16,7 @@ static inline int pd_before(const pd_cand *a, const pd_cand *b)
 
 int pd_cand_cmp(const void *x, const void *y); /* qsort: best first */
 int pd_id_cmp(const void *x, const void *y);   /* qsort: npy_intp ascending */
+void pd_select(pd_cand *c, npy_intp n, npy_intp k); /* c[0 .. k) := the k first of c (0 < k < n) */
 
 /* Per-row outputs of pd_summarize_run (refstats.RECORD_DTYPE's fields but token and lp):
  * entropy, tail, lp_min (rows); ids, lps (rows x k); pids, plps (rows x probes). */
@@ -31,6 +32,9 @@ typedef struct {
 /* e[i] = exp(x[i]) (x[i] <= 0, -inf or below -746 giving 0) with this kernel's float64 exp:
  * within 2.5 ulp, the same bits on every SIMD path (isa: the active one).  compare.c uses it. */
 void pd_exp_many(pd_isa isa, const double *x, double *e, npy_intp n);
+/* len values of dtype dt at p (contiguous) as float64 into b, with the conversions compiled for
+ * the path isa (the same values on every path); compare.c uses it. */
+void pd_load_many(pd_isa isa, pd_dtype dt, const char *p, npy_intp len, double *b);
 
 /* The probes' running sum r + p[0] + p[1] + ... (p >= 0) as the path isa computes it: returns the
  * total and writes its value after every block of 64 values (and after the last) into out

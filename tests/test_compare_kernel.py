@@ -244,6 +244,45 @@ def test_property_matches_oracle(V, K, M, s, dtype, pinf, pinv):
     assert (top[:, :-1] >= top[:, 1:]).all() and (bot[:, :-1] <= bot[:, 1:]).all()
 
 
+@pytest.mark.parametrize("M", [8, 64, 300])
+def test_filters_started_from_group_extremes(M):
+    """Rows long enough (8 groups per 1024 values, >= M of them) that each filter starts at the
+    M-th best of the groups' extremes: the rows where that threshold could be wrong."""
+    V = 12000
+    rng = np.random.default_rng(11)
+    g = rng.standard_normal(V)
+    big = np.argsort(-g)[:100].astype(np.int32)  # the 100 largest values are stored ids
+    sparse = np.full(V, -np.inf)
+    sparse[rng.permutation(V)[:M + 3]] = rng.standard_normal(M + 3)
+    exact_m = np.full(V, -np.inf)
+    exact_m[rng.permutation(V)[:M]] = 1.0
+    zeros = np.where(rng.random(V) < 0.5, -0.0, 0.0) - np.where(rng.random(V) < 0.3, 1.0, 0.0)
+    rows = [
+        (g, big[:24]),                                     # group maxima at stored ids
+        (np.concatenate([g[:50], -g[50:]]), np.argsort(g)[:24]),  # the smallest at stored ids
+        (np.round(g * 2), rng.permutation(V)[:24]),        # ties at every threshold
+        (np.arange(V) * 1e-3, rng.permutation(V)[:24]),    # rising: the unstarted worst case
+        (-np.arange(V) * 1e-3, rng.permutation(V)[:24]),   # falling
+        (sparse, rng.permutation(V)[:24]),                 # few finite groups: -inf everywhere else
+        (exact_m, rng.permutation(V)[:24]),                # exactly M finite values
+        (zeros, rng.permutation(V)[:24]),                  # -0 and +0, max 0
+    ]
+    y = np.array([r[0] for r in rows])
+    ids = np.array([r[1][:24] for r in rows]).astype(np.int32)
+    ids[0] = big[:24]
+    pids = rng.integers(-1, V, (len(rows), 8))
+    got = check(y, ids, M, pids)
+    for dt in (np.float32, "bf16"):
+        a = y.astype(np.float32)
+        bf = dt == "bf16"
+        check((a.view(np.uint32) >> 16).astype(np.uint16) if bf else a, ids, M, bf16=bf)
+    # the tail's M largest of row 0 (oracle: a sort) are below every stored value
+    tail = np.delete(y[0], ids[0])
+    want = np.sort(tail)[::-1][:M]
+    np.testing.assert_allclose(got["top"][0], want - y[0].max() - np.log(np.exp(y[0] - y[0].max()).sum()),
+                               rtol=0, atol=1e-12)
+
+
 def test_threads_same_bytes():
     rng = np.random.default_rng(4)
     y = rng.standard_normal((9, 3333)).astype(np.float32)
@@ -262,7 +301,11 @@ rng = np.random.default_rng(5)
 y = rng.standard_normal((4, 2500)).astype(np.float32); y[0, ::3] = -np.inf
 ids = np.stack([rng.permutation(2500)[:24] for _ in range(4)]).astype(np.int32)
 d = _core.compare_rows(y, ids, 64, rng.integers(-1, 2500, (4, 8)).astype(np.int32), threads=2)
-print(_core.simd(), hashlib.sha256(b"".join(np.asarray(d[k]).tobytes() for k in sorted(d))).hexdigest())
+z = np.round(rng.standard_normal((3, 9000)) * 2)  # long enough for the started filters; ties; -0
+z[1, ::5] = -0.0; z[1] = np.minimum(z[1], 0.0); z[2, ::2] = -np.inf
+zi = np.stack([rng.permutation(9000)[:24] for _ in range(3)]).astype(np.int32)
+e = [_core.compare_rows(z.astype(t), zi, m, threads=1) for t in (np.float64, np.float32) for m in (8, 64)]
+print(_core.simd(), hashlib.sha256(b"".join(np.asarray(r[k]).tobytes() for r in [d] + e for k in sorted(r))).hexdigest())
 """
 
 
