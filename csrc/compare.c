@@ -529,9 +529,9 @@ static int pd_cmp_row(pd_cmp_ctx *x, npy_intp r)
         ops->groups(y, n8, gx, gn);
         for (i = 0; i < PD_CG; i++) {
             if (gx[i] > -INFINITY)
-                x->gt[ngt++] = (pd_cand){gx[i], ngt};
+                x->gt[ngt] = (pd_cand){gx[i], ngt}, ngt++;
             if (gn[i] < INFINITY)
-                x->gb[ngb++] = (pd_cand){-gn[i], ngb};
+                x->gb[ngb] = (pd_cand){-gn[i], ngb}, ngb++;
         }
     }
     if (m == -INFINITY)

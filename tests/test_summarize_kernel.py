@@ -136,6 +136,34 @@ def test_degenerate_rows_against_the_float64_twin():
                                            err_msg=f"{isa} {k} {f}")
 
 
+@pytest.mark.parametrize("k", [1, 8, 24, 40, 100])
+def test_top_k_filter_on_adversarial_rows_of_several_chunks(k):
+    """The top-K threshold filter over rows of several chunks (1024 values): ties at every
+    threshold, rising and falling rows, few finite values, -0 / +0, a spike where the last
+    chunk's padding repeats a value (V = 5001: 7 padding values), each against the float64 twin
+    on every path (ids exactly)."""
+    V = 5001
+    rng = np.random.default_rng(21)
+    g = rng.standard_normal(V)
+    sparse, exact = np.full(V, -np.inf), np.full(V, -np.inf)
+    sparse[rng.permutation(V)[:k + 2]] = rng.standard_normal(k + 2)
+    exact[rng.permutation(V)[:k]] = 0.25
+    zeros = np.where(rng.random(V) < 0.5, -0.0, 0.0) - np.where(rng.random(V) < 0.3, 1.0, 0.0)
+    spike = g.copy()
+    spike[4096] = 10.0  # the first value of the last chunk, which its padding repeats
+    rows = np.array([np.round(g * 2), np.arange(V) * 1e-3, -np.arange(V) * 1e-3, sparse, exact, zeros,
+                     np.full(V, 1.5), g, spike])
+    for dt in (np.float64, np.float32):
+        x = rows.astype(dt)
+        want = np.zeros(len(rows), refstats.RECORD_DTYPE(k, 4))
+        refstats.summarize_rows(x.astype(np.float64), k, want)
+        for isa in ISAS:
+            got = summ(x, k, 4, isa)
+            assert np.array_equal(got["ids"], want["ids"]), (isa, dt)
+            assert np.array_equal(got["lps"], want["lps"]) or \
+                np.allclose(got["lps"], want["lps"], rtol=1e-6, atol=0), (isa, dt)
+
+
 def test_bad_rows_name_the_row():
     x = np.zeros((3, 50), np.float32)
     x[1, 17] = np.nan
