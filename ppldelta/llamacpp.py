@@ -465,14 +465,77 @@ def _eval_chunks(llama, tokens: np.ndarray, n_ctx: int, add_bos: bool | None):
 
 def _eval_window(llama, tokens: np.ndarray, w):
     """The logits of window ``w`` (a ``protocols.Window``) evaluated from an empty cache, its first
-    token replaced by ``w.bos`` when set: rows ``w.a .. w.b-1`` (a view of ``Llama.scores``, valid
-    until the next evaluation).  The one place a Llama is run."""
-    chunk = np.asarray(tokens[w.start : w.end]).tolist()
+    token replaced by ``w.bos`` when set: rows ``w.a .. w.b-1`` (float32, read in place: valid
+    until the next evaluation).  The one place a Llama is run.
+
+    A ``llama_cpp.Llama`` whose ``eval`` is the library's own is decoded here, through libllama, as
+    llama-perplexity does: only the rows scored ask for logits (the last layer and ``lm_head`` run
+    for them alone: about half of a llama.cpp chunk) and they are read where llama.cpp wrote them
+    (``Llama.eval`` computes every position's logits and copies them all into ``Llama.scores``).
+    The rows' bits are those of ``Llama.eval`` (tests/test_gguf_speed_paths.py).  Anything else
+    (another ``eval``, a wrapper) runs through its ``eval`` and ``scores``."""
+    chunk = np.asarray(tokens[w.start : w.end])
+    if _decodes_directly(llama):
+        return _decode_rows_of(llama, chunk, w.bos, w.a - w.start, w.b - w.start)
+    chunk = chunk.tolist()
     if w.bos is not None:
         chunk[0] = w.bos
     llama.reset()
     llama.eval(chunk)
     return llama.scores[w.a - w.start : w.b - w.start]
+
+
+def _decodes_directly(llama) -> bool:
+    """Whether ``llama`` is a ``llama_cpp.Llama`` run by ``Llama.eval`` itself (not a subclass's or
+    a wrapper's ``eval``), so that :func:`_decode_rows_of` gives what that ``eval`` gives."""
+    import sys
+
+    llama_cpp = sys.modules.get("llama_cpp")  # a Llama was made: it is imported
+    Llama = getattr(llama_cpp, "Llama", None)
+    return (Llama is not None and isinstance(llama, Llama) and type(llama).eval is Llama.eval
+            and hasattr(getattr(llama, "_ctx", None), "ctx") and hasattr(getattr(llama, "_batch", None), "batch"))
+
+
+def _decode_rows_of(llama, chunk: np.ndarray, bos, r0: int, r1: int) -> np.ndarray:
+    """Positions ``r0 .. r1-1``'s float32 logits of ``chunk`` (its first token replaced by ``bos``
+    when set) decoded from an empty cache in ``Llama.eval``'s batches of ``n_batch`` tokens, with
+    its cache clearing, positions and sequence 0, the other positions asking for no logits.  A view
+    of llama.cpp's output buffer when one batch holds all the rows, else a copy."""
+    import llama_cpp
+
+    n, V, step = len(chunk), int(llama.n_vocab()), int(llama.n_batch)
+    ctx, b = llama._ctx, llama._batch.batch
+    llama.reset()  # n_tokens 0: Llama.eval after this clears the cache again; scores is not filled
+    ctx.kv_cache_seq_rm(-1, 0, -1)  # what Llama.eval does first
+    out, got = None, 0
+    for s in range(0, n, step):
+        m = min(step, n - s)
+        ids = np.asarray(chunk[s : s + m], dtype=np.int64)
+        if s == 0 and bos is not None:
+            ids = ids.copy()
+            ids[0] = bos
+        pos = np.arange(s, s + m)
+        np.ctypeslib.as_array(b.token, shape=(m,))[:] = ids
+        np.ctypeslib.as_array(b.pos, shape=(m,))[:] = pos
+        np.ctypeslib.as_array(b.n_seq_id, shape=(m,))[:] = 1
+        for i in range(m):
+            b.seq_id[i][0] = 0
+        want = (pos >= r0) & (pos < r1)
+        np.ctypeslib.as_array(b.logits, shape=(m,))[:] = want
+        b.n_tokens = m
+        ctx.decode(llama._batch)
+        k = int(want.sum())
+        if k:
+            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx.ctx), shape=(k, V))
+            if k == r1 - r0:
+                return rows
+            if out is None:
+                out = np.empty((r1 - r0, V), dtype=np.float32)
+            out[got : got + k] = rows
+            got += k
+            if got == r1 - r0:  # later positions cannot change these rows (causal): not decoded
+                return out
+    return np.empty((0, V), dtype=np.float32)
 
 
 def token_log_probs(

@@ -8,8 +8,9 @@ and of their rounding margins is docs/reference-bounds.md.
 
 ``summarize`` runs the C kernel ``_core.summarize_rows`` (csrc/summarize.c: two reads per row,
 float64); ``summarize_rows`` is its NumPy twin (the tests' oracle).  ``compare``'s stage 1 is
-the C kernel ``_core.compare_rows`` (csrc/compare.c: the rows read in place, twice, no float64
-copy; its NumPy form is the tests' oracle, tests/test_compare_kernel.py); the torch twins for
+the C kernel ``_core.compare_rows`` (csrc/compare.c: the rows read in place, three times, two
+of them from cache, no float64 copy; its NumPy form is the tests' oracle,
+tests/test_compare_kernel.py); the torch twins for
 accelerator tensors are ppldelta/hf/_ref_torch.py, which share the second stage (``finish``:
 the bounds from O(K) values per token) with this module.
 """
@@ -481,7 +482,7 @@ def compare(quantized_logits, records, *, bf16=False, threads=1):
     n, V = a.shape
     t = check_rows_fit(rec, n, V)
     lq = _core.logits_stats(a, None, t, ignore_index=-(2 ** 63), bf16=bf, threads=_threads(threads)).lp_a
-    # stage 1: the C kernel (csrc/compare.c) reads the rows in place, two reads per row
+    # stage 1: the C kernel (csrc/compare.c) reads the rows in place, three reads per row (two from cache)
     ids = np.ascontiguousarray(rec["ids"], dtype=np.int32)
     pids = np.ascontiguousarray(rec["pids"], dtype=np.int32) if n_probes(rec) else None
     parts = _core.compare_rows(a, ids, tail_m(ids.shape[1]), pids, bf16=bf, threads=_threads(threads))
