@@ -171,7 +171,9 @@ def main():
     llamacpp.write_logits_file(base_file, ids, base.reshape(n_chunk, rows, V), n_ctx)
     lc_bytes = os.path.getsize(base_file)
     with ThreadPoolExecutor(max(1, args.threads)) as pool:
-        records = dict(zip(ks, pool.map(lambda c: refstats.summarize(base, targets, c[0], probes=c[1]), ks)))
+        pos = protocols.target_positions(windows)  # the probes' offsets follow them, as in a build
+        records = dict(zip(ks, pool.map(lambda c: refstats.summarize(base, targets, c[0], probes=c[1],
+                                                                      positions=pos), ks)))
     log(f"references written ({time.time() - t0:.0f}s)")
 
     results = []

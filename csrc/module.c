@@ -747,18 +747,21 @@ done:
     return res;
 }
 
-static const char *const pd_summarize_kw[] = {"rows", "k", "probes", "bf16", "threads"};
+static const char *const pd_summarize_kw[] = {"rows", "k", "probes", "offsets", "bf16", "threads"};
 
 PyDoc_STRVAR(pd_summarize_rows_doc,
-"summarize_rows(rows, k, probes, *, bf16=False, threads=1)\n"
+"summarize_rows(rows, k, probes, offsets=None, *, bf16=False, threads=1)\n"
 "--\n\nThe reference records of logits rows (refstats.RECORD_DTYPE's fields but token and lp) as a\n"
-"dict of arrays: entropy, tail, lp_min (rows,), ids, lps (rows, k), pids, plps (rows, probes).");
+"dict of arrays: entropy, tail, lp_min (rows,), ids, lps (rows, k), pids, plps (rows, probes).\n"
+"offsets: each row's probe offset u in [0, 1) (float64, (rows,); refstats.probe_offsets): probe j\n"
+"is the first id whose running tail sum exceeds (j + u)/probes of the total (None: u = 1/2).");
 
 static PyObject *pd_summarize_rows_py(PyObject *module, PyObject *const *args, Py_ssize_t nargs,
                                       PyObject *kwnames)
 {
     static const char *const names[7] = {"entropy", "tail", "lp_min", "ids", "lps", "pids", "plps"};
-    PyObject *a[5] = {NULL, NULL, NULL, NULL, NULL}, *v[7] = {NULL}, *res = NULL;
+    PyObject *a[6] = {NULL, NULL, NULL, NULL, NULL, NULL}, *v[7] = {NULL}, *res = NULL;
+    PyArrayObject *offs = NULL;
     Py_ssize_t k, m;
     long threads_l = 1;
     int bf16, rc, kind = 0, i;
@@ -767,11 +770,11 @@ static PyObject *pd_summarize_rows_py(PyObject *module, PyObject *const *args, P
     pd_summary_out out;
     pd_isa isa;
     (void)module;
-    if (PD_PARSE("summarize_rows", pd_summarize_kw, 3, 3, a) < 0 ||
+    if (PD_PARSE("summarize_rows", pd_summarize_kw, 4, 3, a) < 0 ||
         pd_arg_ssize(a[1], "k", 1, 1, &k) < 0 || pd_arg_ssize(a[2], "probes", 0, 0, &m) < 0 ||
-        pd_arg_bool(a[3], 0, &bf16) < 0)
+        pd_arg_bool(a[4], 0, &bf16) < 0)
         return NULL;
-    if (a[4] && (threads_l = PyLong_AsLong(a[4])) == -1 && PyErr_Occurred())
+    if (a[5] && (threads_l = PyLong_AsLong(a[5])) == -1 && PyErr_Occurred())
         return NULL;
     if (threads_l > INT_MAX || threads_l < INT_MIN) {
         PyErr_SetString(PyExc_OverflowError, "threads does not fit a C int");
@@ -788,6 +791,26 @@ static PyObject *pd_summarize_rows_py(PyObject *module, PyObject *const *args, P
                      (Py_ssize_t)mat.V);
         return NULL;
     }
+    if (a[3] && a[3] != Py_None) { /* the probes' offsets: one per row, each in [0, 1) */
+        const double *u;
+        npy_intp r;
+        if ((offs = (PyArrayObject *)PyArray_FROMANY(a[3], NPY_DOUBLE, 1, 1, NPY_ARRAY_IN_ARRAY)) == NULL)
+            return NULL;
+        if (PyArray_DIM(offs, 0) != mat.rows) {
+            PyErr_Format(PyExc_ValueError, "offsets: %zd values for %zd rows", (Py_ssize_t)PyArray_DIM(offs, 0),
+                         (Py_ssize_t)mat.rows);
+            goto done;
+        }
+        for (u = (const double *)PyArray_DATA(offs), r = 0; r < mat.rows; r++)
+            if (!(u[r] >= 0.0 && u[r] < 1.0)) {
+                PyObject *f = PyFloat_FromDouble(u[r]);
+                if (f) {
+                    PyErr_Format(PyExc_ValueError, "offsets[%zd] = %R is not in [0, 1)", (Py_ssize_t)r, f);
+                    Py_DECREF(f);
+                }
+                goto done;
+            }
+    }
     {
         npy_intp d1[1] = {mat.rows}, dk[2] = {mat.rows, k}, dm[2] = {mat.rows, m};
         int types[7] = {NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT32, NPY_FLOAT32, NPY_INT32, NPY_FLOAT32};
@@ -799,7 +822,8 @@ static PyObject *pd_summarize_rows_py(PyObject *module, PyObject *const *args, P
                            pd_vec_data(v[5]), pd_vec_data(v[4]), pd_vec_data(v[6])};
     isa = pd_dispatch_current(); /* read under the GIL (_set_simd may run concurrently) */
     Py_BEGIN_ALLOW_THREADS
-    rc = pd_summarize_run(isa, &mat, k, m, (int)threads_l, &out, &bad, &kind);
+    rc = pd_summarize_run(isa, &mat, k, m, offs ? (const double *)PyArray_DATA(offs) : NULL, (int)threads_l,
+                          &out, &bad, &kind);
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         if (kind == 3)
@@ -817,6 +841,7 @@ static PyObject *pd_summarize_rows_py(PyObject *module, PyObject *const *args, P
             goto done;
         }
 done:
+    Py_XDECREF(offs);
     for (i = 0; i < 7; i++)
         Py_XDECREF(v[i]);
     return res;

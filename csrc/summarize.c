@@ -15,8 +15,10 @@
  * The argmax's e is exactly 1, so ls = log1p(S) keeps its relative accuracy when one token
  * holds nearly all the mass; entropy = ls - W / (1 + S) (= -sum p_i a_i with p_i = e_i / (1 + S):
  * two non-negative terms, no cancellation), lp_min = (min - max) - ls, tail = log T - ls, and
- * probe j is the first i with R_i > (j + 1/2)/M R (the last id if none: a total so small that
- * the threshold rounds up to it, as refstats.probe_positions): the block is found from the
+ * probe j is the first i with R_i > (j + u)/M R, u the row's offset in [0, 1) (given per row:
+ * refstats.probe_offsets, a low-discrepancy sequence over the token positions; 1/2 without)
+ * (the last id if none: a total so small that the threshold rounds up to it, as
+ * refstats.probe_positions): the block is found from the
  * block-end sums and only that block's exps and running sum are computed again (the same exps
  * and adds, so the same values).
  *
@@ -467,6 +469,7 @@ typedef struct {
     const pd_mat *a;
     npy_intp K, M, kk, cap, nch;
     const pd_summary_out *out;
+    const double *offsets; /* rows: the probes' offsets (NULL: 1/2) */
     pd_cand *cand;     /* cap */
     npy_intp *sid;     /* kk: the top ids in increasing order */
     double *buf, *eb;  /* PD_SCH each: the values, their exps */
@@ -601,12 +604,12 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
         o->lps[r * K + j] = j < kk ? (float)((x->cand[j].v - m) - ls) : -INFINITY;
     }
 
-    /* the probes: the first i with R_i > (j + 1/2)/M R: its block from the block-end sums, then
+    /* the probes: the first i with R_i > (j + u)/M R: its block from the block-end sums, then
      * that block's exps and running sum again (the same values) */
     if (M) {
         npy_intp cur = -1, len = 0, pos, nb = (V + PD_RB - 1) / PD_RB;
         for (c = 0, j = 0; j < M; j++) {
-            double q = ((double)j + 0.5) / (double)M * R, run = 0.0;
+            double q = ((double)j + (x->offsets ? x->offsets[r] : 0.5)) / (double)M * R, run = 0.0;
             if (kk >= V || !(R > 0)) {
                 o->pids[r * M + j] = -1;
                 o->plps[r * M + j] = -INFINITY;
@@ -738,8 +741,8 @@ void pd_exp_many(pd_isa isa, const double *x, double *e, npy_intp n)
         e[i] = pd_expd(x[i]);
 }
 
-int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, int threads,
-                     const pd_summary_out *out, npy_intp *bad_row, int *bad_kind)
+int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, const double *offsets,
+                     int threads, const pd_summary_out *out, npy_intp *bad_row, int *bad_kind)
 {
     pd_sm_ctx x;
     memset(&x, 0, sizeof x);
@@ -755,6 +758,7 @@ int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, i
     x.a = a;
     x.K = k;
     x.M = probes;
+    x.offsets = offsets;
     x.kk = k < a->V ? k : a->V;
     x.cap = x.kk + (x.kk > 32 ? x.kk : 32);
     x.nch = (a->V + PD_SCH - 1) / PD_SCH;

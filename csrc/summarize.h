@@ -27,7 +27,8 @@ typedef struct {
 } pd_summary_out;
 
 /* The reference records of the rows of a (see summarize.c) on `threads` threads with the kernels
- * of the active SIMD path (isa, read under the GIL); needs no GIL.  Returns 0, or -1 with
+ * of the active SIMD path (isa, read under the GIL); needs no GIL.  offsets: each row's probe
+ * offset u in [0, 1) (probe j at (j + u)/probes of the tail's total), or NULL for u = 1/2.  Returns 0, or -1 with
  * *bad_row set and *bad_kind = 2 (a row has NaN or +inf, or is all -inf) or 3 (no memory). */
 /* e[i] = exp(x[i]) (x[i] <= 0, -inf or below -746 giving 0) with this kernel's float64 exp:
  * within 2.5 ulp, the same bits on every SIMD path (isa: the active one).  compare.c uses it. */
@@ -41,6 +42,6 @@ void pd_load_many(pd_isa isa, pd_dtype dt, const char *p, npy_intp len, double *
  * (ceil(n / 64) values); equal to the one-add-at-a-time sum on every path (testing hook). */
 double pd_runsum(pd_isa isa, const double *p, npy_intp n, double r, double *out);
 
-int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, int threads,
-                     const pd_summary_out *out, npy_intp *bad_row, int *bad_kind);
+int pd_summarize_run(pd_isa isa, const pd_mat *a, npy_intp k, npy_intp probes, const double *offsets,
+                     int threads, const pd_summary_out *out, npy_intp *bad_row, int *bad_kind);
 #endif

@@ -105,7 +105,8 @@ def paired_moments(
 ) -> PairedMoments: ...
 
 def summarize_rows(
-    rows: Any, k: int, probes: int, *, bf16: bool = ..., threads: int = ...
+    rows: Any, k: int, probes: int, offsets: npt.ArrayLike | None = ..., *, bf16: bool = ...,
+    threads: int = ...
 ) -> dict[str, npt.NDArray[Any]]: ...  # entropy, tail, lp_min, ids, lps, pids, plps
 def compare_rows(
     rows: Any, ids: npt.NDArray[np.int32], m: int, pids: npt.NDArray[np.int32] | None = ..., *,

@@ -929,8 +929,10 @@ def convert_logits_file(base_kld_path: str | os.PathLike, out_path: str | os.Pat
         for i in range(lf.n_chunk):
             if i in w.done:
                 continue
+            pos = np.arange(windows[i].a + 1, windows[i].b + 1)  # the targets' stream positions
             parts = [refstats.summarize(_decode_rows(lf._rows[i][block], lf.n_vocab),
-                                        np.asarray(targets[i, block], dtype=np.int64), k, probes=probes)
+                                        np.asarray(targets[i, block], dtype=np.int64), k, probes=probes,
+                                        positions=pos[block])
                      for block in _row_blocks(lf.rows_per_chunk, lf.n_vocab)]
             w.write_window(i, np.concatenate(parts) if parts else np.zeros(0, w.dtype))
         w.finalize()

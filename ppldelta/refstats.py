@@ -58,13 +58,36 @@ def n_probes(records) -> int:
     return dt["pids"].shape[0] if "pids" in dt.names else 0
 
 
-def probe_positions(cum, m):
+_WEYL = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio, rounded to odd
+#: A reference header's ``probe_offsets`` entry: how the probes' offsets were chosen
+#: (``probe_offsets``); a file without it (written before) used 1/2 for every token.
+PROBE_OFFSETS = "weyl(position + 1): ((position + 1) * 0x9E3779B97F4A7C15 mod 2^64) >> 11, times 2^-53"
+
+
+def probe_offsets(positions):
+    """Each scored token's probe offset u in [0, 1) from its position in the token stream (the
+    index of its target in ``input_ids``): u = ((position + 1) * 0x9E3779B97F4A7C15 mod 2^64) >> 11,
+    times 2^-53 (the fractional parts of (position + 1) / golden ratio, a low-discrepancy sequence;
+    exact in float64).  One offset per token, so that the probes' sampling errors are independent
+    across tokens and their mean falls as 1/sqrt(tokens); one shared offset (the format's version
+    2 files before ``probe_offsets`` was recorded: 1/2) correlates them, an error that more tokens
+    do not remove (docs/reference-bounds.md, "Estimate")."""
+    p = np.asarray(positions)
+    if p.ndim != 1 or (p.size and (p.dtype.kind not in "iu" or p.min() < 0)):
+        raise ValueError("positions must be a 1-D array of non-negative integers")
+    x = (p.astype(np.uint64) + np.uint64(1)) * _WEYL  # modulo 2^64
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def probe_positions(cum, m, offsets=None):
     """Systematic sampling proportional to the tail's mass: per row of ``cum`` (the running sum,
     in id order, of e^{x_i - max} over the tail, zero on the stored top K), the first index whose
-    running sum exceeds (j + 1/2)/m of the row's total, j = 0..m-1; -1 where the total is 0."""
+    running sum exceeds (j + u)/m of the row's total, j = 0..m-1, u the row's offset
+    (``offsets``, from ``probe_offsets``; 1/2 without); -1 where the total is 0."""
     n, V = cum.shape
     tot = cum[:, -1]
-    thr = (np.arange(m) + 0.5) / m * tot[:, None]
+    u = np.full((n, 1), 0.5) if offsets is None else np.asarray(offsets, dtype=np.float64).reshape(n, 1)
+    thr = (np.arange(m) + u) / m * tot[:, None]
     pos = np.empty((n, m), dtype=np.int64)
     for r in range(n):
         pos[r] = np.searchsorted(cum[r], thr[r], side="right")
@@ -101,8 +124,9 @@ def _topk_sorted(x, k):
     return np.take_along_axis(idx, order, 1)
 
 
-def summarize_rows(x, k, out):
-    """Fill the records ``out`` (all fields but token and lp) from float64 logits rows ``x``."""
+def summarize_rows(x, k, out, offsets=None):
+    """Fill the records ``out`` (all fields but token and lp) from float64 logits rows ``x``
+    (``offsets``: the rows' probe offsets, ``probe_offsets``; 1/2 without)."""
     n, V = x.shape
     kk = min(k, V)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -127,13 +151,13 @@ def summarize_rows(x, k, out):
             np.put_along_axis(e, ids, 0.0, 1)
             out["tail"] = np.log(e.sum(axis=1)) - ls
         if m:
-            pos = probe_positions(np.cumsum(e, axis=1), m) if kk < V else np.full((n, m), -1)
+            pos = probe_positions(np.cumsum(e, axis=1), m, offsets) if kk < V else np.full((n, m), -1)
             out["pids"] = pos
             out["plps"] = np.where(pos >= 0, np.take_along_axis(a, np.maximum(pos, 0), 1), -np.inf)
 
 
-def summarize(logits, targets, k: int = DEFAULT_K, *, probes: int = DEFAULT_PROBES, ignore_index=-100,
-              bf16=False, threads=1):
+def summarize(logits, targets, k: int = DEFAULT_K, *, probes: int = DEFAULT_PROBES, positions=None,
+              ignore_index=-100, bf16=False, threads=1):
     """The reference records (``RECORD_DTYPE(k, probes)``, one per row) of the original model's logits
     (shape (..., vocab); any float dtype, bfloat16 torch tensors, raw bfloat16 with ``bf16``) at
     ``targets`` (one token id per row).  Every row is a scored position: a target equal to
@@ -141,7 +165,10 @@ def summarize(logits, targets, k: int = DEFAULT_K, *, probes: int = DEFAULT_PROB
     the other fields are float64 log-softmax values (``lps`` rounded to float32).  With ``k`` >
     vocab the extra slots hold id -1 and log-prob -inf.  ``probes`` tail tokens per row are
     sampled in proportion to their probability (``probe_positions``: deterministic) and stored
-    with their log-probs (float32); they make the KL estimate unbiased (docs/reference-bounds.md)."""
+    with their log-probs (float32); they make the KL estimate unbiased (docs/reference-bounds.md).
+    ``positions``: each row's token position in the stream (its target's index in ``input_ids``),
+    which sets its probe offset (``probe_offsets``); default 0, 1, 2, ... (the producers pass the
+    true positions, so a file does not depend on how its rows were batched)."""
     from .logits import _threads
 
     k = int(k)
@@ -151,6 +178,9 @@ def summarize(logits, targets, k: int = DEFAULT_K, *, probes: int = DEFAULT_PROB
     t = _adapt.as_targets(targets, lead, V, ignore_index)
     _check_scored(t, ignore_index)
     out = np.zeros(t.size, dtype=dt)
+    offsets = probe_offsets(np.arange(t.size) if positions is None else positions)
+    if offsets.size != t.size:
+        raise ValueError(f"positions has {offsets.size} values for {t.size} rows")
     if t.size == 0:
         return out
     # the C kernel validates the rows (NaN, +inf, all -inf) and gives the two-model path's log-probs
@@ -158,7 +188,7 @@ def summarize(logits, targets, k: int = DEFAULT_K, *, probes: int = DEFAULT_PROB
                                    threads=_threads(threads)).lp_a
     out["token"] = t
     # the C kernel (csrc/summarize.c: two reads of each row, fused); summarize_rows is its NumPy twin
-    for f, v in _core.summarize_rows(a, k, n_probes(out), bf16=bf, threads=_threads(threads)).items():
+    for f, v in _core.summarize_rows(a, k, n_probes(out), offsets, bf16=bf, threads=_threads(threads)).items():
         if f in dt.names:
             out[f] = v
     return out

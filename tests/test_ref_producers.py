@@ -99,6 +99,33 @@ PROTOCOL_CASES = [("sliding", 32, 16), ("hf", 32, 16), ("gptq", 24, None), ("lla
 
 
 @pytest.mark.parametrize("protocol,L,S", PROTOCOL_CASES)
+@torch.no_grad()
+def test_probe_offsets_follow_the_targets_stream_positions(tmp_path, original, protocol, L, S):
+    """Each record's probes use the offset of its target's index in the token stream (not its row
+    in a batch): the file equals an oracle built window by window with those positions, at any
+    batch size, and its header says so."""
+    ids = _ids(120, seed=5)
+    kw = {"bos_token_id": 1} if protocol == "llama.cpp" else {}
+    spec, L2, S2 = protocols.resolve(protocol, L, S)
+    windows = protocols.plan(spec, len(ids), L2, S2, 1 if protocol == "llama.cpp" else None)
+    want = []
+    for w in windows:
+        x = ids[w.start:w.end].clone()
+        if w.bos is not None:
+            x[0] = w.bos
+        rows = original(x[None]).logits[0][w.a - w.start:w.b - w.start]
+        want.append(refstats.summarize(rows, ids[w.a + 1:w.b + 1].numpy(), 8,
+                                       positions=np.arange(w.a + 1, w.b + 1)))
+    for bs in (1, 3):
+        out = tmp_path / f"b{bs}.ppldref"
+        hf.build_reference(original, input_ids=ids, out=out, protocol=protocol, max_length=L, stride=S,
+                           k=8, batch_size=bs, progress=False, **kw)
+        ref = reffile.read_reference(out)
+        assert ref.header["probe_offsets"] == refstats.PROBE_OFFSETS
+        assert ref.records.tobytes() == np.concatenate(want).tobytes(), bs
+
+
+@pytest.mark.parametrize("protocol,L,S", PROTOCOL_CASES)
 def test_reference_equals_two_model_path_and_bounds_hold(tmp_path, original, protocol, L, S):
     quant = _perturbed(original, 0.02)
     ids = _ids()
@@ -273,8 +300,11 @@ def test_convert_llamacpp_logits_file(tmp_path, original):
     lf = llamacpp.read_logits_file(kld)
     assert np.array_equal(ref.records["token"], lf.scored_targets())
     # the records summarize the decoded rows: oracle = refstats.summarize of the decoded log-probs
+    # (chunk i scores rows n_ctx/2 .. n_ctx-2 of tokens [i n_ctx, (i+1) n_ctx): its targets sit at
+    # i n_ctx + n_ctx/2 + 1 .. (i+1) n_ctx - 1 in the stream, which set the probes' offsets)
     want = np.concatenate([refstats.summarize(lf.chunk_log_probs(i), lf.scored_targets().reshape(
-        lf.n_chunk, -1)[i].astype(np.int64), 8) for i in range(lf.n_chunk)])
+        lf.n_chunk, -1)[i].astype(np.int64), 8, positions=i * n_ctx + np.arange(n_ctx // 2 + 1, n_ctx))
+        for i in range(lf.n_chunk)])
     assert ref.records.tobytes() == want.tobytes()
     np.testing.assert_allclose(ref.records["lp"], lf.target_log_probs(), atol=2e-3)
     # the tokens are in the reference: the model against its own uint16 file is close to 0 KLD
@@ -297,7 +327,8 @@ def test_device_path_plumbing(tmp_path, original, monkeypatch):
     hf.build_reference(original, input_ids=ids, out=cpu, max_length=32, k=8, progress=False)
     want = hf.evaluate_against_reference(quant, cpu, progress=False).to_dict()
     monkeypatch.setattr(_ref_torch, "summarize_torch",
-                        lambda x, t, k, probes: _ref_torch._summarize_device(x, t, k, probes=probes))
+                        lambda x, t, k, probes, positions: _ref_torch._summarize_device(
+                            x, t, k, probes=probes, positions=positions))
     monkeypatch.setattr(_ref_torch, "compare_torch",
                         lambda x, r: _ref_torch._compare_device(x, refstats.check_records(r)))
     dev = tmp_path / "dev.ppldref"

@@ -83,22 +83,30 @@ def test_record_dtype_layout():
             rs.RECORD_DTYPE(*bad)
 
 
-def _probe_oracle(a, top, m):
+def _offset_oracle(position):
+    """A token's probe offset by its definition, in Python integers: the fraction of
+    (position + 1) * 0x9E3779B97F4A7C15 / 2^64, truncated to 53 bits."""
+    return (((position + 1) * 0x9E3779B97F4A7C15) % 2 ** 64 >> 11) / 2 ** 53
+
+
+def _probe_oracle(a, top, m, positions=None):
     """The probes by their definition, in exact arithmetic (math.fsum): the tail (ids outside the
     top K, in id order) with masses e^{a_i}; probe j is the first id whose running mass exceeds
-    (j + 1/2)/m of the total.  Returns, per row, the sets of ids allowed for each probe (the
-    candidate plus its neighbour when the threshold lies within rounding of a boundary)."""
+    (j + u)/m of the total, u the row's offset (its position: by default its row index).
+    Returns, per row, the sets of ids allowed for each probe (the candidate plus its neighbour
+    when the threshold lies within rounding of a boundary)."""
     import math
 
     out = []
-    for row, ids in zip(a, top):
+    for r, (row, ids) in enumerate(zip(a, top)):
+        u = _offset_oracle(r if positions is None else int(positions[r]))
         e = np.exp(row - row.max())
         e[ids] = 0.0
         run = [math.fsum(e[:i + 1]) for i in range(e.size)]
         tot = run[-1]
         allowed = []
         for j in range(m):
-            thr = (j + 0.5) / m * tot
+            thr = (j + u) / m * tot
             first = next(i for i, r in enumerate(run) if r > thr)
             near = {first}
             for i in range(e.size):  # a boundary within 1e-12 relative of the threshold
@@ -109,6 +117,19 @@ def _probe_oracle(a, top, m):
     return out
 
 
+def test_probe_offsets_follow_their_definition():
+    pos = np.array([0, 1, 2, 7, 4079, 10 ** 6, 2 ** 40, 2 ** 62])
+    u = rs.probe_offsets(pos)
+    assert u.dtype == np.float64 and [float(v) for v in u] == [_offset_oracle(int(p)) for p in pos]
+    assert ((u >= 0) & (u < 1)).all()
+    # a low-discrepancy sequence: n consecutive positions leave no gap wider than 3/n in [0, 1)
+    v = np.sort(rs.probe_offsets(np.arange(5000, 6000)))
+    assert np.diff(np.concatenate([[0.0], v, [1.0]])).max() < 3 / 1000
+    for bad in (np.array([-1]), np.array([0.5]), np.zeros((2, 2), int)):
+        with pytest.raises(ValueError, match="positions"):
+            rs.probe_offsets(bad)
+
+
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_probes_are_the_systematic_sample_of_the_tail(m):
     a, _, t = _rows(21, 30, 200, scale=2.0)
@@ -116,6 +137,10 @@ def test_probes_are_the_systematic_sample_of_the_tail(m):
     rec = rs.summarize(a, t, 8, probes=m)
     assert rs.n_probes(rec) == m
     want = _probe_oracle(a, rec["ids"], m)
+    pos = np.arange(1000, 1000 + a.shape[0]) * 7  # explicit positions: the offsets follow them
+    rec2 = rs.summarize(a, t, 8, probes=m, positions=pos)
+    want2 = _probe_oracle(a, rec2["ids"], m, pos)
+    assert all(int(rec2["pids"][r, j]) in want2[r][j] for r in range(a.shape[0]) for j in range(m))
     la = _log_softmax(a)
     for r in range(a.shape[0]):
         for j in range(m):
@@ -125,7 +150,8 @@ def test_probes_are_the_systematic_sample_of_the_tail(m):
             assert rec["plps"][r, j] == np.float32(la[r, pid])
     # the flat row's probes are evenly spread over the tail's ids
     tail = np.setdiff1d(np.arange(200), rec["ids"][3])
-    assert rec["pids"][3].tolist() == [int(tail[int((j + 0.5) / m * tail.size)]) for j in range(m)]
+    u = _offset_oracle(3)
+    assert rec["pids"][3].tolist() == [int(tail[int((j + u) / m * tail.size)]) for j in range(m)]
 
 
 def test_probes_without_tail_and_without_probes():

@@ -89,6 +89,34 @@ def test_paths_agree_on_random_float32_rows(V, k, m, scale, s):
         assert as_bytes(summ(x, k, m, isa)) == want, isa
 
 
+def test_probe_offsets_per_row_against_the_twin():
+    """Each row's offset u moves its probes to the first ids past (j + u)/M of the tail's mass: the
+    kernel on every path against the float64 twin with the same offsets (ids exactly but where the
+    threshold sits within rounding of a boundary), and bad offsets refused by name."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 2.0, (6, 3000))
+    x[1] = 0.0  # flat: the probes are evenly spaced ids, shifted by u
+    u = np.array([0.0, 0.25, 0.5, 0.999999, 1 - 2.0 ** -53, 0.1])
+    want = np.zeros(6, refstats.RECORD_DTYPE(16, 8))
+    refstats.summarize_rows(x, 16, want, u)
+    for isa in ISAS:
+        got = summ(x, 16, 8, isa, offsets=u)
+        for r in range(6):
+            e = np.exp(x[r] - x[r].max())
+            e[got["ids"][r]] = 0.0
+            cum = np.cumsum(e)
+            q = (np.arange(8) + u[r]) / 8 * cum[-1]
+            near = np.abs(cum[want["pids"][r]] - q) < 1e-12 * cum[-1]
+            assert np.array_equal(got["pids"][r][~near], want["pids"][r][~near]), (isa, r)
+        assert not np.array_equal(got["pids"][0], summ(x, 16, 8, isa)["pids"][0])  # not the 1/2 default
+    tail = np.setdiff1d(np.arange(3000), want["ids"][1])
+    assert want["pids"][1].tolist() == [int(tail[int((j + u[1]) / 8 * tail.size)]) for j in range(8)]
+    for bad, msg in ((np.full(6, 1.0), "offsets"), (np.full(6, np.nan), "offsets"), (np.full(6, -0.1), "offsets"),
+                     (np.zeros(5), "5 values for 6 rows")):
+        with pytest.raises(ValueError, match=msg):
+            _core.summarize_rows(x, 16, 8, bad)
+
+
 def test_running_sum_is_the_left_to_right_float64_sum():
     # a uniform row: every tail e is exactly 1, R_i = i exactly; with top K = 1 (the id 0) the
     # probe j is the first id i with i > (j + 1/2)/M (V - 1)

@@ -61,27 +61,28 @@ def _topk_sorted_torch(x, k):
 
 
 def summarize_torch(logits, targets, k: int = refstats.DEFAULT_K, *, probes: int = refstats.DEFAULT_PROBES,
-                    ignore_index=-100):
+                    positions=None, ignore_index=-100):
     """``refstats.summarize`` for a logits tensor on any device (targets: one id per row, none
-    equal to ignore_index); the records come back as a NumPy structured array."""
+    equal to ignore_index; positions: the rows' token positions, as there); the records come
+    back as a NumPy structured array."""
     if _host_side(logits):
-        return refstats.summarize(logits, targets, k, probes=probes, ignore_index=ignore_index,
-                                  threads=_host_threads(logits))
-    return _summarize_device(logits, targets, k, ignore_index, probes=probes)
+        return refstats.summarize(logits, targets, k, probes=probes, positions=positions,
+                                  ignore_index=ignore_index, threads=_host_threads(logits))
+    return _summarize_device(logits, targets, k, ignore_index, probes=probes, positions=positions)
 
 
-def _probe_positions_torch(cum, m):
-    """refstats.probe_positions on the device."""
+def _probe_positions_torch(cum, m, offsets):
+    """refstats.probe_positions on the device (offsets: the rows' probe offsets, float64)."""
     import torch
 
     V = cum.shape[1]
     tot = cum[:, -1:]
-    thr = (torch.arange(m, device=cum.device, dtype=torch.float64) + 0.5) / m * tot
+    thr = (torch.arange(m, device=cum.device, dtype=torch.float64) + offsets[:, None]) / m * tot
     pos = torch.searchsorted(cum.contiguous(), thr.contiguous(), right=True).clamp_(max=V - 1)
     return torch.where(tot > 0, pos, torch.full_like(pos, -1))
 
 
-def _summarize_device(logits, targets, k, ignore_index=-100, probes=refstats.DEFAULT_PROBES):
+def _summarize_device(logits, targets, k, ignore_index=-100, probes=refstats.DEFAULT_PROBES, positions=None):
     """The device path of summarize_torch (any device; tests run it on CPU tensors)."""
     import torch
 
@@ -89,6 +90,10 @@ def _summarize_device(logits, targets, k, ignore_index=-100, probes=refstats.DEF
     t = torch.as_tensor(targets).reshape(-1).to(logits.device, torch.long)
     if t.numel() != x_all.shape[0]:
         raise ValueError(f"targets has {t.numel()} values, logits {x_all.shape[0]} rows")
+    u_all = refstats.probe_offsets(np.arange(t.numel()) if positions is None else positions)
+    if u_all.size != t.numel():
+        raise ValueError(f"positions has {u_all.size} values for {t.numel()} rows")
+    u_all = torch.as_tensor(u_all, dtype=torch.float64, device=logits.device)
     tn = _host(t)
     refstats._check_scored(tn, ignore_index)
     if ((tn < 0) | (tn >= V)).any():
@@ -126,7 +131,7 @@ def _summarize_device(logits, targets, k, ignore_index=-100, probes=refstats.DEF
                 out["ids"][sl, kk:] = -1
                 out["lps"][sl, kk:] = -np.inf
             if m and kk < V:
-                pos = _probe_positions_torch(torch.cumsum(e, 1), m)
+                pos = _probe_positions_torch(torch.cumsum(e, 1), m, u_all[r0:r0 + x.shape[0]])
                 pl = torch.gather(a, 1, pos.clamp(min=0))
                 out["pids"][sl] = _host(pos)
                 out["plps"][sl] = _host(torch.where(pos >= 0, pl, torch.full_like(pl, float("-inf"))).float())

@@ -162,6 +162,7 @@ def reference_header(*, model: dict, tokenizer: dict | None, ids, protocol: dict
             "tokens_sha256": tokens["sha256"], "tokens": tokens, "text": text, "protocol": protocol,
             "window_records": [int(w.b - w.a) for w in windows],
             "k": int(k), "probes": _stats().DEFAULT_PROBES if probes is None else int(probes),
+            "probe_offsets": _stats().PROBE_OFFSETS,
             "versions": _versions(), "source": source, "groups": groups, "choices": choices}
 
 
@@ -190,12 +191,13 @@ def _tokenizer_for(tokenizer, model):
     return _load.load_tokenizer(tokenizer, model)
 
 
-def _summarize(logits_rows, targets, k, probes):
+def _summarize(logits_rows, targets, k, probes, positions):
     """Records of one row chunk, computed where the logits are (``_ref_torch`` dispatches: the
-    CPU functions for CPU and MPS tensors, the torch twin elsewhere)."""
+    CPU functions for CPU and MPS tensors, the torch twin elsewhere); positions: the targets'
+    indices in the token stream (they set the probes' offsets)."""
     from . import _ref_torch
 
-    return _ref_torch.summarize_torch(logits_rows, targets, k, probes=probes)
+    return _ref_torch.summarize_torch(logits_rows, targets, k, probes=probes, positions=positions)
 
 
 def _compare(logits_rows, records):
@@ -233,7 +235,7 @@ def build_windows(model, ids, windows, todo, writer, k, *, batch_size=1, device=
             nxt[0] += 1
 
     def on_rows(j, r0, r1, chunks, targets):
-        parts.append(np.asarray(_summarize(chunks[0], targets, k, writer.probes)))
+        parts.append(np.asarray(_summarize(chunks[0], targets, k, writer.probes, np.arange(r0 + 1, r1 + 1))))
         if bar is not None:
             bar.update(r1 - r0)
         if r1 == sub[j].b:
