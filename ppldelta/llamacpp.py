@@ -487,13 +487,21 @@ def _eval_window(llama, tokens: np.ndarray, w):
 
 def _decodes_directly(llama) -> bool:
     """Whether ``llama`` is a ``llama_cpp.Llama`` run by ``Llama.eval`` itself (not a subclass's or
-    a wrapper's ``eval``), so that :func:`_decode_rows_of` gives what that ``eval`` gives."""
+    a wrapper's ``eval``) on a libllama without GPU offload, so that :func:`_decode_rows_of` gives
+    the bits that ``eval`` gives: checked on llama.cpp's CPU backend for every weight type
+    (tests/test_gguf_speed_paths.py); a GPU backend may pick other kernels for fewer rows."""
     import sys
 
     llama_cpp = sys.modules.get("llama_cpp")  # a Llama was made: it is imported
     Llama = getattr(llama_cpp, "Llama", None)
-    return (Llama is not None and isinstance(llama, Llama) and type(llama).eval is Llama.eval
-            and hasattr(getattr(llama, "_ctx", None), "ctx") and hasattr(getattr(llama, "_batch", None), "batch"))
+    if Llama is None or not isinstance(llama, Llama) or type(llama).eval is not Llama.eval:
+        return False
+    gpu = getattr(llama_cpp, "llama_supports_gpu_offload", None)
+    ctx = getattr(llama, "_ctx", None)
+    # every internal that _decode_rows_of uses (a llama-cpp-python that renamed one: Llama.eval)
+    return (gpu is not None and not gpu() and hasattr(llama_cpp, "llama_get_logits")
+            and all(hasattr(ctx, a) for a in ("ctx", "kv_cache_seq_rm", "decode"))
+            and hasattr(getattr(llama, "_batch", None), "batch") and hasattr(llama, "n_batch"))
 
 
 def _decode_rows_of(llama, chunk: np.ndarray, bos, r0: int, r1: int) -> np.ndarray:
@@ -510,9 +518,8 @@ def _decode_rows_of(llama, chunk: np.ndarray, bos, r0: int, r1: int) -> np.ndarr
     out, got = None, 0
     for s in range(0, n, step):
         m = min(step, n - s)
-        ids = np.asarray(chunk[s : s + m], dtype=np.int64)
+        ids = np.array(chunk[s : s + m], dtype=np.int64)
         if s == 0 and bos is not None:
-            ids = ids.copy()
             ids[0] = bos
         pos = np.arange(s, s + m)
         np.ctypeslib.as_array(b.token, shape=(m,))[:] = ids
@@ -562,14 +569,19 @@ def token_log_probs(
     context of at least ``n_ctx``: ``Llama.eval`` only keeps the logits of
     every position (``Llama.scores``) in that mode.
     """
+    from .refstats import ROW_BUDGET
+
     if protocol != "llama.cpp":
         raise ValueError(f"unknown protocol {protocol!r}; only 'llama.cpp' is implemented")
     tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
     rows = _rows_per_chunk(n_ctx)
     out = np.empty((tokens.size // n_ctx) * rows, dtype=np.float64)
+    step = max(1, ROW_BUDGET // max(1, int(llama.n_vocab())))  # float64 copies of a few rows, in cache
     for i, (w, scores) in enumerate(_eval_chunks(llama, tokens, n_ctx, add_bos)):
-        logits = np.asarray(scores, dtype=np.float64)
-        out[i * rows : (i + 1) * rows] = _kernel_log_probs(logits, tokens[w.a + 1 : w.b + 1])
+        for r0 in range(0, rows, step):  # the kernel is per row: blocks give the bits of the whole
+            r1 = min(r0 + step, rows)
+            out[i * rows + r0 : i * rows + r1] = _kernel_log_probs(
+                np.asarray(scores[r0:r1], dtype=np.float64), tokens[w.a + 1 + r0 : w.a + 1 + r1])
     return out
 
 
@@ -1035,15 +1047,20 @@ def load_gguf(path, *, n_ctx: int = 512, **kwargs):
     """A llama-cpp-python ``Llama`` of the GGUF file ``path``, set up as llama-perplexity runs it:
     a context of ``n_ctx`` with one chunk per batch (``n_batch = n_ubatch = n_ctx``), flash
     attention on (what llama-perplexity's default ``-fa auto`` picks), every position's logits kept
-    (``logits_all=True``).  ``kwargs`` go to ``Llama`` and override these (``n_threads``,
-    ``n_gpu_layers``, ...).  ImportError naming ``pip install llama-cpp-python`` without it."""
+    (``logits_all=True``), as many threads as the CPUs this process may run on (``-t N`` sets both
+    of llama.cpp's counts to N; llama-cpp-python's default counts every CPU of the machine, a
+    container's limit aside, and half of them for ``n_threads``; the thread count never changes a
+    logit).  ``kwargs`` go to ``Llama`` and override these (``n_threads``, ``n_gpu_layers``, ...).
+    ImportError naming ``pip install llama-cpp-python`` without it."""
     llama_cpp = _llama_cpp()
     path = os.fspath(path)
     if not is_gguf_file(path):
         raise ValueError(f"{path}: " + ("not a GGUF file (no GGUF magic)" if os.path.isfile(path)
                                          else "no such file"))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     opts = {"model_path": path, "n_ctx": int(n_ctx), "n_batch": int(n_ctx), "n_ubatch": int(n_ctx),
-            "logits_all": True, "flash_attn": True, "verbose": False, **kwargs}
+            "logits_all": True, "flash_attn": True, "n_threads": cpus, "n_threads_batch": cpus,
+            "verbose": False, **kwargs}
     return llama_cpp.Llama(**opts)
 
 
