@@ -45,9 +45,12 @@ every position's logits, all copied into ``Llama.scores``).  In one process ppld
 is 0.95x llama-cpp-python's own forward (the rows not scored get no logits), against 0.93x for
 the decode alone: ppldelta's own work (the log-prob kernel, the top-K and probes, a float64
 copy of a few rows at a time) is about 2-4 % of the time; libllama's decode is the rest (87 %
-of a build under cProfile).  What is left: the eval's extra 18 % (3 s on a 16 s job) is not
-broken down yet (start-up: imports, the GGUF's and the reference's checks, are candidates), and
-the float64 copy of each row block (the C kernels take float32 rows only with other bits).
+of a build under cProfile).  The eval's extra 18 % was mostly importing torch (1.6 s under
+cProfile) to ask whether a torch.distributed group was running; a process that never imported
+torch, outside a torchrun world above one, now skips that (``hf._dist``): then, 3 alternating
+runs each on the same machine, ``perplexity kld`` 16.34 s against ``ppldelta eval`` 17.78 s
+(best of each), 1.09x.  What is left: the float64 copy of each row block (the C kernels take
+float32 rows only with other bits) and the comparison kernel (about 1.3 s of the eval).
 """
 import argparse
 import os

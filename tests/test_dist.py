@@ -124,6 +124,22 @@ def _check_same(out, world, single):
         assert rep["reports"] == reports  # score's Protocol and compare_models' full report
 
 
+def test_no_group_asked_for_and_torch_never_imported():
+    """A run that never imported torch (a GGUF model) outside torchrun: no context, rank 0, and
+    torch still not imported (it costs seconds); under a torchrun world the check goes on."""
+    code = ("import sys; from ppldelta.hf import _dist; "
+            "assert 'torch' not in sys.modules; "
+            "assert _dist.context() is None and _dist.rank() == 0; "
+            "assert 'torch' not in sys.modules; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    env.update(RANK="0", WORLD_SIZE="1")  # a world of one: still no group, but torch may be asked
+    out = subprocess.run([sys.executable, "-c", code.replace("assert 'torch' not in sys.modules; print", "print")],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_two_ranks_from_torchrun_environment(tmp_path, single):
     outs = _finish(_start_env("same", tmp_path, 2))
     _check_ok(outs)

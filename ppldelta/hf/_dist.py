@@ -110,9 +110,15 @@ class Context:
         return out
 
 
+def _no_group():
+    """True when no process group can exist or be asked for: torch not imported (a group needs
+    it: a GGUF run then never pays for importing torch) and no torchrun world above one."""
+    return "torch" not in sys.modules and ("RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1)
+
+
 def context():
     """The Context of a sharded run, or None (no group, a world of one, or sharding off)."""
-    if not _public.sharding_enabled():
+    if not _public.sharding_enabled() or _no_group():
         return None
     dist = _dist()
     if dist is None:
@@ -129,7 +135,7 @@ def context():
 
 def rank():
     """This process's rank (0 without a process group)."""
-    dist = _dist()
+    dist = None if "torch" not in sys.modules else _dist()
     return dist.get_rank() if dist is not None and dist.is_initialized() else 0
 
 
