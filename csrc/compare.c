@@ -69,44 +69,22 @@ static void pd_best_push(pd_best *b, npy_intp M, npy_intp cap, double v, npy_int
         b->thr = b->c[i].v < b->thr ? b->c[i].v : b->thr;
 }
 
-/* The k-th largest of v[0 .. n) (1 <= k <= n; no NaN), v reordered: Hoare's selection. */
-static double pd_kth_largest(double *v, npy_intp n, npy_intp k)
-{
-    npy_intp lo = 0, hi = n - 1, t = k - 1;
-    while (lo < hi) {
-        double a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi], piv, tmp;
-        npy_intp i = lo, j = hi;
-        piv = a > b ? (b > c ? b : a > c ? c : a) : (a > c ? a : b > c ? c : b); /* the median */
-        while (i <= j) {
-            while (v[i] > piv)
-                i++;
-            while (piv > v[j])
-                j--;
-            if (i <= j) {
-                tmp = v[i];
-                v[i++] = v[j];
-                v[j--] = tmp;
-            }
-        }
-        if (t <= j)
-            hi = j;
-        else if (t >= i)
-            lo = i;
-        else
-            break;
-    }
-    return v[t];
-}
-
 /* Start a list at the threshold its groups' extremes prove: the M-th best of ng >= M distinct
- * tail values (g, reordered) is at most the M-th best of the tail, so the list takes every value
- * at or above it (a threshold one step below) and is full from the start. */
-static void pd_best_prime(pd_best *b, double *g, npy_intp ng, npy_intp M)
+ * tail values (g, reordered by summarize.c's selection) is at most the M-th best of the tail, so
+ * the list takes every value at or above it (a threshold one step below) and is full from the
+ * start. */
+static void pd_best_prime(pd_best *b, pd_cand *g, npy_intp ng, npy_intp M)
 {
+    double t;
+    npy_intp i;
     if (ng < M)
         return;
+    if (ng > M)
+        pd_select(g, ng, M);
+    for (t = g[0].v, i = 1; i < M; i++)
+        t = g[i].v < t ? g[i].v : t;
     b->full = 1;
-    b->thr = nextafter(pd_kth_largest(g, ng, M), -INFINITY);
+    b->thr = nextafter(t, -INFINITY);
 }
 
 /* Neumaier's compensated sum (an infinite sum keeps its infinity) */
@@ -478,7 +456,7 @@ typedef struct {
     pd_cand *ct, *cb;    /* cap each: top and bottom candidates */
     npy_intp *sid;     /* K: the valid stored ids, sorted, distinct */
     npy_intp nu;       /* their number */
-    double *gt, *gb;   /* nch PD_CG each: the groups' maxima and (negated) minima */
+    pd_cand *gt, *gb;  /* nch PD_CG each: the groups' maxima and (negated) minima */
 } pd_cmp_ctx;
 
 /* the stored ids in the chunk at c0 (*si: the first not below c0) and the padding as NaN */
@@ -552,9 +530,9 @@ static int pd_cmp_row(pd_cmp_ctx *x, npy_intp r)
         ops->groups(y, n8, gx, gn);
         for (i = 0; i < PD_CG; i++) {
             if (gx[i] > -INFINITY)
-                x->gt[ngt++] = gx[i];
+                x->gt[ngt] = (pd_cand){gx[i], ngt}, ngt++;
             if (gn[i] < INFINITY)
-                x->gb[ngb++] = -gn[i];
+                x->gb[ngb] = (pd_cand){-gn[i], ngb}, ngb++;
         }
     }
     if (m == -INFINITY)
@@ -658,7 +636,7 @@ static void pd_cmp_rows(void *ctx, npy_intp r0, npy_intp r1, npy_intp *bad_row, 
     x->y = malloc(3 * PD_CCH * sizeof(double));
     x->ct = malloc(2 * (size_t)x->cap * sizeof(pd_cand));
     x->sid = malloc((size_t)x->K * sizeof(npy_intp));
-    x->gt = malloc(2 * (size_t)x->nch * PD_CG * sizeof(double));
+    x->gt = malloc(2 * (size_t)x->nch * PD_CG * sizeof(pd_cand));
     if (!x->y || !x->ct || !x->sid || !x->gt) {
         *bad_row = r0;
         *bad_kind = 3;
