@@ -80,9 +80,27 @@ of realistic shape (0.98), not for bfloat16 (0.87: that forward is 8x faster, so
 launches and the host's waits show; transformers' own loss loop keeps 0.82 there) nor for the
 tiny float32 model (0.91).
 
+A second run on one H100 (same software, 2026-11-28), after two changes: the fused kernel's
+targets are range-checked on the host (one device synchronisation less per window), and the
+worker runs on its own CUDA stream (``_run.SIDE_STREAM``; "one stream" is the earlier way).
+Fractions as above (median of the rounds' ratios; in brackets the ratio of the best times):
+
+    model (random Llama)                       forward tok/s  transformers  ppldelta        one stream      overlap off
+    float32, hidden 1024, 8 layers, vocab 32k   99,245        0.983         0.975 (0.977)   0.980 (0.978)   0.970
+    bfloat16, same (3 rounds)                  740,158        0.873         0.859 (0.934)   0.909 (0.876)   0.876
+    bfloat16, hidden 2048, vocab 128,256 (*)   266,554        0.767         0.911 (0.904)   0.911 (0.913)   0.895
+    float32, hidden 256, 4 layers, vocab 32k   111,569        0.912         0.825 (0.810)   0.834 (0.809)   0.839
+
+(*) 8 layers, 32 windows of 1024 tokens, batch 4, 3 rounds.
+
+The bfloat16 loops of that run last 0.09 s each (64 windows), so three rounds cannot separate
+the two stream modes (the median and the best times rank them oppositely); scripts/gpu_check.sh
+now runs that row with 256 windows, 7 rounds and ``--profile`` (the device's busy fraction and
+its costliest kernels per loop), for a verdict from the next run on a GPU.
+
 What is left: a forward that hands the row kernel its logits in row chunks while they are in
 cache (a chunked ``lm_head``; matmuls of other shapes are not guaranteed the same bits), a
-faster exp in the C kernel, and on CUDA fewer synchronisations per batch.
+faster exp in the C kernel, and on CUDA a measured answer for bfloat16 (above).
 """
 import argparse
 import functools
@@ -110,6 +128,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: after the timing, profile one run of the forward-only and ppldelta loops "
+                         "(the device's busy fraction, the top kernels, the host's CUDA calls)")
     ap.add_argument("--clock", default="wall", choices=["wall", "process"],
                     help="process: CPU seconds of this process (with --threads 1: the work, whatever the load)")
     a = ap.parse_args(argv)
@@ -148,20 +169,24 @@ def main(argv=None):
 
     default_overlap = dev.type != "cpu"
 
-    def ours(overlap=None):
+    def ours(overlap=None, side_stream=True):
         real = _run.run_windows
         if overlap is not None:  # what _dist calls: the module attribute
             _run.run_windows = functools.partial(real, overlap=overlap)
+        _run.SIDE_STREAM = side_stream
         try:
             lp, _ = hf.score(model, ids, protocol="gptq", max_length=a.seq, batch_size=a.batch,
                              progress=False)
         finally:
-            _run.run_windows = real
-        state["ppldelta" if overlap is None else "flipped"] = float(perplexity(lp))
+            _run.run_windows, _run.SIDE_STREAM = real, True
+        state["ppldelta" if overlap is None and side_stream else "flipped" if side_stream
+              else "one stream"] = float(perplexity(lp))
 
     loops = {"forward only": forward, "transformers": plain, "ppldelta": ours,
              f"ppldelta, overlap {'off' if default_overlap else 'on'}":
                  functools.partial(ours, not default_overlap)}
+    if dev.type == "cuda":  # the worker's row work on the forward's stream (before SIDE_STREAM)
+        loops["ppldelta, one stream"] = functools.partial(ours, True, False)
     for fn in loops.values():  # warm up
         fn()
     best = {name: math.inf for name in loops}
@@ -189,12 +214,41 @@ def main(argv=None):
                      "of_forward_rounds": ratios[name]})
     print(f"ppldelta / transformers throughput: {best['transformers'] / best['ppldelta']:.3f}")
     print(f"perplexity: transformers {state['transformers']:.6f} (float32 loss), ppldelta "
-          f"{state['ppldelta']:.6f} (float64 log-probs; overlap flipped: {state['flipped']:.6f})")
+          f"{state['ppldelta']:.6f} (float64 log-probs; overlap flipped: {state['flipped']:.6f}"
+          + (f"; one stream: {state['one stream']:.6f})" if "one stream" in state else ")"))
+    if a.profile and dev.type == "cuda":
+        profiles = {name: _profile(loops[name], sync) for name in ("forward only", "ppldelta")}
+        state["profiles"] = profiles
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": str(dev), "where": where, "args": vars(a), "scored_tokens": scored,
                        "loops": rows, "perplexity": state}, f, indent=1)
     return rows
+
+
+def _profile(fn, sync):
+    """One run of ``fn`` under torch.profiler: wall time, summed kernel time (busy fraction),
+    the five costliest kernels and the host's CUDA runtime calls over 1 ms, printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t
+    ev = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in ev) / 1e6
+    top = [(e.key, e.count, e.self_device_time_total / 1e3)
+           for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:5]]
+    host = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in ev
+            if e.key.startswith("cuda") and e.self_cpu_time_total > 1000]
+    print(f"profile {fn}: wall {wall:.4f} s, kernels {busy:.4f} s ({busy / wall:.3f} of the wall)")
+    for k, n, ms in top:
+        print(f"   kernel {ms:9.2f} ms  x{n:<6d} {k[:90]}")
+    for k, n, ms in host:
+        print(f"   host   {ms:9.2f} ms  x{n:<6d} {k[:90]}")
+    return {"wall": wall, "kernels": busy, "top": top, "host": host}
 
 
 if __name__ == "__main__":

@@ -113,17 +113,37 @@ def main(argv=None):
         return _max_abs(lp1, lp4)
     c.run(f"score {dev.type} batch_size 1 vs 4", batch_invariance, LP_TOL)
 
-    def overlap_same_bits():  # the worker-thread overlap must not change a bit
-        real = _run.run_windows
+    def modes(fn):  # fn() under overlap off, on (the worker on its own stream), on (one stream)
+        real, side = _run.run_windows, _run.SIDE_STREAM
         out = []
-        for ov in (False, True):
+        for ov, ss in ((False, True), (True, True), (True, False)):
             _run.run_windows = lambda *x, ov=ov, **k: real(*x, **{**k, "overlap": ov})
+            _run.SIDE_STREAM = ss
             try:
-                out.append(hf.score(dev_model, ids, max_length=128, stride=48, batch_size=2, progress=False)[0])
+                out.append(fn())
             finally:
-                _run.run_windows = real
-        return {"max_abs_diff": _max_abs(*out), "ok": bool(np.array_equal(out[0], out[1]))}
-    c.run(f"score {dev.type} overlap off vs on (same bits)", overlap_same_bits, 0.0)
+                _run.run_windows, _run.SIDE_STREAM = real, side
+        return out
+
+    def overlap_same_bits():  # the worker-thread overlap and its stream must not change a bit
+        out = modes(lambda: hf.score(dev_model, ids, max_length=128, stride=48, batch_size=2,
+                                     progress=False)[0])
+        return {"max_abs_diff": max(_max_abs(out[0], o) for o in out[1:]),
+                "ok": all(np.array_equal(out[0], o) for o in out[1:])}
+    c.run(f"score {dev.type} overlap off / on / on one stream (same bits)", overlap_same_bits, 0.0)
+
+    def overlap_same_file():  # a reference file and a comparison, the same bytes in every mode
+        def build():
+            path = os.path.join(tempfile.mkdtemp(prefix="ppldelta-gpu-modes-"), "r.ppldref")
+            hf.build_reference(dev_model, input_ids=ids, out=path, max_length=128, stride=48, batch_size=2,
+                               progress=False, resume=False)
+            rep = hf.evaluate_against_reference(dev_quant, path, batch_size=2, progress=False, n_bootstrap=50)
+            d = rep.to_dict() if hasattr(rep, "to_dict") else rep
+            d["protocol"]["notes"].pop("reference", None)  # the file's path
+            return open(path, "rb").read(), json.dumps(d, sort_keys=True, default=str)
+        out = modes(build)
+        return {"ok": all(o == out[0] for o in out[1:]), "file_bytes": len(out[0][0])}
+    c.run(f"build_reference + evaluate {dev.type} overlap modes (same bytes)", overlap_same_file)
 
     with torch.no_grad():
         lo_c = cpu_model(ids[None, :200]).logits[0, :-1]

@@ -11,8 +11,9 @@
 #   scripts/gpu_check.sh                  # on the GPU machine (about 8 minutes with the installs)
 #   scripts/gpu_check.sh --device cpu     # a dry run here: same steps on the CPU, small benchmark
 #
-# Environment: OUT, VENV (default /tmp/ppldelta-gpu-venv: used if it exists, else created with
-# --system-site-packages so that a torch already installed is used), PYTHON (default python3), T_TORCH / T_INSTALL /
+# Environment: OUT, VENV (default: python3's own virtualenv if it runs in one, else
+# /tmp/ppldelta-gpu-venv: used if it exists, else created with --system-site-packages so that a
+# torch already installed is used), PYTHON (default python3), T_TORCH / T_INSTALL /
 # T_CHECK / T_BENCH (step time limits in seconds).
 set -u
 DEVICE=cuda
@@ -27,8 +28,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-VENV="${VENV:-/tmp/ppldelta-gpu-venv}"
 PYTHON="${PYTHON:-python3}"
+# a python3 that is itself a virtualenv's (the GPU image's /opt/torch/.venv) is used as it is: a
+# virtualenv made from it would see the base interpreter's packages, not its torch
+VENV="${VENV:-$("$PYTHON" -c 'import sys; print(sys.prefix if sys.prefix != sys.base_prefix else "/tmp/ppldelta-gpu-venv")' 2>/dev/null || echo /tmp/ppldelta-gpu-venv)}"
 STEPS="$OUT/steps.tsv"
 : > "$STEPS"
 T0=$(date +%s)
@@ -109,8 +112,10 @@ else
         --json "$OUT/bench.json"
     step bench_large "${T_BENCH:-150}" "$PY" benchmarks/bench_throughput.py --device cuda --hidden 1024 \
         --layers 8 --seq 1024 --windows 64 --batch 8 --repeat 3 --json "$OUT/bench_large.json"
+    # the bfloat16 forward is 8x faster: more windows and rounds for stable ratios, and a profile
     step bench_large_bf16 "${T_BENCH:-150}" "$PY" benchmarks/bench_throughput.py --device cuda --hidden 1024 \
-        --layers 8 --seq 1024 --windows 64 --batch 8 --repeat 3 --dtype bfloat16 --json "$OUT/bench_large_bf16.json"
+        --layers 8 --seq 1024 --windows 256 --batch 8 --repeat 7 --dtype bfloat16 --profile \
+        --json "$OUT/bench_large_bf16.json"
 fi
 
 # ---- summary: the steps, the checks, the benchmark fractions

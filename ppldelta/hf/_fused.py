@@ -59,13 +59,16 @@ def log_probs_rows(rows, targets):
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     n, V = rows.shape
-    t = targets.to(rows.device, torch.long).contiguous()
-    if t.shape != (n,):
+    t = torch.as_tensor(targets)
+    if tuple(t.shape) != (n,):
         raise ValueError(f"targets has shape {tuple(t.shape)} for {n} logits rows")
+    # the kernel reads row[target]: never out of bounds.  Checked where the targets are (on the
+    # host, as run_windows passes them: no device sync per call), before they move
     bad = ((t < 0) | (t >= V)).nonzero()
-    if bad.numel():  # the kernel reads row[target]: never out of bounds
+    if bad.numel():
         r = int(bad[0, 0])
         raise ValueError(f"targets[{r}] = {int(t[r])} is outside the vocabulary [0, {V})")
+    t = t.to(rows.device, torch.long, non_blocking=True).contiguous()
     out = torch.empty(n, dtype=torch.float64, device=rows.device)
     _kernel()[(n,)](rows, t, out, V, rows.stride(0), BLOCK=2048)
     return out

@@ -49,9 +49,9 @@ def log_probs_rows_torch(logits_rows, targets):
     from . import _fused
 
     dev = logits_rows.device
+    if _fused.usable(logits_rows):  # one fused kernel per row chunk (Triton on CUDA)
+        return _fused.log_probs_rows(logits_rows, targets).cpu().numpy()
     t = torch.as_tensor(targets).to(dev, torch.long, non_blocking=dev.type == "cuda")
-    if _fused.usable(logits_rows):  # one fused kernel per batch (Triton on CUDA)
-        return _fused.log_probs_rows(logits_rows, t).cpu().numpy()
     lp = torch.log_softmax(logits_rows.double(), dim=-1).gather(-1, t[:, None]).squeeze(-1)
     return lp.cpu().numpy()
 

@@ -109,7 +109,7 @@ def _summarize_device(logits, targets, k, ignore_index=-100, probes=refstats.DEF
             x = x_all[r0:r0 + step].double()
             if torch.isnan(x).any() or (x == float("inf")).any() or (x == float("-inf")).all(1).any():
                 raise ValueError("logits rows must be free of NaN and +inf, and not all -inf")
-            out["lp"][r0:r0 + step] = log_probs_rows(x_all[r0:r0 + step], t[r0:r0 + step])
+            out["lp"][r0:r0 + step] = log_probs_rows(x_all[r0:r0 + step], tn[r0:r0 + step])
             d = x - x.max(1, keepdim=True).values
             e = d.exp()
             ls = e.sum(1, keepdim=True).log()

@@ -19,6 +19,13 @@ from ._load import ids_sha256, load_tokenizer, tokenizer_bos, torch_module
 # The Protocol of the most recent score() call (read as ``ppldelta.hf.last_protocol``).
 _last = [None]
 
+#: With overlap on CUDA, the worker runs batch i's row work on streams of its own, ordered after
+#: batch i's forward by an event: its launches and its waits for per-token values then wait for
+#: batch i's forward only, not for batch i+1's that the main thread queues meanwhile on the
+#: default stream.  Same kernels, same bits (scripts/gpu_check.py checks scores, reference files
+#: and reports in both modes); benchmarks/bench_throughput.py times both.
+SIDE_STREAM = True
+
 
 @dataclass
 class Protocol:
@@ -225,6 +232,20 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="ppldelta-rows")
+    side = {}  # CUDA device of logits -> the worker's stream there (SIDE_STREAM)
+
+    def post_on_side(i0, batch, box, events):
+        """post() on the worker's own streams: each waits for the event recorded after the forward
+        that made its logits, so the worker's launches and syncs wait for batch i's forward only,
+        not for batch i+1's that the main thread is queuing meanwhile on the default stream."""
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            for ev, s in events:
+                s.wait_event(ev)
+            for s in {id(s): s for _, s in events}.values():
+                stack.enter_context(torch.cuda.stream(s))
+            return post(i0, batch, box)
     try:
         # no_grad, not inference_mode: tensor-subclass quantizers (optimum-quanto, torchao) set
         # version counters in their forward, which inference tensors refuse
@@ -257,10 +278,22 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
                 if pool is None:
                     finished(post(i0, batch, [outs]))
                 else:  # batch i-1's rows are done (or raise) before batch i's are handed over
+                    events = []
+                    if SIDE_STREAM and all(lg.is_cuda for lg, _ in outs):
+                        for lg, _ in outs:
+                            if lg.device not in side:
+                                side[lg.device] = torch.cuda.Stream(lg.device)
+                            ev = torch.cuda.Event()
+                            ev.record(torch.cuda.current_stream(lg.device))
+                            events.append((ev, side[lg.device]))
+                            # the logits' memory is reused only once the work queued on the
+                            # worker's stream before they are freed is done
+                            lg.record_stream(side[lg.device])
                     if pending is not None:
                         fut, pending = pending, None
                         finished(fut.result())
-                    pending = pool.submit(post, i0, batch, [outs])
+                    pending = (pool.submit(post_on_side, i0, batch, [outs], events) if events
+                               else pool.submit(post, i0, batch, [outs]))
                 del outs  # this batch's logits live on only in the worker's hands
             if pending is not None:
                 fut, pending = pending, None
