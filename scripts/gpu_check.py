@@ -168,7 +168,14 @@ def main(argv=None):
                     mine = _kl_torch.log_probs_rows(x.to(dev), tt)
                     ref = ppldelta.token_log_probs(x.float().numpy(), tt.numpy())
                     diffs[f"V{V}.{str(dt)[6:]}.x{scale:g}"] = _max_abs(mine, ref)
-        return {"max_abs_diff": max(v for k, v in diffs.items() if k != "used"), "diffs": diffs}
+        refused = 0  # a target outside the vocabulary is a ValueError, never a read out of bounds
+        for bad in (-1, 512):
+            try:
+                _kl_torch.log_probs_rows(torch.zeros(4, 512, device=dev), torch.tensor([0, 1, bad, 2]))
+            except ValueError as e:
+                refused += "targets[2]" in str(e)
+        return {"max_abs_diff": max(v for k, v in diffs.items() if k != "used"), "diffs": diffs,
+                "ok": refused == 2}
     c.run(f"fused log-prob kernel {dev.type} vs C kernel (64 rows x 45 shapes)", fused_rows, 1e-6)
 
     def kl_twin():
