@@ -120,6 +120,21 @@ _ALIASES = {
 }
 
 
+#: llama.cpp's file types (``general.file_type``, llama.h's LLAMA_FTYPE_*) that have a band here
+_GGUF_FILE_TYPES = {1: "fp16", 32: "fp16", 7: "gguf-q8_0", 18: "gguf-q6_k", 17: "gguf-q5_k_m",
+                    15: "gguf-q4_k_m", 2: "gguf-q4_0", 12: "gguf-q3_k_m", 10: "gguf-q2_k"}
+
+
+def gguf_format(file_type) -> str | None:
+    """The format name of a GGUF file's type (its ``general.file_type``: 7 is Q8_0, 15 Q4_K_M, ...),
+    or None for a type without a published band (Q4_1, Q5_0, the K_S / K_L mixes, IQ types, F32)."""
+    if isinstance(file_type, str) and file_type.strip().isdigit():  # metadata values are strings
+        file_type = int(file_type)
+    if not isinstance(file_type, int) or isinstance(file_type, bool):
+        return None
+    return _GGUF_FILE_TYPES.get(file_type)
+
+
 def formats() -> list[str]:
     """Canonical format names accepted by expected_band (in order of increasing typical loss)."""
     return list(_TABLE)

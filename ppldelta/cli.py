@@ -148,7 +148,8 @@ def _model_parsers(sub):
     e.add_argument("--plot", metavar="PATH.png", help="write a PNG of quality (KLD) against size")
     e.add_argument("--save-tokens", metavar="DIR", help="write DIR/NAME.npz of per-token results per variant")
     e.add_argument("--expected", action="append", metavar="FMT|NAME=FMT",
-                   help="quantization format for the expected band, for all variants or one (repeatable)")
+                   help="quantization format for the expected band, for all variants or one (repeatable; "
+                        "a GGUF variant defaults to its file type's)")
     e.add_argument("--confidence", type=float, default=0.95)
     e.add_argument("--fail-on", choices=QUALITIES[1:], metavar="QUALITY",
                    help="exit 1 when a variant's quality is this or worse (good, acceptable, poor)")
@@ -640,11 +641,12 @@ def _evaluate_variant(args, q, ref, expected):
         return evaluate_logits_file(q, ref, progress=not args.no_progress, expected=expected,
                                     confidence=args.confidence, verify=False), None
     if _is_gguf(q):  # through llama-cpp-python, its context the reference's window
-        from .llamacpp import choice_flips
+        from .llamacpp import choice_flips, expected_format
         from .llamacpp import evaluate_against_reference as evaluate_gguf
 
         llama = _load_gguf(q, int((ref.header.get("protocol") or {}).get("max_length") or 512))
         try:
+            expected = expected or expected_format(llama)  # the file's type: Q8_0, Q4_K_M, ...
             rep = evaluate_gguf(llama, ref, texts=args.texts[0], progress=not args.no_progress, expected=expected,
                                 confidence=args.confidence, verify=False)
             return rep, (None if args.choices is None else

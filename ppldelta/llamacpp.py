@@ -1168,6 +1168,26 @@ def _tokens(llama, texts, tokens, groups=None):
     return ids, None, None
 
 
+def n_weights(llama) -> int | None:
+    """The parameter count llama.cpp reports for the model (``llama_model_n_params``: the weights'
+    elements), or None where this llama-cpp-python does not say (``Llama.n_params`` in some
+    versions, ``Llama._model.n_params`` in others)."""
+    for owner in (llama, getattr(llama, "_model", None)):
+        f = getattr(owner, "n_params", None)
+        if callable(f):
+            return int(f())
+    return None
+
+
+def expected_format(llama) -> str | None:
+    """The format name of the GGUF's type (``general.file_type`` in its metadata:
+    ``ppldelta.bands.gguf_format``), for the expected band; None when the file does not say or
+    the type has no band."""
+    from .bands import gguf_format
+
+    return gguf_format((getattr(llama, "metadata", None) or {}).get("general.file_type"))
+
+
 class _Model:
     """A ``Llama`` as ``ppldelta.hf``'s reference loops take it: a name, the parameter count
     (``ppldelta_n_weights``: llama.cpp's, of the unquantized tensors) and its own window loop
@@ -1176,8 +1196,7 @@ class _Model:
     def __init__(self, llama):
         self.llama = llama
         self.name_or_path = os.path.basename(os.fspath(getattr(llama, "model_path", "") or "")) or "Llama"
-        n_params = getattr(llama, "n_params", None)  # not every version has it
-        self.ppldelta_n_weights = int(n_params()) if callable(n_params) else None  # for bits per weight
+        self.ppldelta_n_weights = n_weights(llama)  # for bits per weight
 
     def __call__(self, *args, **kwargs):
         raise TypeError("a llama.cpp model runs only through ppldelta_run_windows")

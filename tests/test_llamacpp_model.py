@@ -25,12 +25,15 @@ class FakeLlama:
     """What ppldelta reads of a llama_cpp.Llama: logits of position p depend on the token at p,
     the chunk's first token (so BOS matters) and p."""
 
-    def __init__(self, path, n_ctx=8, add_bos=True, shift=0.0, vocab=None, fail_after=None):
+    def __init__(self, path, n_ctx=8, add_bos=True, shift=0.0, vocab=None, fail_after=None, file_type=None):
         g = np.random.default_rng(7)
         self.W = g.normal(size=(V, V)).astype(np.float32)
         self.W += np.float32(shift) * g.normal(size=(V, V)).astype(np.float32)
         self.model_path = str(path)
-        self._model = types.SimpleNamespace(add_bos_token=lambda: add_bos, desc=lambda: "fake")
+        # llama-cpp-python 0.3's layout: the parameter count on _model (there is no Llama.n_params)
+        self._model = types.SimpleNamespace(add_bos_token=lambda: add_bos, desc=lambda: "fake",
+                                            n_params=lambda: 1000)
+        self.metadata = {"general.file_type": str(file_type)} if file_type is not None else {}
         self._logits_all = True
         self.input_ids = np.zeros(n_ctx, np.intc)
         self.scores = np.zeros((n_ctx, V), np.float32)
@@ -47,9 +50,6 @@ class FakeLlama:
 
     def n_vocab(self):
         return V
-
-    def n_params(self):
-        return 1000
 
     def token_bos(self):
         return 1
@@ -315,7 +315,8 @@ def test_cli_gguf_route(tmp_path, gguf, monkeypatch, capsys):
 
     def load(path, n_ctx=512, **kw):
         made[os.path.basename(path)] = n_ctx
-        return FakeLlama(path, n_ctx, shift=0.05 if path.endswith("q.gguf") else 0.0)
+        q = path.endswith("q.gguf")
+        return FakeLlama(path, n_ctx, shift=0.05 if q else 0.0, file_type=15 if q else None)  # Q4_K_M
 
     monkeypatch.setattr(llamacpp, "load_gguf", load)
     f = tmp_path / "t.txt"
@@ -329,6 +330,11 @@ def test_cli_gguf_route(tmp_path, gguf, monkeypatch, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert made["q.gguf"] == 8  # the context is the reference's window
     assert doc["variants"][0]["size"] == {"bytes": 14, "parameters": 1000, "bits_per_weight": 8 * 14 / 1000}
+    # the expected band from the file's type (general.file_type 15: Q4_K_M), or the one asked for
+    assert doc["variants"][0]["report"]["expected"]["format"] == "gguf-q4_k_m"
+    assert main(["eval", str(out), str(g2), "--text", str(f), "--format", "json", "--no-progress",
+                 "--expected", "q8_0"]) == 0
+    assert json.loads(capsys.readouterr().out)["variants"][0]["report"]["expected"]["format"] == "q8_0"
     ids = FakeLlama(gguf).tokenize(f.read_bytes()[:-1])
     t, lq = _oracle(FakeLlama(g2, shift=0.05), ids, 8, True)
     ppl = doc["variants"][0]["report"]["ppl"]["quantized"]["value"]
@@ -393,3 +399,24 @@ def test_real_gguf_build_and_evaluate(tmp_path, monkeypatch):
     assert len(names) == llama.n_vocab() and ref.header["tokenizer_sha256"] == reffile.vocab_sha256(names)
     rep = llamacpp.evaluate_against_reference(llama, out, progress=False)
     assert rep.ppl_ratio.value == 1.0 and rep.kld.mean == pytest.approx(0.0, abs=1e-6)
+    # what the CLI's size column and expected band read of a real Llama: llama.cpp's own count
+    # (llama_model_n_params; 134,515,008 for SmolLM2-135M) and the file's type (Q4_1: no band)
+    import llama_cpp
+
+    assert llamacpp.n_weights(llama) == llama_cpp.llama_model_n_params(llama.model) > 0
+    assert llama.metadata["general.file_type"] == "3" and llamacpp.expected_format(llama) is None
+
+
+def test_gguf_file_types_map_to_their_bands():
+    from ppldelta.bands import expected_band, gguf_format
+
+    # llama.h's LLAMA_FTYPE_* values and the band each one's name has (oracle written out here)
+    want = {7: "GGUF Q8_0", 18: "GGUF Q6_K", 17: "GGUF Q5_K_M", 15: "GGUF Q4_K_M", 2: "GGUF Q4_0",
+            12: "GGUF Q3_K_M", 10: "GGUF Q2_K", 1: "FP16/BF16", 32: "FP16/BF16"}
+    for ftype, label in want.items():
+        assert expected_band(gguf_format(ftype)).format == label
+        assert gguf_format(str(ftype)) == gguf_format(ftype)  # metadata values come as strings
+    for ftype in [0, 3, 8, 9, 11, 13, 14, 16, *range(19, 32), 36, 1024, -1, "Q8_0", None, 7.5]:
+        assert gguf_format(ftype) is None, ftype  # F32, Q4_1, Q5_0/1, K_S/K_L, IQ types: no band
+    assert llamacpp.expected_format(FakeLlama("m.gguf", file_type=17)) == "gguf-q5_k_m"
+    assert llamacpp.expected_format(FakeLlama("m.gguf")) is None
