@@ -170,6 +170,35 @@ def q99(x):
 def rel(x, t):
     return (x - t) / t if t else float("nan")
 
+def _ref_summary(est, lo, hi, rev, var):
+    """One (variant, K) of the table from the per-token estimate, bounds, reverse estimate and
+    sampling variance: means, p99s and the mean's standard error."""
+    return {"est": est.mean(), "lo": lo.mean(), "hi": hi.mean(), "est99": q99(est), "lo99": q99(lo),
+            "hi99": q99(hi), "rev": rev.mean(), "se": float(np.sqrt(var.sum()) / len(est))}
+
+
+def variant_table(results, ks):
+    """The markdown table of both modes: per variant (``results``: name, ppl, kl / kl99 / klr the
+    float64 truth, lc / lc99 llama.cpp's route, ref[k] of ``_ref_summary``) and K."""
+    print("| variant | PPL | full KLD mean | llama.cpp mean (rel. err.) | K, probes | estimate (rel. err.) | its SE "
+          "| estimate closer | mean bounds [lo, hi] | full KLD p99 | llama.cpp p99 (rel. err.) "
+          "| estimate p99 (rel. err.) | p99 bounds [lo, hi] | reverse estimate (rel. err.) |")
+    print("|" + "---|" * 14)
+    for r in results:
+        t = r["kl"]
+        for i, k in enumerate(ks):
+            e = r["ref"][k]
+            head = (f"| {r['name']} | {r['ppl']:.3f} | {t:.4e} | {r['lc']:.4e} "
+                    f"({100 * rel(r['lc'], t):+.3f} %)") if i == 0 else "| | | |"
+            tail99 = (f"| {r['kl99']:.4e} | {r['lc99']:.4e} ({100 * rel(r['lc99'], r['kl99']):+.2f} %)"
+                      ) if i == 0 else "| |"
+            print(f"{head} | {k[0]}, {k[1]} | {e['est']:.4e} ({100 * rel(e['est'], t):+.3f} %) "
+                  f"| {100 * e['se'] / t:.3f} % | {'yes' if abs(e['est'] - t) < abs(r['lc'] - t) else 'no'} "
+                  f"| [{e['lo']:.3g}, {e['hi']:.3g}] {tail99} "
+                  f"| {e['est99']:.4e} ({100 * rel(e['est99'], r['kl99']):+.2f} %) "
+                  f"| [{e['lo99']:.3g}, {e['hi99']:.3g}] | {100 * rel(e['rev'], r['klr']):+.3f} % |")
+
+
 # ---------------------------------------------------------------------------- GGUF mode (streamed)
 FIELDS = ("kl", "klr", "lc", "qlp")  # per variant: truth, reverse truth, llama.cpp, quantized log-probs
 REF_FIELDS = ("est", "lo", "hi", "var", "rev")  # per variant and K: refstats.compare's per-token values
@@ -201,24 +230,16 @@ def gguf_tables(arrays, names, ks, prefixes, V=None):
     base_lp = arrays["base_lp"]
     n = base_lp.size
     print(f"\n{n} scored tokens{f', vocab {V}' if V else ''}, original PPL {np.exp(-base_lp.mean()):.4f}\n")
-    print("| variant | PPL | full KLD mean | llama.cpp mean (rel. err.) | K, probes | estimate (rel. err.) | its SE "
-          "| estimate closer | mean bounds [lo, hi] | full KLD p99 | llama.cpp p99 (rel. err.) "
-          "| estimate p99 (rel. err.) | p99 bounds [lo, hi] | reverse estimate (rel. err.) |")
-    print("|" + "---|" * 14)
+    results = []
     for name in names:
-        kl, klr, lc = (arrays[f"{name}/{f}"] for f in ("kl", "klr", "lc"))
-        t, t99, lcm = kl.mean(), q99(kl), lc.mean()
-        for i, k in enumerate(ks):
+        kl, lc = arrays[f"{name}/kl"], arrays[f"{name}/lc"]
+        r = {"name": name, "ppl": float(np.exp(-arrays[f"{name}/qlp"].mean())), "kl": kl.mean(),
+             "kl99": q99(kl), "klr": arrays[f"{name}/klr"].mean(), "lc": lc.mean(), "lc99": q99(lc), "ref": {}}
+        for k in ks:
             e = {f: arrays[f"{name}/K{k[0]}M{k[1]}/{f}"] for f in REF_FIELDS}
-            est, se = e["est"].mean(), np.sqrt(e["var"].sum()) / n
-            head = (f"| {name} | {np.exp(-arrays[f'{name}/qlp'].mean()):.3f} | {t:.4e} | {lcm:.4e} "
-                    f"({100 * rel(lcm, t):+.3f} %)") if i == 0 else "| | | |"
-            tail99 = f"| {t99:.4e} | {q99(lc):.4e} ({100 * rel(q99(lc), t99):+.2f} %)" if i == 0 else "| |"
-            print(f"{head} | {k[0]}, {k[1]} | {est:.4e} ({100 * rel(est, t):+.3f} %) | {100 * se / t:.3f} % "
-                  f"| {'yes' if abs(est - t) < abs(lcm - t) else 'no'} "
-                  f"| [{e['lo'].mean():.3g}, {e['hi'].mean():.3g}] {tail99} "
-                  f"| {q99(e['est']):.4e} ({100 * rel(q99(e['est']), t99):+.2f} %) "
-                  f"| [{q99(e['lo']):.3g}, {q99(e['hi']):.3g}] | {100 * rel(e['rev'].mean(), klr.mean()):+.3f} % |")
+            r["ref"][k] = _ref_summary(e["est"], e["lo"], e["hi"], e["rev"], e["var"])
+        results.append(r)
+    variant_table(results, ks)
     # how each route's error of the mean goes with the number of tokens (prefixes of the same run)
     cuts = sorted({int(p) for p in prefixes if 0 < int(p) < n} | {n})
     print("\nErrors of the mean KLD over the first n scored tokens (rel. err. vs the float64 truth; "
@@ -416,10 +437,7 @@ def main():
             # certified: every token's bounds hold the float64 truth (up to its own rounding)
             tol = 1e-12 * (1 + kl)
             assert (c["kld_lo"] <= kl + tol).all() and (kl <= c["kld_hi"] + tol).all(), (name, k)
-            r["ref"][k] = {"est": c["kld"].mean(), "lo": c["kld_lo"].mean(), "hi": c["kld_hi"].mean(),
-                           "est99": q99(c["kld"]), "lo99": q99(c["kld_lo"]), "hi99": q99(c["kld_hi"]),
-                           "rev": c["kld_reverse"].mean(),
-                           "se": float(np.sqrt(c["kld_sampling_var"].sum()) / len(kl))}
+            r["ref"][k] = _ref_summary(c["kld"], c["kld_lo"], c["kld_hi"], c["kld_reverse"], c["kld_sampling_var"])
         results.append(r)
         del quant
         log(f"{name}: PPL {ppl_q:.4f}, KLD {r['kl']:.6g} (C kernel {r['kern']:.6g}), llama.cpp {r['lc']:.6g}, "
@@ -437,22 +455,8 @@ def main():
     for k in ks:
         b = refstats.RECORD_DTYPE(*k).itemsize
         print(f"| {k[0]} | {k[1]} | {b} | {lc_tok / b:,.0f}x ({lc_bytes / n / b:,.0f}x) | {2 * (151936 + 4) / b:,.0f}x |")
-    print("\n| variant | PPL | full KLD mean | llama.cpp mean (rel. err.) | K, probes | estimate (rel. err.) | its SE "
-          "| mean bounds [lo, hi] | full KLD p99 | llama.cpp p99 (rel. err.) | estimate p99 (rel. err.) "
-          "| p99 bounds [lo, hi] | reverse estimate (rel. err.) |")
-    print("|" + "---|" * 13)
-    for r in results:
-        for i, k in enumerate(ks):
-            e = r["ref"][k]
-            head = (f"| {r['name']} | {r['ppl']:.3f} | {r['kl']:.4e} | {r['lc']:.4e} "
-                    f"({100 * rel(r['lc'], r['kl']):+.2f} %)") if i == 0 else "| | | |"
-            tail99 = (f"| {r['kl99']:.4e} | {r['lc99']:.4e} ({100 * rel(r['lc99'], r['kl99']):+.2f} %)"
-                      ) if i == 0 else "| |"
-            print(f"{head} | {k[0]}, {k[1]} | {e['est']:.4e} ({100 * rel(e['est'], r['kl']):+.3f} %) "
-                  f"| {100 * e['se'] / r['kl']:.2f} % "
-                  f"| [{e['lo']:.3g}, {e['hi']:.3g}] {tail99} "
-                  f"| {e['est99']:.4e} ({100 * rel(e['est99'], r['kl99']):+.2f} %) "
-                  f"| [{e['lo99']:.3g}, {e['hi99']:.3g}] | {100 * rel(e['rev'], r['klr']):+.3f} % |")
+    print()
+    variant_table(results, ks)
     log(f"done in {time.time() - t0:.0f}s")
 
 
