@@ -1,6 +1,7 @@
 /* The reference record of a logits row (refstats.summarize; docs/reference-format.md): in two
- * reads of the row, chunk by chunk (PD_SCH values; float32 rows are read as they are in pass 1
- * where the path can, else converted to float64 in an L1 buffer):
+ * reads of the row, chunk by chunk (PD_SCH values; float32 rows are read as they are where the
+ * path can (AVX-512: both passes), else converted to float64 in an L1 buffer; pass 2, bound by
+ * the exp, brings the next row into L2 meanwhile, for pass 1, bound by memory):
  *
  *   1. max, min, NaN check, and the top K by a threshold filter: a candidate buffer takes the
  *      values above the K-th best so far (a SIMD compare finds them); when it is full the K best
@@ -97,13 +98,18 @@ typedef struct {
     npy_intp (*next_gt)(const double *p, npy_intp j, npy_intp n8, double thr);
     /* e = exp(d) into e, d = max(p - m, PD_XMIN); *s = sum e, *w = sum e d (8 lanes, e d added
      * by FMA, pd_fold8); with run, also the running sum *run += e[0] + e[1] + ... left to right,
-     * its value at the end of each block of PD_RB values into out (sc_runsum) */
+     * its value at the end of each block of PD_RB values into out (sc_runsum); pf (or NULL): the
+     * next row's pfn bytes to bring into L2 meanwhile, a line per 8 values (this loop is compute
+     * bound, the next row's first pass memory bound) */
     void (*expsum)(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                   double *run, double *out);
+                   double *run, double *out, const char *pf, npy_intp pfn);
     /* minmax and next_gt on len float32 values as they are (NULL: through load) */
     int (*minmax32)(const char *p, npy_intp len, double *mx, double *mn);
     npy_intp (*next_gt32)(const char *p, npy_intp j, npy_intp len, double thr);
     void (*load)(pd_dtype dt, const char *p, npy_intp len, double *b); /* row values as float64 */
+    /* expsum on float32 values as they are, with the top ids masked (NULL: through load) */
+    void (*expsum32)(const char *p, npy_intp len, const npy_intp *top, npy_intp nt, double m, double *e,
+                     double *s, double *w, double *run, double *out, const char *pf, npy_intp pfn);
 } pd_sm_ops;
 
 static int sc_minmax(const double *p, npy_intp n8, double *mx, double *mn)
@@ -131,10 +137,12 @@ static npy_intp sc_next_gt(const double *p, npy_intp j, npy_intp n8, double thr)
 static double sc_runsum(const double *p, npy_intp n, double r, double *out);
 
 static void sc_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                      double *run, double *out)
+                      double *run, double *out, const char *pf, npy_intp pfn)
 {
     double as[8] = {0}, aw[8] = {0};
     npy_intp j;
+    (void)pf;
+    (void)pfn;
     for (j = 0; j < n8; j++) {
         double d = p[j] - m, v;
         d = d < PD_XMIN ? PD_XMIN : d;
@@ -232,12 +240,14 @@ PD_T2 static npy_intp v2_next_gt(const double *p, npy_intp j, npy_intp n8, doubl
 }
 
 PD_T2 static void v2_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                            double *run, double *out)
+                            double *run, double *out, const char *pf, npy_intp pfn)
 {
     __m256d vm = _mm256_set1_pd(m), lo = _mm256_set1_pd(PD_XMIN), z = _mm256_setzero_pd(), s0 = z,
             s1 = z, w0 = z, w1 = z;
     npy_intp j;
     for (j = 0; j < n8; j += 8) {
+        if (pf && j * 8 < pfn)
+            _mm_prefetch(pf + j * 8, _MM_HINT_T1);
         __m256d d0 = _mm256_max_pd(_mm256_sub_pd(_mm256_loadu_pd(p + j), vm), lo), e0 = v2_exp(d0);
         __m256d d1 = _mm256_max_pd(_mm256_sub_pd(_mm256_loadu_pd(p + j + 4), vm), lo), e1 = v2_exp(d1);
         _mm256_storeu_pd(e + j, e0);
@@ -400,11 +410,13 @@ PD_T5 static double v5_runsum(const double *p, npy_intp n, double r, double *out
 }
 
 PD_T5 static void v5_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
-                            double *run, double *out)
+                            double *run, double *out, const char *pf, npy_intp pfn)
 {
     __m512d vm = _mm512_set1_pd(m), lo = _mm512_set1_pd(PD_XMIN), as = _mm512_setzero_pd(), aw = as;
     npy_intp j;
     for (j = 0; j < n8; j += 8) {
+        if (pf && j * 8 < pfn)
+            _mm_prefetch(pf + j * 8, _MM_HINT_T1);
         __m512d d = _mm512_max_pd(_mm512_sub_pd(_mm512_loadu_pd(p + j), vm), lo), v = v5_exp(d);
         _mm512_storeu_pd(e + j, v);
         as = _mm512_add_pd(as, v);
@@ -413,6 +425,33 @@ PD_T5 static void v5_expsum(const double *p, npy_intp n8, double m, double *e, d
     *s = v5_fold(as);
     *w = v5_fold(aw);
     if (run) /* after the loop: in it, the exps ran slower */
+        *run = v5_runsum(e, n8, *run, out);
+}
+
+/* expsum on len float32 values as they are (no float64 copy), the ids top[0 .. nt) (sorted,
+ * relative to p) and the lanes past len counted as -inf: the same e, s, w, run and out as
+ * expsum on the converted chunk with those ids set to -inf (exp(PD_XMIN) = 0, and 0 d = 0) */
+PD_T5 static void v5_expsum32(const char *p, npy_intp len, const npy_intp *top, npy_intp nt, double m,
+                              double *e, double *s, double *w, double *run, double *out,
+                              const char *pf, npy_intp pfn)
+{
+    __m512d vm = _mm512_set1_pd(m), lo = _mm512_set1_pd(PD_XMIN), as = _mm512_setzero_pd(), aw = as;
+    npy_intp j, t = 0, n8 = (len + 7) & ~(npy_intp)7;
+    for (j = 0; j < n8; j += 8) {
+        __mmask8 k = len - j >= 8 ? (__mmask8)0xff : (__mmask8)((1u << (len - j)) - 1);
+        if (pf && j * 8 < pfn)
+            _mm_prefetch(pf + j * 8, _MM_HINT_T1);
+        for (; t < nt && top[t] < j + 8; t++)
+            k &= (__mmask8)~(1u << (top[t] - j));
+        __m512d x = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps((__mmask16)k, p + 4 * j)));
+        __m512d d = _mm512_max_pd(_mm512_sub_pd(x, vm), lo), v = _mm512_maskz_mov_pd(k, v5_exp(d));
+        _mm512_storeu_pd(e + j, v);
+        as = _mm512_add_pd(as, v);
+        aw = _mm512_fmadd_pd(v, d, aw);
+    }
+    *s = v5_fold(as);
+    *w = v5_fold(aw);
+    if (run)
         *run = v5_runsum(e, n8, *run, out);
 }
 
@@ -470,8 +509,10 @@ typedef struct {
     npy_intp K, M, kk, cap, nch;
     const pd_summary_out *out;
     const double *offsets; /* rows: the probes' offsets (NULL: 1/2) */
+    npy_intp rlast;    /* the last row of this share (the next row is prefetched up to it) */
     pd_cand *cand;     /* cap */
     npy_intp *sid;     /* kk: the top ids in increasing order */
+    npy_intp *rel;     /* kk: a chunk's top ids, relative to its start (expsum32) */
     double *buf, *eb;  /* PD_SCH each: the values, their exps */
     double *rend;      /* (V + PD_RB - 1) / PD_RB: the running sum at each block's end */
 } pd_sm_ctx;
@@ -492,14 +533,31 @@ typedef struct {
 PD_SM_LOAD(sc_load, )
 #ifdef PD_X86
 PD_SM_LOAD(v2_load, PD_T2)
-PD_SM_LOAD(v5_load, PD_T5)
+PD_SM_LOAD(v5_load_any, PD_T5)
+/* AVX-512: float16 (vcvtph2ps) and bfloat16 (16 bits up) widened 16 at a time, exactly, as
+ * pd_load_f16 / pd_load_bf16 do one at a time (the scalar f16 conversion is a libm ldexp) */
+PD_T5 static void v5_load(pd_dtype dt, const char *p, npy_intp len, double *b)
+{
+    npy_intp j = 0;
+    if (dt == PD_F16 || dt == PD_BF16) {
+        for (; j + 16 <= len; j += 16) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(p + 2 * j));
+            __m512 f = dt == PD_F16 ? _mm512_cvtph_ps(h)
+                                    : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            _mm512_storeu_pd(b + j, _mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+            _mm512_storeu_pd(b + j + 8, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+        }
+        p += 2 * j;
+    }
+    v5_load_any(dt, p, len - j, b + j);
+}
 #endif
 
-static const pd_sm_ops pd_sm_scalar = {sc_minmax, sc_next_gt, sc_expsum, NULL, NULL, sc_load};
+static const pd_sm_ops pd_sm_scalar = {sc_minmax, sc_next_gt, sc_expsum, NULL, NULL, sc_load, NULL};
 #ifdef PD_X86
-static const pd_sm_ops pd_sm_avx2 = {v2_minmax, v2_next_gt, v2_expsum, NULL, NULL, v2_load};
+static const pd_sm_ops pd_sm_avx2 = {v2_minmax, v2_next_gt, v2_expsum, NULL, NULL, v2_load, NULL};
 static const pd_sm_ops pd_sm_avx512 = {v5_minmax, v5_next_gt, v5_expsum, v5_minmax32,
-                                       v5_next_gt32, v5_load};
+                                       v5_next_gt32, v5_load, v5_expsum32};
 #endif
 
 static npy_intp pd_sm_load(const pd_sm_ctx *x, const char *row, npy_intp c0, npy_intp lim, double pad)
@@ -516,12 +574,26 @@ static npy_intp pd_sm_load(const pd_sm_ctx *x, const char *row, npy_intp c0, npy
 /* e_i of ids c0 .. c0 + lim (or the row's end) into e, 0 at the top ids (*si: the first top id
  * not below c0), their sums and the running sum (expsum); returns their number. */
 static npy_intp pd_sm_exps(const pd_sm_ctx *x, const char *row, npy_intp c0, npy_intp lim, double m,
-                           npy_intp *si, double *s, double *w, double *e, double *run, double *out)
+                           npy_intp *si, double *s, double *w, double *e, double *run, double *out,
+                           int pf)
 {
-    npy_intp len = pd_sm_load(x, row, c0, lim, -INFINITY);
-    while (*si < x->kk && x->sid[*si] < c0 + len)
-        x->buf[x->sid[(*si)++] - c0] = -INFINITY;
-    x->ops->expsum(x->buf, (len + 7) & ~(npy_intp)7, m, e, s, w, run, out);
+    npy_intp len, isz = pd_itemsize[x->a->dt], t0 = *si;
+    const char *nx;
+    if (x->a->dt == PD_F32 && x->ops->expsum32) {
+        len = x->a->V - c0 < lim ? x->a->V - c0 : lim;
+        for (; *si < x->kk && x->sid[*si] < c0 + len; (*si)++)
+            x->rel[*si - t0] = x->sid[*si] - c0;
+    }
+    else {
+        len = pd_sm_load(x, row, c0, lim, -INFINITY);
+        while (*si < x->kk && x->sid[*si] < c0 + len)
+            x->buf[x->sid[(*si)++] - c0] = -INFINITY;
+    }
+    nx = pf ? row + x->a->rstride + c0 * isz : NULL;
+    if (x->a->dt == PD_F32 && x->ops->expsum32)
+        x->ops->expsum32(row + 4 * c0, len, x->rel, *si - t0, m, e, s, w, run, out, nx, len * isz);
+    else
+        x->ops->expsum(x->buf, (len + 7) & ~(npy_intp)7, m, e, s, w, run, out, nx, len * isz);
     return len;
 }
 
@@ -582,7 +654,7 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
     for (c = 0; c < x->nch; c++) {
         int run = M && kk < V;
         pd_sm_exps(x, row, c * PD_SCH, PD_SCH, m, &si, &cs, &cw, x->eb, run ? &R : NULL,
-                   x->rend + c * (PD_SCH / PD_RB));
+                   x->rend + c * (PD_SCH / PD_RB), r < x->rlast);
         T += cs;
         W += cw;
     }
@@ -625,7 +697,7 @@ static int pd_sm_row(pd_sm_ctx *x, npy_intp r)
                 if (cur != c) {
                     for (si = 0; si < kk && x->sid[si] < c * PD_RB; si++)
                         ;
-                    len = pd_sm_exps(x, row, c * PD_RB, PD_RB, m, &si, &cs, &cw, x->eb, NULL, NULL);
+                    len = pd_sm_exps(x, row, c * PD_RB, PD_RB, m, &si, &cs, &cw, x->eb, NULL, NULL, 0);
                     cur = c;
                 }
                 run = c > 0 ? x->rend[c - 1] : 0.0;
@@ -651,12 +723,14 @@ static void pd_sm_rows(void *ctx, npy_intp r0, npy_intp r1, npy_intp *bad_row, i
     npy_intp r;
     if (r0 >= r1)
         return;
+    x->rlast = r1 - 1;
     x->cand = malloc((size_t)x->cap * sizeof(pd_cand));
     x->sid = malloc((size_t)x->kk * sizeof(npy_intp));
+    x->rel = malloc((size_t)x->kk * sizeof(npy_intp));
     x->buf = malloc(2 * PD_SCH * sizeof(double));
     x->rend = malloc((size_t)((x->a->V + PD_RB - 1) / PD_RB) * sizeof(double));
     x->eb = x->buf ? x->buf + PD_SCH : NULL;
-    if (!x->cand || !x->sid || !x->buf || !x->rend) {
+    if (!x->cand || !x->sid || !x->rel || !x->buf || !x->rend) {
         *bad_row = r0;
         *bad_kind = 3;
     }
@@ -669,6 +743,7 @@ static void pd_sm_rows(void *ctx, npy_intp r0, npy_intp r1, npy_intp *bad_row, i
             }
     free(x->cand);
     free(x->sid);
+    free(x->rel);
     free(x->buf);
     free(x->rend);
 }

@@ -66,13 +66,14 @@ def test_every_path_and_thread_count_gives_the_same_bytes(V):
     x[6] = np.linspace(-740, 0, V)
     x[7, 1:] = -700.0  # one token holds the mass, the tail's total subnormal-ish
     x[8] = rng.normal(0, 3, V) - 30
-    for dt in (np.float64, np.float32, np.float16):
-        a = x.astype(dt)
+    bf = (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits (truncated)
+    for dt in (np.float64, np.float32, np.float16, "bf16"):
+        a, kw = (bf, {"bf16": True}) if dt == "bf16" else (x.astype(dt), {})
         for k, m in ((1, 8), (5, 3), (V, 4), (V + 3, 2), (24, 0)):
-            want = as_bytes(summ(a, k, m, "scalar"))
+            want = as_bytes(summ(a, k, m, "scalar", **kw))
             for isa in ISAS:
                 for threads in (1, 3):
-                    assert as_bytes(summ(a, k, m, isa, threads)) == want, (dt, k, m, isa, threads)
+                    assert as_bytes(summ(a, k, m, isa, threads, **kw)) == want, (dt, k, m, isa, threads)
 
 
 @settings(max_examples=40)
