@@ -239,6 +239,48 @@ PD_T2 static npy_intp v2_next_gt(const double *p, npy_intp j, npy_intp n8, doubl
     return n8;
 }
 
+/* v5_runfast's shortcut (below) in 4-lane vectors: the same exact block sums, the same bits */
+PD_T2 static double v2_runfast(const double *p, npy_intp nb, double r, double *out)
+{
+    uint64_t bits;
+    double e2, t = r, bs[PD_SCH / PD_RB];
+    int bad = 0;
+    npy_intp b, j;
+    if (!(r >= 0x1p-1000))
+        return -1.0;
+    memcpy(&bits, &r, sizeof bits);
+    e2 = pd_bits_d(bits & UINT64_C(0x7ff0000000000000));
+    __m256d c = _mm256_set1_pd(1.5 * e2), h = _mm256_set1_pd(0x1p-53 * e2), sg = _mm256_set1_pd(-0.0);
+    for (b = 0; b < nb; b++) {
+        __m256d a0 = _mm256_setzero_pd(), a1 = a0, bd = a0;
+        for (j = b * PD_RB; j < (b + 1) * PD_RB; j += 8) {
+            __m256d v0 = _mm256_loadu_pd(p + j), q0 = _mm256_sub_pd(_mm256_add_pd(v0, c), c);
+            __m256d v1 = _mm256_loadu_pd(p + j + 4), q1 = _mm256_sub_pd(_mm256_add_pd(v1, c), c);
+            bd = _mm256_or_pd(bd, _mm256_cmp_pd(_mm256_andnot_pd(sg, _mm256_sub_pd(v0, q0)), h, _CMP_GE_OQ));
+            bd = _mm256_or_pd(bd, _mm256_cmp_pd(_mm256_andnot_pd(sg, _mm256_sub_pd(v1, q1)), h, _CMP_GE_OQ));
+            a0 = _mm256_add_pd(a0, q0);
+            a1 = _mm256_add_pd(a1, q1);
+        }
+        bad |= _mm256_movemask_pd(bd);
+        bs[b] = v2_fold(a0, a1);
+    }
+    for (b = 0; b < nb; b++)
+        out[b] = t = t + bs[b];
+    return !bad && t < 2.0 * e2 ? t : -1.0;
+}
+
+PD_T2 static double v2_runsum(const double *p, npy_intp n, double r, double *out)
+{
+    npy_intp nb = n / PD_RB, b;
+    double t = v2_runfast(p, nb, r, out);
+    if (t < 0)
+        for (b = 0, t = r; b < nb; b++) {
+            double u = v2_runfast(p + b * PD_RB, 1, t, out + b);
+            t = u < 0 ? sc_runsum(p + b * PD_RB, PD_RB, t, out + b) : u;
+        }
+    return nb * PD_RB < n ? sc_runsum(p + nb * PD_RB, n - nb * PD_RB, t, out + nb) : t;
+}
+
 PD_T2 static void v2_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
                             double *run, double *out, const char *pf, npy_intp pfn)
 {
@@ -260,7 +302,7 @@ PD_T2 static void v2_expsum(const double *p, npy_intp n8, double m, double *e, d
     *s = v2_fold(s0, s1);
     *w = v2_fold(w0, w1);
     if (run)
-        *run = sc_runsum(e, n8, *run, out);
+        *run = v2_runsum(e, n8, *run, out);
 }
 
 /* ---- AVX-512: 8 lanes in one __m512d */
@@ -777,6 +819,8 @@ double pd_runsum(pd_isa isa, const double *p, npy_intp n, double r, double *out)
 #ifdef PD_X86
     if (isa == PD_ISA_AVX512)
         return v5_runsum(p, n, r, out);
+    if (isa == PD_ISA_AVX2)
+        return v2_runsum(p, n, r, out);
 #endif
     (void)isa;
     return sc_runsum(p, n, r, out);
