@@ -239,6 +239,52 @@ PD_T2 static npy_intp v2_next_gt(const double *p, npy_intp j, npy_intp n8, doubl
     return n8;
 }
 
+/* float32 as it is, 8 lanes (the last len % 8 values one at a time) */
+PD_T2 static int v2_minmax32(const char *p, npy_intp len, double *mx, double *mn)
+{
+    __m256 a = _mm256_set1_ps(-INFINITY), b = _mm256_set1_ps(INFINITY), nan = _mm256_setzero_ps();
+    float ta[8], tb[8];
+    double x0 = -INFINITY, x1 = INFINITY;
+    int bad = 0, i;
+    npy_intp j;
+    for (j = 0; j + 8 <= len; j += 8) {
+        __m256 v = _mm256_loadu_ps((const float *)(const void *)(p + 4 * j));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        a = _mm256_max_ps(a, v);
+        b = _mm256_min_ps(b, v);
+    }
+    _mm256_storeu_ps(ta, a);
+    _mm256_storeu_ps(tb, b);
+    for (i = 0; i < 8; i++) {
+        x0 = ta[i] > x0 ? ta[i] : x0;
+        x1 = tb[i] < x1 ? tb[i] : x1;
+    }
+    for (; j < len; j++) {
+        double v = pd_load_f32(p + 4 * j);
+        bad |= v != v;
+        x0 = v > x0 ? v : x0;
+        x1 = v < x1 ? v : x1;
+    }
+    *mx = x0;
+    *mn = x1;
+    return bad || _mm256_movemask_ps(nan) != 0;
+}
+
+PD_T2 static npy_intp v2_next_gt32(const char *p, npy_intp j, npy_intp len, double thr)
+{
+    __m256 t = _mm256_set1_ps((float)thr); /* a float32 value (or -inf): exact */
+    for (; j + 8 <= len; j += 8) {
+        unsigned m = (unsigned)_mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps((const float *)(const void *)(p + 4 * j)), t, _CMP_GT_OQ));
+        if (m)
+            return j + __builtin_ctz(m);
+    }
+    for (; j < len; j++)
+        if (pd_load_f32(p + 4 * j) > thr)
+            return j;
+    return len;
+}
+
 /* v5_runfast's shortcut (below) in 4-lane vectors: the same exact block sums, the same bits */
 PD_T2 static double v2_runfast(const double *p, npy_intp nb, double r, double *out)
 {
@@ -597,7 +643,8 @@ PD_T5 static void v5_load(pd_dtype dt, const char *p, npy_intp len, double *b)
 
 static const pd_sm_ops pd_sm_scalar = {sc_minmax, sc_next_gt, sc_expsum, NULL, NULL, sc_load, NULL};
 #ifdef PD_X86
-static const pd_sm_ops pd_sm_avx2 = {v2_minmax, v2_next_gt, v2_expsum, NULL, NULL, v2_load, NULL};
+static const pd_sm_ops pd_sm_avx2 = {v2_minmax, v2_next_gt, v2_expsum, v2_minmax32,
+                                     v2_next_gt32, v2_load, NULL};
 static const pd_sm_ops pd_sm_avx512 = {v5_minmax, v5_next_gt, v5_expsum, v5_minmax32,
                                        v5_next_gt32, v5_load, v5_expsum32};
 #endif
