@@ -271,11 +271,13 @@ static inline double pd_half_to_double(uint16_t h)
     uint32_t sign = (uint32_t)(h >> 15), exp = (h >> 10) & 0x1f, man = h & 0x3ff;
     double v;
     if (exp == 0)
-        v = ldexp((double)man, -24);
+        v = (double)man * 0x1p-24; /* subnormal: exact */
     else if (exp == 31)
         v = man ? NAN : INFINITY;
-    else
-        v = ldexp((double)(man | 0x400), (int)exp - 25);
+    else { /* normal: the same exponent and significand in double's fields (no libm ldexp) */
+        uint64_t b = ((uint64_t)(exp + 1008) << 52) | ((uint64_t)man << 42);
+        memcpy(&v, &b, sizeof v);
+    }
     return sign ? -v : v;
 }
 static inline double pd_load_f16(const char *p) { uint16_t h; memcpy(&h, p, 2); return pd_half_to_double(h); }

@@ -178,6 +178,21 @@ def test_isa_paths_agree(isa):
             assert ppldelta.perplexity(a) == pytest.approx(want, rel=1e-15), (isa, n, dt)
 
 
+def test_float16_conversion_exact_for_every_bit_pattern(isa):
+    """Every non-positive float16 (-0, the subnormals, every normal binade, -inf) through the
+    one-value path of the exact sum (the scalar conversion, also the summarize kernel's on paths
+    without a vector one) and through a 4096-value row (the vector conversions): each value
+    exactly as NumPy widens it."""
+    h = np.arange(0x8000, 0x10000, dtype=np.uint16).view(np.float16)
+    h = h[~np.isnan(h)]
+    bad = [v for v in h if _core.sum_log_probs(np.array([v]))[1] != float(v)]
+    assert not bad, bad[:5]
+    fin = h[np.isfinite(h)]
+    for i in range(0, fin.size, 4096):
+        a = fin[i:i + 4096]
+        assert _core.sum_log_probs(a)[1] == math.fsum(a.astype(np.float64).tolist())
+
+
 def test_review_cases_exact_sums():
     # cancellation inside the accumulator's triple, and bits below lolo: still math.fsum
     y = np.zeros(2048)
