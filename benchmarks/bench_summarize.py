@@ -9,24 +9,49 @@ kernel reaches (the row is read twice: the second read mostly hits the cache).
     python benchmarks/bench_summarize.py              # 256 rows (NumPy: 32)
     python benchmarks/bench_summarize.py --rows 64    # quicker
 
-Measured on a shared 2-core Intel Xeon VM (AVX-512, 2 MiB L2, 480 MiB L3, load average 2 from
-other jobs: absolute numbers vary by +-30 % between runs; each row's numbers come from the same
-run), ppldelta's default SIMD path avx512, 256 rows (NumPy: 32):
+Measured on a shared 2-core Intel Xeon VM (AVX-512, 2 MiB L2, 480 MiB L3; absolute numbers vary
+by +-30 % between runs, each row's numbers come from the same run), 256 rows (NumPy: 32):
 
-| vocab | C kernel rows/s | NumPy twin rows/s | torch f32 rows/s | C / NumPy | C / torch | C, 2 threads | fraction of read BW |
-|---|---|---|---|---|---|---|---|
-| 32000 | 21866 | 1.04e+03 | 5360 | 21.1x | 4.08x | 20171 | 0.10 |
-| 49152 | 15881 | 1.13e+03 | 3109 | 14.1x | 5.11x | 20578 | 0.21 |
-| 151936 | 5252 | 245 | 1016 | 21.4x | 5.17x | 5155 | 0.17 |
+| vocab | path | C kernel rows/s | NumPy twin rows/s | torch f32 rows/s | C / NumPy | C / torch | C, 2 threads | fraction of read BW |
+|---|---|---|---|---|---|---|---|---|
+| 32000 | avx512 | 24472 | 1.17e+03 | 6546 | 20.9x | 3.74x | 38146 | 0.11 |
+| 49152 | avx512 | 17559 | 1.19e+03 | 2648 | 14.8x | 6.63x | 16549 | 0.15 |
+| 151936 | avx512 | 5974 | 246 | 903 | 24.2x | 6.61x | 12096 | 0.21 |
+| 32000 | avx2 | 16692 | 1.21e+03 | 4462 | 13.8x | 3.74x | 32947 | 0.07 |
+| 49152 | avx2 | 12408 | 807 | 2573 | 15.4x | 4.82x | 24302 | 0.10 |
+| 151936 | avx2 | 4253 | 244 | 879 | 17.4x | 4.84x | 8453 | 0.14 |
 
-(The second thread gains little on a machine whose two cores are already busy.)  Against the
-previous kernel (a degree-13 float64 exp without FMA, every row converted to float64, the probes'
-running sum one add at a time), in one run on 128 rows: 2.1-2.3x with probes (M = 8), 2.2-2.5x
-without.  What is left is compute, not memory: the float64 exp (about 20 vector operations per 8
-values, every path the same bits, the error model's 16 ulp kept), then the top-K filter; the
-"fraction of read BW" is of this VM's single-thread read rate (17-28 GB/s, from L3 here).  A
-float32 exp (as the logits kernels') would be the next step, at the price of a wider
-reference-side error bound in refstats.finish.
+(`PPLDELTA_SIMD=avx2` for the avx2 rows; torch's rate per value at 32000 is 1.6x its rate at
+49152, in every run here.)  Against the kernel before (commit 111cb80), one thread, CPU time,
+the median of 3 alternating runs, M = 8:
+
+| rows | avx512 | avx2 |
+|---|---|---|
+| float32, 32000 | 1.15x | 1.39x |
+| float32, 49152 | 1.21x | 1.42x |
+| float32, 151936 | 1.09x | 1.50x |
+| float64, 49152 | 1.21x | 1.36x |
+| float16, 49152 | 11.5x | 8.3x |
+
+What changed: pass 2 (bound by the exp) brings the next row into L2, a line per 8 values, for
+pass 1 (bound by memory: the next row's first read had been a stall); AVX-512 reads float32 rows
+as they are in pass 2 too (the top ids masked per lane, no float64 copy); AVX2 reads float32 in
+pass 1 (8 lanes) and sums the probes' running sum by AVX-512's exact block shortcut instead of
+one add at a time; float16 / bfloat16 rows are widened by vcvtph2ps / shifts (the scalar float16
+conversion had been a libm ldexp per value).  Every path still gives the same bytes.
+
+What is left is the float64 exp: about 21 vector operations per 8 values (AVX-512 profile at
+49152: the exp loop 49 % of the kernel, the running sum 18 %, the top-K selection 12 %, the first
+read 17 %), against torch's and the logits kernels' float32 exp over 16 lanes.  The record keeps
+the float64 exp on purpose: its error model (docs/reference-bounds.md, "Rounding": E1 =
+(V + 64) 2^-52 per token) is what lets a reference file be the same bytes on every machine and
+the bounds' rounding margins stay about 1e-12.  A float32 exp (about 1.8x on this kernel, from
+the profile) would make each e carry about 2^-24 |d| of relative error from d = x - max alone, so
+E1 would have to grow to a per-token 2^-24 (1 + H)-sized term and the margins to about 1e-4 nats
+per token (estimated, not built), and every path would need an fmaf-exact float32 exp to keep the
+same bytes.  So the kernel stays at 3.7-6.6x torch here (the target was the logits kernels'
+8-12x), and the reference build's end-to-end rate is set by the model's forward anyway
+(benchmarks/bench_gguf.py: 1.03x llama-perplexity's base run).
 """
 import argparse
 import os
