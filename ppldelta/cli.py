@@ -3,7 +3,7 @@
 (many quantized variants against one reference: one table, sorted by KLD, gates per variant).
 
 Exit codes: 0 success (gate passed); 1 the quality gate failed (one line on stderr says why);
-2 bad usage or unreadable/invalid input.
+2 bad usage or unreadable/invalid input; 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -24,7 +24,19 @@ files: .npy, .npz, .pt/.pth, .safetensors, .json, .jsonl, or text with one numbe
   same tokens are compared as well: their target log-probs, plus KLD and same top-1.
 --format json is strict JSON: a NaN or infinity is written as null, and a top-level
   "nonfinite" object maps its dotted path to "inf", "-inf" or "nan".
-exit codes: 0 passed, 1 the quality gate failed, 2 bad usage or input (one line on stderr)."""
+exit codes: 0 passed, 1 the quality gate failed, 2 bad usage or input (one line on stderr),
+  130 interrupted."""
+
+
+def _finite(text):
+    """argparse type: a finite float (nan or inf would turn a gate off or make no sense)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return x
 
 
 def _parser():
@@ -38,10 +50,10 @@ def _parser():
     c.add_argument("--groups", help="file with one group label per token (e.g. prose/code; FILE or FILE:KEY)")
     c.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     c.add_argument("--expected", metavar="FORMAT", help="quantization format for the expected band, e.g. gguf-q4_k_m")
-    c.add_argument("--confidence", type=float, default=0.95)
+    c.add_argument("--confidence", type=_finite, default=0.95)
     c.add_argument("--fail-on", choices=QUALITIES[1:], metavar="QUALITY",
                    help="exit 1 when the quality is this or worse (good, acceptable, poor)")
-    c.add_argument("--max-relative-delta", type=float, metavar="PCT",
+    c.add_argument("--max-relative-delta", type=_finite, metavar="PCT",
                    help="exit 1 when the relative perplexity delta exceeds PCT percent")
     d = sub.add_parser("demo", help="the bundled real data (SmolLM2-135M variants): a table of all, the "
                        "full report of the 4-bit one")
@@ -92,7 +104,12 @@ size (a local QUANT): the bytes of its weight files (a folder's *.safetensors, e
   lm-eval multiple_choice task's file), scored as lm-eval's loglikelihood requests (context,
   " " + choice); the original's scores go into the reference (reference build, or the cached
   build of eval ORIGINAL), and eval adds each variant's acc change, flips and McNemar's p.
-exit codes: 0 passed, 1 a variant failed a gate, 2 bad usage or input (one line on stderr)."""
+With a reference file as SOURCE, its protocol, window, stride, K, probes and groups are fixed:
+  an option that says otherwise is refused. QUANT paths are checked before any model runs; a
+  checkpoint that lacks weights the model needs (transformers would fill them at random) is
+  refused.
+exit codes: 0 passed, 1 a variant failed a gate, 2 bad usage or input (one line on stderr),
+  130 interrupted (a reference build resumes when the same command runs again)."""
 
 
 def _load_args(p):
@@ -150,10 +167,10 @@ def _model_parsers(sub):
     e.add_argument("--expected", action="append", metavar="FMT|NAME=FMT",
                    help="quantization format for the expected band, for all variants or one (repeatable; "
                         "a GGUF variant defaults to its file type's)")
-    e.add_argument("--confidence", type=float, default=0.95)
+    e.add_argument("--confidence", type=_finite, default=0.95)
     e.add_argument("--fail-on", choices=QUALITIES[1:], metavar="QUALITY",
                    help="exit 1 when a variant's quality is this or worse (good, acceptable, poor)")
-    e.add_argument("--max-relative-delta", type=float, metavar="PCT",
+    e.add_argument("--max-relative-delta", type=_finite, metavar="PCT",
                    help="exit 1 when a variant's relative perplexity delta exceeds PCT percent")
     _load_args(e)
 
@@ -394,6 +411,20 @@ def _check_options(args):
         raise ValueError(f"--probes must be >= 0, got {args.probes}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for opt in ("max_length", "stride"):
+        v = getattr(args, opt)
+        if v is not None and v < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be >= 1, got {v}")
+    dev = str(args.device_map or args.device or "")
+    if dev.startswith("cuda"):
+        try:
+            import torch
+        except ImportError:
+            raise ValueError(f"--device {dev}: running a model needs torch") from None
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device{'-map' if args.device_map else ''} {dev}: this torch "
+                             f"({torch.__version__}) sees no CUDA device")
     args.texts = _texts(args)  # read once; a missing file is refused before any model loads
     if getattr(args, "choices", None) is not None:
         from .choices import read_items
@@ -424,8 +455,6 @@ def _texts(args):
     files = _text_files(args)
     if not files:
         return None, None
-    if len(files) == 1 and files[0][0] is None:
-        return files[0][1], None
     texts = []
     for _, path in files:
         try:
@@ -433,6 +462,8 @@ def _texts(args):
                 texts.append(f.read())
         except UnicodeDecodeError as exc:
             raise ValueError(f"--text {path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if len(files) == 1 and files[0][0] is None:
+        return files[0][1], None  # the producer reads the file itself (as llama-perplexity -f for a GGUF)
     return texts, [label if label is not None else os.path.basename(path) for label, path in files]
 
 
@@ -510,6 +541,11 @@ def _build(args, source, out, overwrite=False):
     if is_logits_file(source):
         if args.choices is not None:
             raise ValueError(f"--choices: {source} is a logits file; choice scores need the original model")
+        for opt, v in (("--protocol", None if args.protocol == "llama.cpp" else args.protocol),
+                       ("--max-length", args.max_length), ("--stride", args.stride)):
+            if v is not None:
+                raise ValueError(f"{opt} {v}: {source} is a llama.cpp logits file, whose chunks fix the "
+                                 "protocol (llama.cpp) and the window (its n_ctx): leave the option out")
         return convert_logits_file(source, out, resume=not overwrite, k=args.top_k, probes=args.probes)
     if _is_reference_file(source):
         raise ValueError(f"{source} is a reference file already (ppldelta eval reads it as it is)")
@@ -527,17 +563,36 @@ def _build(args, source, out, overwrite=False):
                            batch_size=args.batch_size, progress=not args.no_progress, resume=not overwrite)
 
 
+def _check_output(args):
+    """-o: a file path (not empty, not a folder), never one of the command's inputs; --overwrite
+    replaces only a reference file (or its unfinished .part)."""
+    out = args.output
+    if not out or not os.path.basename(out):
+        raise ValueError(f"-o {out!r}: name a file (e.g. base.ppldref)")
+    if os.path.isdir(out):
+        raise ValueError(f"-o {out}: is a directory; name a file in it (e.g. {os.path.join(out, 'base.ppldref')})")
+    inputs = [args.model, args.choices] + [p for _, p in _text_files(args)]
+    for p in inputs:
+        if p and os.path.exists(p) and os.path.exists(out) and os.path.samefile(p, out):
+            raise ValueError(f"-o {out}: is one of this command's inputs")
+    if args.overwrite and os.path.isfile(out) and not _is_reference_file(out):
+        raise ValueError(f"-o {out}: exists and is not a reference file; --overwrite replaces only a "
+                         "reference file (remove it yourself if it should go)")
+
+
 def _reference_build(args) -> int:
     from .reffile import read_reference
 
     _check_options(args)
+    _check_output(args)
     try:
         out = _build(args, args.model, args.output, overwrite=args.overwrite)
     except ValueError as exc:
         if "holds a different reference" in str(exc):
             raise ValueError(f"{args.output} exists and holds a different reference: "
                              "--overwrite replaces it") from None
-        raise
+        raise ValueError(str(exc).replace("pass resume=False (or delete", "pass --overwrite (or delete")
+                         .replace(" (ReferenceWriter(..., resume=True))", "")) from None
     ref = read_reference(out)
     n = len(ref.records)
     size = os.path.getsize(out)
@@ -601,9 +656,31 @@ def _cached_reference(args):
     try:
         return _build(args, src, out)
     except ValueError as exc:
-        if "holds a different reference" not in str(exc) or args.reference:
+        if "holds a different reference" not in str(exc):
             raise
+        if args.reference:
+            raise ValueError(str(exc).replace("remove it or pass resume=False to overwrite",
+                                              "remove it, or name another --reference")) from None
         return _build(args, src, out, overwrite=True)  # a stale cache entry
+
+
+def _check_fixed_by_reference(args, ref):
+    """With a reference file as SOURCE, its protocol, window, stride, K, probes and text groups are
+    what they are: an option given that says otherwise is refused, not silently ignored."""
+    p = ref.header.get("protocol") or {}
+    given = {"--protocol": (args.protocol, p.get("name")), "--max-length": (args.max_length, p.get("max_length")),
+             "--stride": (args.stride, p.get("stride")), "--top-k": (args.top_k, ref.k),
+             "--probes": (args.probes, ref.probes)}
+    for opt, (mine, theirs) in given.items():
+        if mine is not None and mine != theirs:
+            raise ValueError(f"{opt} {mine}: the reference {args.source} has {theirs} (its protocol, window, "
+                             "K and probes are fixed when it is built: leave the option out, or build another "
+                             "reference)")
+    labels = args.texts[1]
+    names = ((ref.header.get("groups") or {}).get("names"))
+    if labels is not None and names is not None and list(labels) != list(names):
+        raise ValueError(f"--text: the groups are {', '.join(labels)} here and {', '.join(names)} in the "
+                         f"reference {args.source} (give the files in its order, with its labels)")
 
 
 def _variant_names(paths):
@@ -684,23 +761,30 @@ def _eval(args) -> int:
     if args.plot is not None:  # refused before any model runs
         if not args.plot.lower().endswith(".png"):
             raise ValueError(f"--plot {args.plot}: only PNG is written (name the file .png)")
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"--plot {args.plot}: {folder} is not a writable folder")
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install 'ppldelta[plot]'") from None
+    for q in args.quantized:  # a missing local variant is refused before any model runs
+        _check_variant(q)
     names = _variant_names(args.quantized)
     expected = _expected_for(args, names)
     files = _token_files(args.save_tokens, names) if args.save_tokens else {}
     ref_path = args.source if _is_reference_file(args.source) else _cached_reference(args)
     ref = read_reference(ref_path)
     ref.verify()  # once, not per variant
+    if ref_path == args.source:
+        _check_fixed_by_reference(args, ref)
     if args.choices is not None:  # refused before any variant runs
         from .choices import read_items, stored_scores
         from .llamacpp import is_logits_file
 
-        files = [q for q in args.quantized if is_logits_file(q)]
-        if files:
-            raise ValueError(f"--choices: {files[0]} is a llama.cpp logits file, which cannot score choices")
+        logits_files = [q for q in args.quantized if is_logits_file(q)]
+        if logits_files:
+            raise ValueError(f"--choices: {logits_files[0]} is a llama.cpp logits file, which cannot score choices")
         if not ref.header.get("choices"):
             raise ValueError(f"--choices: {ref_path} holds no choice scores of the original "
                              "(build it with --choices FILE)")
@@ -709,8 +793,9 @@ def _eval(args) -> int:
     for name, q in zip(names, args.quantized):
         try:
             rep, flips = _evaluate_variant(args, q, ref, expected[name])
-        except ValueError as exc:
-            raise ValueError(f"{q}: {exc}") from None
+        except (ValueError, OSError) as exc:  # named by its variant (a hub error included), once
+            msg = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            raise ValueError(msg if msg.startswith(q) else f"{q}: {msg}") from None
         per_token = rep.__dict__.pop("per_token", None) or {}  # saved now, not kept per variant
         row = {"name": name, "source": q, "report": rep, "gate": _gate(rep.reference, args),
                "size": _size(q, per_token.get("n_weights"), args.gguf_file), "flips": flips}
@@ -719,19 +804,39 @@ def _eval(args) -> int:
         rows.append(row)
     rows.sort(key=lambda r: (_kld_key(r["report"]), r["name"]))
     _emit_eval(rows, ref, ref_path, args.format)
+    plot_error = None
     if args.plot is not None:
-        _plot_eval(rows, args.plot)
+        try:
+            _plot_eval(rows, args.plot)
+        except OSError as exc:  # the gate below still reports
+            plot_error = f"--plot {args.plot}: {exc.strerror or exc}"
     failed = [r for r in rows if r["gate"]]
     if failed:
         print("ppldelta: FAIL: " + "; ".join(f"{r['name']}: {r['gate']}" for r in failed), file=sys.stderr)
-        return 1
-    return 0
+    if plot_error:
+        raise ValueError(plot_error)
+    return 1 if failed else 0
 
 
 _WEIGHT_FILES = ((".safetensors",), (".bin", ".pt", ".pth"), (".gguf",))  # the first kind a folder has
+_WEIGHT_NAMES = (("model.safetensors.index.json", "model.safetensors"),
+                 ("pytorch_model.bin.index.json", "pytorch_model.bin"), (None, None))
 _TOKEN_ARRAYS = ("original_log_probs", "quantized_log_probs", "kld", "kld_lo", "kld_hi", "kld_reverse",
                 "kld_reverse_lo", "kld_reverse_hi", "delta_p", "same_top1", "top1_in_top5", "top1_in_top10",
                 "target_positions", "groups")
+
+
+def _check_variant(q):
+    """A QUANT that names a local path must exist, and must not be a reference file; a hub id
+    (NAME or ORG/NAME) is left to the loader."""
+    if os.path.exists(q):
+        if _is_reference_file(q):
+            raise ValueError(f"{q}: is a reference file; pass it as SOURCE (ppldelta eval {q} QUANT ...)")
+        return
+    hub_id = (q.count("/") <= 1 and not q.startswith((".", "/", "~")) and "\\" not in q
+              and not q.lower().endswith((".gguf", ".kld", ".ppldref", ".safetensors", ".bin", ".pt", ".pth")))
+    if not hub_id:
+        raise ValueError(f"{q}: no such file or directory")
 
 
 def _size(path, n_weights, gguf_file=None) -> dict:
@@ -749,14 +854,34 @@ def _size(path, n_weights, gguf_file=None) -> dict:
             f = os.path.join(path, gguf_file)
             nbytes = os.path.getsize(f) if os.path.isfile(f) else None
         else:
-            found = [e for e in os.scandir(path) if e.is_file()]
-            for suffixes in _WEIGHT_FILES:
-                sizes = [e.stat().st_size for e in found if e.name.lower().endswith(suffixes)]
-                if sizes:
-                    nbytes = sum(sizes)
-                    break
+            nbytes = _weights_bytes(path)
     bpw = 8 * nbytes / n_weights if nbytes and n_weights else None
     return {"bytes": nbytes, "parameters": n_weights, "bits_per_weight": bpw}
+
+
+def _weights_bytes(folder):
+    """The bytes of the weight files transformers loads from ``folder``, by kind (safetensors,
+    else .bin / .pt / .pth, else .gguf): the shards its index lists, else its one model file,
+    else every file of the kind (a Mistral-style consolidated.safetensors beside
+    model.safetensors is not counted)."""
+    import json
+
+    found = [e for e in os.scandir(folder) if e.is_file()]
+    for (index, single), suffixes in zip(_WEIGHT_NAMES, _WEIGHT_FILES):
+        p = os.path.join(folder, index or "")
+        if index and os.path.isfile(p):
+            try:
+                with open(p, encoding="utf-8") as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                return sum(os.path.getsize(os.path.join(folder, x)) for x in shards)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return None
+        if single and os.path.isfile(os.path.join(folder, single)):
+            return os.path.getsize(os.path.join(folder, single))
+        sizes = [e.stat().st_size for e in found if e.name.lower().endswith(suffixes)]
+        if sizes:
+            return sum(sizes)
+    return None
 
 
 def _token_files(folder, names) -> dict:
@@ -928,7 +1053,8 @@ def _emit_eval(rows, ref, ref_path, fmt):
          **({"tokens_file": r["tokens_file"]} if "tokens_file" in r else {}),
          "flips": r["flips"].to_dict() if r.get("flips") else None, "report": r["report"].to_dict()}
         for r in rows]}
-    line = (f"reference {meta['path']} ({meta['model']}): {meta['n_scored']:,} scored tokens, "
+    line = (f"reference {meta['path']}" + (f" ({meta['model']})" if meta["model"] else "")
+            + f": {meta['n_scored']:,} scored tokens, "
             f"K = {meta['k']}, protocol {p.get('name')} max_length {p.get('max_length')}"
             + (f" stride {p['stride']}" if p.get("stride") is not None else ""))
     if fmt == "json":
@@ -939,7 +1065,7 @@ def _emit_eval(rows, ref, ref_path, fmt):
             text = _eval_html("ppldelta eval", line, head, body, doc)
         else:
             text = "\n".join([line, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-                             + ["| " + " | ".join(x) + " |" for x in body])
+                             + ["| " + " | ".join(str(c).replace("|", "\\|") for c in x) + " |" for x in body])
             text += "".join(f"\n\nper-token results of {r['name']}: {r['tokens_file']}" for r in rows
                             if "tokens_file" in r)
     else:
@@ -975,7 +1101,8 @@ def _emit_eval(rows, ref, ref_path, fmt):
 
 
 def main(argv=None) -> int:
-    """Exit codes: 0 passed, 1 the quality gate failed, 2 bad usage or input (one line, no traceback)."""
+    """Exit codes: 0 passed, 1 the quality gate failed, 2 bad usage or input (one line, no traceback),
+    130 interrupted."""
     from .io import _one_line
 
     args = _parser().parse_args(argv)
@@ -987,6 +1114,10 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `ppldelta demo | head`: exit quietly
         _quiet_stdout()
         return 0
+    except KeyboardInterrupt:
+        print("ppldelta: interrupted (a reference build resumes where it stopped when the same command "
+              "runs again)", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError) as exc:
         print(f"ppldelta: error: {_one_line(exc)}", file=sys.stderr)
         return 2

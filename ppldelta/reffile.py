@@ -547,6 +547,16 @@ class ReferenceWriter:
                 f.write(line)
         self._journal = open(self.journal_path, "ab")
 
+    def _journal_entries(self) -> int:
+        """How many windows the journal beside the .part lists (whatever its header): 0 when it has
+        none or cannot be read."""
+        try:
+            with open(self.journal_path, "rb") as f:
+                lines = f.read(1 << 20).split(b"\n")
+        except OSError:
+            return 0
+        return sum(1 for line in lines[1:] if line.strip())
+
     def _read_journal(self):
         """(created, [(parsed entry, raw line)]) of the journal's complete, well-formed lines."""
         try:
@@ -590,6 +600,8 @@ class ReferenceWriter:
                     if len(raw) == hlen:
                         theirs = _parse_json(raw, self.part_path)
             d = _first_diff(theirs, self.header) if isinstance(theirs, dict) else None
+            if d is not None and self._journal_entries() == 0:
+                d = None  # a build that stopped before its first window (e.g. on a bad setting): nothing to keep
             if d is not None:
                 self.close()
                 raise ValueError(

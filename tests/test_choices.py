@@ -6,6 +6,7 @@ matters).  The oracle is written here: lm-eval's request (context, " " + choice)
 whole after the context's), a float64 torch log-softmax of one unbatched forward per pair, and a
 flip count by hand.  tests/agreement/test_2_lmeval.py checks the same scores against real lm-eval."""
 import json
+import os
 import math
 
 import numpy as np
@@ -130,9 +131,13 @@ def test_reference_stores_scores_and_flips_count_by_hand(setup, tmp_path, capsys
     ans = np.array([it["answer"] for it in setup["items"]])
     po, pq = so.argmax(1), sq.argmax(1)
     b, c = int(((po == ans) & (pq != ans)).sum()), int(((po != ans) & (pq == ans)).sum())
+    toks = tmp_path / "tok"
     assert main(["eval", str(ref), setup["paths"]["quant"], "--choices", setup["path"], "--format", "json",
-                 "--no-progress"]) == 0
-    f = json.loads(capsys.readouterr().out)["variants"][0]["flips"]
+                 "--no-progress", "--save-tokens", str(toks)]) == 0
+    v = json.loads(capsys.readouterr().out)["variants"][0]
+    f = v["flips"]
+    with np.load(v["tokens_file"]) as z:  # --save-tokens with --choices: the per-token file too
+        assert os.path.dirname(v["tokens_file"]) == str(toks) and z["quantized_log_probs"].size > 0
     assert (f["n"], f["flips"], f["right_to_wrong"], f["wrong_to_right"]) == (len(ans), int((po != pq).sum()), b, c)
     assert f["original_accuracy"] == float((po == ans).mean())
     assert f["quantized_accuracy"] == float((pq == ans).mean())

@@ -225,6 +225,11 @@ def test_llamacpp_logits_file_as_reference_source(models, tmp_path, capsys):
     d = tmp_path / "tok"
     assert main(["eval", str(out), str(qkld), "--format", "json", "--no-progress", "--save-tokens", str(d)]) == 0
     v = json.loads(capsys.readouterr().out)["variants"][0]
+    assert main(["eval", str(out), str(qkld), "--no-progress"]) == 0  # no model name: none shown
+    assert capsys.readouterr().out.startswith(f"reference {out}: ")
+    for opt in (["--protocol", "gptq"], ["--max-length", "64"], ["--stride", "4"]):  # fixed by the file
+        assert main(["reference", "build", str(kld), *opt, "-o", str(tmp_path / "y.ppldref"), "--no-progress"]) == 2
+        assert f"{opt[0]} {opt[1]}: " in capsys.readouterr().err and not (tmp_path / "y.ppldref").exists()
     assert v["size"]["bytes"] is None  # a logits file is no weights file
     with np.load(d / "q.kld.npz") as z:
         np.testing.assert_allclose(z["quantized_log_probs"], lpq, rtol=0, atol=1e-7)  # the kernel's float32 exp
@@ -298,6 +303,16 @@ def test_size_of_weight_files(tmp_path):
     for name in ("model-1.safetensors", "model-2.safetensors"):
         (d / name).unlink()
     assert _size(str(d), 999)["bytes"] == 999
+    # what transformers loads: model.safetensors, not a consolidated copy beside it; an index's shards
+    (d / "model.safetensors").write_bytes(b"x" * 70)
+    (d / "consolidated.safetensors").write_bytes(b"x" * 70)
+    assert _size(str(d), 70)["bytes"] == 70
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"x" * 30)
+    (d / "model-00002-of-00002.safetensors").write_bytes(b"x" * 12)
+    (d / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors", '
+        '"c": "model-00001-of-00002.safetensors"}}')
+    assert _size(str(d), 42)["bytes"] == 42
     assert _size("org/hub-model", 1000) == {"bytes": None, "parameters": 1000, "bits_per_weight": None}
 
 
@@ -527,6 +542,13 @@ def test_text_groups_from_the_command_line(models, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(ref), models["q_small"], "--no-progress", "--text", models["other"],
                  "--text", models["text"]]) == 2
+    assert "the groups are other.txt, " in capsys.readouterr().err
+    # the same files in the same order under other labels: refused too (the report would name them wrongly)
+    assert main(["eval", str(ref), models["q_small"], "--no-progress", "--text", f"other.txt={models['text']}",
+                 "--text", f"prose={models['other']}"]) == 2
+    assert "the groups are other.txt, prose here and prose, other.txt in the reference" in capsys.readouterr().err
+    # unlabelled files whose text differs from the reference's: the token check refuses them
+    assert main(["eval", str(ref), models["q_small"], "--no-progress", "--text", models["other"]]) == 2
     assert "differ from the reference" in capsys.readouterr().err
 
 
@@ -572,3 +594,141 @@ def test_groups_entry_round_trip_and_refusals(tmp_path):
     with pytest.raises(ValueError, match="groups has 3 labels for 2 texts"):
         hf.build_reference(m, texts=["the cat", "a dog"], tokenizer=_tokenizer(), groups=["x", "y", "z"],
                            out=tmp_path / "r.ppldref", progress=False)
+
+
+# ---------------------------------------------------------------------------- refusals before work
+def test_gate_thresholds_must_be_finite(built, capsys):
+    for opt, val in (("--max-relative-delta", "nan"), ("--max-relative-delta", "inf"), ("--confidence", "nan")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", built["ref"], built["smollm2-q8_0"], opt, val])
+        assert e.value.code == 2 and "must be a finite number" in capsys.readouterr().err
+
+
+def test_missing_local_variants_and_references_as_quant_refused_up_front(built, tmp_path, capsys, monkeypatch):
+    from ppldelta import cli
+
+    monkeypatch.setattr(cli, "_evaluate_variant", lambda *a: pytest.fail("a model ran"))
+    for q, msg in ((str(tmp_path / "missing_dir"), "no such file or directory"),
+                   ("./missing_dir", "no such file or directory"), ("q.gguf", "no such file or directory"),
+                   (built["ref"], "is a reference file; pass it as SOURCE")):
+        assert main(["eval", built["ref"], built["smollm2-q8_0"], q, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{q}: {msg}" in err[0], err
+
+
+def test_plot_into_a_missing_folder_refused_up_front_and_gate_kept_on_late_failure(
+        built, tmp_path, capsys, monkeypatch):
+    from ppldelta import cli
+
+    bad = tmp_path / "nodir" / "x.png"
+    assert main(["eval", built["ref"], "no/such-model", "--plot", str(bad)]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+
+    def fail(rows, path):
+        raise PermissionError(13, "Permission denied", path + ".tmp")
+    monkeypatch.setattr(cli, "_plot_eval", fail)
+    code = main(["eval", built["ref"], built["smollm2-q4_k_m"], "--no-progress", "--max-relative-delta", "0",
+                 "--plot", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ppldelta: FAIL: smollm2-q4_k_m" in err  # the gate's line is not lost
+    assert f"--plot {tmp_path / 'x.png'}: Permission denied" in err
+
+
+def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    from ppldelta import cli
+
+    def stop(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_eval", stop)
+    assert main(["eval", "a.ppldref", "q"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and "resumes" in err[0]
+
+
+def test_options_fixed_by_a_reference_source_are_refused(built, capsys):
+    for opt, val, have in (("--top-k", "3", "8"), ("--protocol", "gptq", "sliding"), ("--max-length", "64", "32"),
+                           ("--stride", "7", "16"), ("--probes", "2", "8")):
+        assert main(["eval", built["ref"], built["smollm2-q8_0"], opt, val, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"{opt} {val}: the reference {built['ref']} has {have}" in err, err
+    assert main(["eval", built["ref"], built["smollm2-q8_0"], "--top-k", "8", "--max-length", "32",
+                 "--no-progress"]) == 0  # the same values are fine
+    capsys.readouterr()
+
+
+def test_output_path_checks(models, tmp_path, capsys):
+    text = tmp_path / "in.txt"
+    text.write_text(open(models["text"]).read())
+    before = text.read_bytes()
+    base = ["reference", "build", models["orig"], "--text", str(text), "--no-progress"]
+    for out, extra, msg in (("", [], "name a file"), (str(tmp_path), [], "is a directory"),
+                            (str(text), ["--overwrite"], "is one of this command's inputs"),
+                            (str(text), [], "is one of this command's inputs")):
+        assert main(base + ["-o", out, *extra]) == 2
+        assert msg in capsys.readouterr().err
+    other = tmp_path / "notes.txt"
+    other.write_text("mine")
+    assert main(base + ["-o", str(other), "--overwrite"]) == 2
+    assert "replaces only a reference file" in capsys.readouterr().err
+    assert text.read_bytes() == before and other.read_text() == "mine"
+
+
+def test_text_not_utf8_named(models, tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    assert main(["reference", "build", models["orig"], "--text", str(bad), "-o", str(tmp_path / "r.ppldref")]) == 2
+    err = capsys.readouterr().err
+    assert f"--text {bad}: not UTF-8" in err
+
+
+def test_bad_window_and_device_options(models, tmp_path, capsys):
+    for opt in (["--max-length", "0"], ["--max-length", "-4"], ["--stride", "0"]):
+        assert main(["reference", "build", models["orig"], "--text", models["text"], *opt,
+                     "-o", str(tmp_path / "r.ppldref")]) == 2
+        assert f"{opt[0]} must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["reference", "build", models["orig"], "--text", models["text"], "--device", "cuda",
+                     "-o", str(tmp_path / "r.ppldref")]) == 2
+        assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_variant_with_missing_weights_is_refused(built, models, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    d = tmp_path / "q_missing"
+    shutil.copytree(models["q_small"], d)
+    w = load_file(str(d / "model.safetensors"))
+    gone = sorted(k for k in w if k.startswith("model.layers.1."))
+    save_file({k: v for k, v in w.items() if k not in gone}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["eval", built["ref"], str(d), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"lacks {len(gone)} of the model's weights" in err and gone[0] in err
+
+
+def test_variant_with_a_smaller_vocabulary_or_too_few_positions_is_refused_before_its_forward(
+        built, models, tmp_path, capsys):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tok = _tokenizer()
+    cfg = LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "small_vocab")
+    tok.save_pretrained(tmp_path / "small_vocab")
+    assert main(["eval", built["ref"], str(tmp_path / "small_vocab"), "--no-progress"]) == 2
+    assert "beyond the model's vocabulary (16 embeddings)" in capsys.readouterr().err
+    opt = OPTConfig(vocab_size=V, hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                    max_position_embeddings=16, word_embed_proj_dim=32)
+    OPTForCausalLM(opt).save_pretrained(tmp_path / "opt16")
+    tok.save_pretrained(tmp_path / "opt16")
+    assert main(["eval", built["ref"], str(tmp_path / "opt16"), "--no-progress"]) == 2
+    assert "exceed the model's max_position_embeddings = 16 (learned positions" in capsys.readouterr().err
+
+
+def test_markdown_escapes_pipes_in_names(built, models, capsys):
+    root = built["root"]
+    (root / "a|b").symlink_to(models["q_small"], target_is_directory=True)
+    out = _eval_out(capsys, {"ref": built["ref"], "v": str(root / "a|b")}, ["v"], "--format", "markdown")
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ")]
+    cells = lambda ln: [c for c in ln.replace("\\|", "\0").split("|")][1:-1]  # noqa: E731
+    assert len(cells(rows[1])) == len(cells(rows[0])) and rows[1].startswith("| a\\|b |")

@@ -210,6 +210,21 @@ def test_resume_with_another_header_is_refused(tmp_path, field, change):
         assert w.done == set()
 
 
+def test_a_part_without_windows_gives_way_to_another_header(tmp_path):
+    """A build that stopped before its first window (a bad setting found after the header was
+    written) holds nothing to keep: the corrected command starts over instead of being refused;
+    one window written, and it is refused again."""
+    out = tmp_path / "a.ppldref"
+    _partial(out, 0)
+    other = {**HEADER, "model": "tiny/other"}
+    with R.ReferenceWriter(out, other, K, n_windows=len(SIZES)) as w:
+        assert w.done == set() and w.header["model"] == "tiny/other"
+    out2 = tmp_path / "b.ppldref"
+    _partial(out2, 1)
+    with pytest.raises(ValueError, match="different header"):
+        R.ReferenceWriter(out2, other, K, n_windows=len(SIZES))
+
+
 def test_resume_with_another_k_or_plan_is_refused(tmp_path):
     out = tmp_path / "a.ppldref"
     _partial(out, 3)

@@ -193,7 +193,15 @@ def load_model(name_or_path, torch_dtype=None, *, device_map=None, revision=None
             kw[key] = val
     if trust_remote_code:
         kw["trust_remote_code"] = True
-    return AutoModelForCausalLM.from_pretrained(os.fspath(name_or_path), **kw).eval()
+    kw["output_loading_info"] = True
+    model, info = AutoModelForCausalLM.from_pretrained(os.fspath(name_or_path), **kw)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:  # newly initialised weights: every number would be a random model's
+        raise ValueError(f"{os.fspath(name_or_path)}: the checkpoint lacks {len(missing)} of the model's weights "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which "
+                         "transformers would fill with random values: a damaged or partial checkpoint, or "
+                         "one of another architecture")
+    return model.eval()
 
 
 def is_model(obj):

@@ -413,6 +413,11 @@ def eval_windows(model, ids, windows, todo, records, offs, cols, *, batch_size=1
     the per-token results into ``cols`` (arrays over all scored tokens, window ``i``'s at
     ``offs[i]``).  (A sharded evaluation calls this with its own share of the windows.)"""
     sub = [windows[i] for i in todo]
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n_in = getattr(emb, "num_embeddings", None)
+    if isinstance(n_in, int) and len(ids) and int(ids.max()) >= n_in:  # before a forward fails on it
+        raise ValueError(f"the reference's token ids go up to {int(ids.max())}, beyond the model's vocabulary "
+                         f"({n_in} embeddings): a different tokenizer?")
     bar = _token_bar(sub, desc, progress)
 
     def on_rows(j, r0, r1, chunks, targets):

@@ -121,6 +121,19 @@ def _accepts(model, name):
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+def _learned_positions(model) -> bool:
+    """Whether the model looks up learned absolute position embeddings (OPT's embed_positions,
+    GPT-Neo's wpe, BERT-style position_embeddings): a table with a hard end, unlike RoPE or ALiBi."""
+    import torch
+
+    named = getattr(model, "named_modules", None)
+    if named is None:
+        return False
+    return any(isinstance(m, torch.nn.Embedding) and n.rsplit(".", 1)[-1] in ("embed_positions", "wpe",
+                                                                              "position_embeddings")
+               for n, m in named())
+
+
 def _check_positions(model, longest):
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -130,6 +143,9 @@ def _check_positions(model, longest):
         raise ValueError(f"windows of {longest} tokens exceed the model's n_positions = {hard}: "
                          "pass a smaller max_length")
     soft = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(soft, int) and longest > soft and hard is None and _learned_positions(model):
+        raise ValueError(f"windows of {longest} tokens exceed the model's max_position_embeddings = {soft} "
+                         "(learned positions, a hard limit): pass a smaller max_length")
     if isinstance(soft, int) and longest > soft and hard is None:
         warnings.warn(f"windows of {longest} tokens exceed max_position_embeddings = {soft}", stacklevel=3)
 
