@@ -219,7 +219,7 @@ class Ratio:
 @dataclass(frozen=True)
 class Significance:
     verdict: str                   # 'significant degradation' / '... improvement' / 'no significant change'
-    p_value: float | None          # two-sided block bootstrap test of ln ratio = 0
+    p_value: float | None          # two-sided block bootstrap test of ln ratio = 0 (percentile, dual to the CI)
     z_p_value: float | None        # the same from the normal approximation
 
 
@@ -519,7 +519,7 @@ def build(m: Moments, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=Non
     check_confidence(confidence)
     n = m.n
     ref = reference(m.sum_o, m.sum_q, n)  # perplexity_delta's ValueError if PPL(base) is inf
-    boot = _bootstrap(m.blocks, (m.sum_o - m.sum_q) / n, n_bootstrap, seed, confidence)
+    boot = _bootstrap(m.blocks, n_bootstrap, seed, confidence)
     stats = _paired_stats(n, -m.sum_o, -m.sum_q, m.sum_oo, m.sum_qq, m.sum_oq, boot)
     dp_mean, dp_unc = _unc(n, m.sum_dp, m.sum_dp2)
     rms, rms_unc = _rms(n, m.sum_dp2, m.sum_dp4)
@@ -611,7 +611,7 @@ def _paired_stats(n, so, sq, soo, sqq, soq, boot):
         significance=Significance(_significance(boot["ci"]), boot["p_value"], z_p))
 
 
-def _bootstrap(blocks, mean, n_boot, seed, confidence):
+def _bootstrap(blocks, n_boot, seed, confidence):
     """Paired block bootstrap of mean(d), d = nll_Q - nll_O per token, from the blocks' sums and
     token counts (the resampling loop is _core.block_bootstrap)."""
     num, den = blocks
@@ -623,8 +623,12 @@ def _bootstrap(blocks, mean, n_boot, seed, confidence):
     reps = _core.block_bootstrap(num, den, int(n_boot), int(seed) & (2 ** 64 - 1))
     a = (1 - confidence) / 2
     lo, hi = np.quantile(reps, [a, 1 - a])
-    # two-sided bootstrap test of mean(d) = 0: replicates re-centred on the null
-    p = (np.count_nonzero(np.abs(reps - mean) >= abs(mean)) + 1) / (reps.size + 1)
+    # two-sided test of mean(d) = 0 dual to the percentile interval above (twice the smaller share
+    # of replicates on either side of 0, +1 corrected): the interval excludes 0 exactly where p is
+    # below 1 - confidence, up to one replicate, so the verdict (from the interval) and p never
+    # disagree on a skewed bootstrap distribution, as a test re-centred on the null can
+    k = min(np.count_nonzero(reps <= 0), np.count_nonzero(reps >= 0))
+    p = min(1.0, 2 * (k + 1) / (reps.size + 1))
     return {"ci": [float(lo), float(hi)], "stderr": float(np.std(reps, ddof=1)), "p_value": float(p),
             "n_blocks": int(num.size)}
 
@@ -666,7 +670,7 @@ def _rate(n, hits):
 
 def _group(g: GroupMoments, n_bootstrap, seed, confidence) -> GroupResult:
     mean_d = (g.sum_o - g.sum_q) / g.n  # mean of nll_q - nll_o
-    boot = _bootstrap(g.blocks, mean_d, n_bootstrap, seed + g.stream + 1, confidence)
+    boot = _bootstrap(g.blocks, n_bootstrap, seed + g.stream + 1, confidence)
     return GroupResult(
         int(g.n), reference(g.sum_o, g.sum_q, g.n, f"group {g.name!r}: "), PointCI(mean_d, boot["ci"]),
         PointCI(_exp(mean_d), _exp_ci(boot["ci"])), _significance(boot["ci"]),
