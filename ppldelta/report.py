@@ -376,7 +376,7 @@ class Report:
         rb, ci, sig = self.ppl_ratio, self.ppl_ratio.ci, self.significance
         if ci[0] is not None:
             yield (f"PPL ratio {self.confidence:.0%} CI (block bootstrap)",
-                   f"[{ci[0]:.6f}, {ci[1]:.6f}]  ({sig.verdict}, p {_p_eq(sig.p_value)})")
+                   f"[{ci[0]:.6f}, {ci[1]:.6f}]  ({sig.verdict}, p {_p_eq(sig.p_value, self.bootstrap.n_bootstrap)})")
         if self.expected:
             e = self.expected
             yield (f"expected band ({e.format})",
@@ -694,9 +694,16 @@ def _expected(expected, ratio, ci):
 _LOSS = dict(zip(_core.QUALITIES, ("negligible loss", "small loss", "clear loss", "large loss")))
 
 
-def _p_eq(p):
-    """'= 0.0123', or '< 0.001' below 0.001 (a bootstrap of 1,000 replicates reports 1/1001 at least)."""
-    return "n/a" if p is None else "< 0.001" if p < 0.001 else f"= {p:.3g}"
+def _p_eq(p, n_boot=None):
+    """'= 0.0123', '< 0.001' below 0.001, or for a bootstrap p at its floor 2 / (n_boot + 1) (no
+    replicate beyond 0: all that n_boot replicates can say) '<= 0.002'."""
+    if p is None:
+        return "n/a"
+    if p < 0.001:
+        return "< 0.001"
+    if n_boot and p <= 2 / (n_boot + 1) * (1 + 1e-12):
+        return f"<= {p:.3g}"
+    return f"= {p:.3g}"
 
 
 def _pct(ratio):
@@ -734,7 +741,7 @@ def _headline(r: Report) -> Verdict:
         loss, why = f"{q} (no confidence interval)", f"PPL {_pct(ratio)}, too few tokens for a confidence interval"
     else:
         span = f"PPL {_pct(ratio)}, {r.confidence:.0%} CI {_pct(ci[0])} to {_pct(ci[1])}, " \
-               f"p {_p_eq(r.significance.p_value)}"
+               f"p {_p_eq(r.significance.p_value, r.bootstrap.n_bootstrap)}"
         if ci[0] > 1:
             loss, why = _LOSS[q], f"{span}: a real loss, '{q}' by the 1/5/10 % thresholds"
         elif ci[1] < 1:
