@@ -27,9 +27,14 @@ _DEFLATE_MAX_RATIO = 1100
 
 
 def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (at most 300 characters)."""
-    lines = str(exc).strip().splitlines()
+    """The first line of an exception's message (at most 300 characters), with the lines after it
+    joined on where it ends in a colon (a message that goes on to say what it is about)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else type(exc).__name__
+    for ln in lines[1:]:
+        if not msg.endswith(":") or len(msg) > 300:
+            break
+        msg += " " + ln
     return msg if len(msg) <= 300 else msg[:297] + "..."
 
 

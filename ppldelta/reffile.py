@@ -914,21 +914,22 @@ def check_compatible(header, *, tokenizer_sha256=None, tokens_sha256=None, proto
         header = header.header
     problems = []
 
-    def _hash(key, mine, what, fix):
+    def _hash(key, mine, what, verb, fix, built=""):
         theirs = header.get(key)
         if theirs is None:
-            problems.append(f"the reference records no {key}, so its {what} cannot be checked")
+            problems.append(f"the reference records no {key}, so {what} cannot be checked")
         elif theirs != mine:
-            problems.append(f"{what} differ from the reference's ({key} {_short(theirs, 16)}... "
-                            f"there, {_short(mine, 16)}... here): {fix}")
+            h = lambda v: v[:12] + "..." if isinstance(v, str) else _short(v, 16)  # noqa: E731
+            problems.append(f"{what} {verb} from the reference's{built} ({key} {h(theirs)} there, "
+                            f"{h(mine)} here): {fix}")
 
     if tokenizer_sha256 is not None:
         name = header.get("tokenizer")
-        _hash("tokenizer_sha256", tokenizer_sha256, "the tokenizer's vocabulary" + (
-            f" (reference built with {_short(name)})" if name else ""),
-              "compare only models that share the reference's tokenizer")
-    if tokens_sha256 is not None:
-        _hash("tokens_sha256", tokens_sha256, "the evaluated tokens",
+        _hash("tokenizer_sha256", tokenizer_sha256, "the tokenizer's vocabulary", "differs",
+              "compare only models that share the reference's tokenizer",
+              f" (built with {_short(name, 40)})" if name else "")
+    if tokens_sha256 is not None and not problems:  # another tokenizer's tokens differ anyway
+        _hash("tokens_sha256", tokens_sha256, "the evaluated tokens", "differ",
               "use the text, tokenizer settings and protocol the reference was built with")
     if protocol is not None:
         theirs = header.get("protocol")

@@ -125,3 +125,13 @@ def test_demo_data_is_real_and_consistent():
         assert (d.kld[v] >= 0).all() and (d.log_probs[v] <= 0).all()
         # a model's top-1 agreement implies top-5 inclusion
         assert (d.top5[v] >= d.top1[v]).all() and (d.top10[v] >= d.top5[v]).all()
+
+
+def test_one_line_messages_go_on_after_a_colon():
+    from ppldelta.io import _one_line
+
+    msg = ("Couldn't instantiate the backend tokenizer from one of:\n(1) a `tokenizers` library serialization "
+           "file,\n(2) a slow tokenizer instance to convert or\n(3) an equivalent slow tokenizer class")
+    assert _one_line(ValueError(msg)).startswith("Couldn't instantiate the backend tokenizer from one of: (1) a")
+    assert _one_line(ValueError("first line.\nsecond")) == "first line."
+    assert len(_one_line(ValueError("x:\n" + "y" * 400))) == 300
