@@ -591,8 +591,7 @@ def _reference_build(args) -> int:
         if "holds a different reference" in str(exc):
             raise ValueError(f"{args.output} exists and holds a different reference: "
                              "--overwrite replaces it") from None
-        raise ValueError(str(exc).replace("pass resume=False (or delete", "pass --overwrite (or delete")
-                         .replace(" (ReferenceWriter(..., resume=True))", "")) from None
+        raise ValueError(str(exc).replace("pass resume=False (or delete", "pass --overwrite (or delete")) from None
     ref = read_reference(out)
     n = len(ref.records)
     size = os.path.getsize(out)
@@ -1083,8 +1082,8 @@ def _emit_eval(rows, ref, ref_path, fmt):
                      for r in rows]
         text = "\n".join(textwrap.wrap(line, 100, break_long_words=False, break_on_hyphens=False)
                          + ["", _text_table(head, body), "",
-                            "KLD: mean and p99 of the top-K estimate, nats; bounds, ratio CIs, sizes: --format "
-                            "markdown/html/json", "verdict:"] + verdicts
+                            "KLD: mean and p99 of the top-K estimate, nats (the p99 runs high where the tail is "
+                            "flat); bounds,", "ratio CIs, sizes: --format markdown/html/json", "verdict:"] + verdicts
                          + (["Δ PPL % per group (CIs: --format markdown/html/json):"] + per_group if groups else [])
                          + ([f"multiple choice ({n_items} items, acc: the larger log-likelihood), flips vs the "
                              "original:"] + flips if flips else [])

@@ -797,7 +797,7 @@ class ReferenceFile:
         hint = (" (a build journal is beside it)" if os.path.exists(p + ".journal")
                 or os.path.exists(p + ".part.journal") else "")
         return (f"{p}: unfinished reference file ({why}){hint}: an interrupted build; run the same "
-                f"build again to resume it (ReferenceWriter(..., resume=True)), or the file is damaged")
+                f"build again (the same command or call) to resume it, or the file is damaged")
 
     @property
     def is_shard(self) -> bool:
