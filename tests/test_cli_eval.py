@@ -732,3 +732,15 @@ def test_markdown_escapes_pipes_in_names(built, models, capsys):
     rows = [ln for ln in out.splitlines() if ln.startswith("| ")]
     cells = lambda ln: [c for c in ln.replace("\\|", "\0").split("|")][1:-1]  # noqa: E731
     assert len(cells(rows[1])) == len(cells(rows[0])) and rows[1].startswith("| a\\|b |")
+
+
+def test_tied_weights_listed_missing_are_not_refused():
+    from ppldelta.hf._load import _untied
+
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    m = LlamaForCausalLM(cfg)
+    assert _untied(m, ["lm_head.weight"]) == []  # shares the loaded embedding's storage
+    assert _untied(m, ["lm_head.weight", "model.norm.weight"]) == ["model.norm.weight"]
+    untied = LlamaForCausalLM(LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": False}))
+    assert _untied(untied, ["lm_head.weight"]) == ["lm_head.weight"]

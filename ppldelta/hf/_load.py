@@ -195,13 +195,27 @@ def load_model(name_or_path, torch_dtype=None, *, device_map=None, revision=None
         kw["trust_remote_code"] = True
     kw["output_loading_info"] = True
     model, info = AutoModelForCausalLM.from_pretrained(os.fspath(name_or_path), **kw)
-    missing = sorted(info.get("missing_keys") or ())
+    missing = _untied(model, info.get("missing_keys") or ())
     if missing:  # newly initialised weights: every number would be a random model's
         raise ValueError(f"{os.fspath(name_or_path)}: the checkpoint lacks {len(missing)} of the model's weights "
                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which "
                          "transformers would fill with random values: a damaged or partial checkpoint, or "
                          "one of another architecture")
     return model.eval()
+
+
+def _untied(model, missing) -> list:
+    """The missing keys that are not tied to a weight that was loaded (a tied lm_head that a
+    loader lists as missing shares the embedding's storage)."""
+    missing = set(missing)
+    if not missing:
+        return []
+    try:
+        params = dict(model.named_parameters(remove_duplicate=False))
+    except (TypeError, AttributeError):  # pragma: no cover - not a torch module
+        return sorted(missing)
+    loaded = {p.data_ptr() for n, p in params.items() if n not in missing}
+    return sorted(k for k in missing if k not in params or params[k].data_ptr() not in loaded)
 
 
 def is_model(obj):
