@@ -353,8 +353,10 @@ def test_cli_gguf_route(tmp_path, gguf, monkeypatch, capsys):
     ([], "needs --text"),
 ])
 def test_cli_gguf_refusals(tmp_path, gguf, capsys, extra, msg):
+    text = tmp_path / "t.txt"
+    text.write_text("some text " * 20)
     assert main(["reference", "build", str(gguf), "-o", str(tmp_path / "r.ppldref"), *extra]
-                + (["--text", str(gguf)] if extra else [])) == 2
+                + (["--text", str(text)] if extra else [])) == 2
     assert msg in capsys.readouterr().err
 
 
