@@ -24,7 +24,8 @@ undefined (too few tokens, infinite values) or an input that was not given.
   and bootstrap_stderr from the block bootstrap.
 - ``ppl_ratio`` [Ratio: value, stderr, ci]: PPL(Q)/PPL(base) = exp(ln_ppl_ratio).
 - ``ppl_diff`` [Estimate]: PPL(Q) - PPL(base).
-- ``significance`` [Significance: verdict, p_value (bootstrap), z_p_value (normal approx.)].
+- ``significance`` [Significance: verdict, p_value (bootstrap: the percentile test dual to the CI, so
+  it agrees with the verdict), z_p_value (normal approx.)].
 - ``bootstrap`` [Bootstrap: n_bootstrap, block_size, n_blocks, seed].
 - ``kld`` [Distribution: mean, stderr, then the PCTS_KLD keys max ... min], KL(base || Q) in
   nats; ``kld_reverse`` (present only when given): KL(Q || base).
