@@ -379,7 +379,7 @@ def finish(parts, records):
         fl = np.minimum(floor, np.where(nT > 0, PTm / np.maximum(nT, 1), 0.0))
         capw = np.maximum(cap - fl, 0.0)
         G_min = fl * sbT + -_greedy(-bot, nT, PTp - nT * fl, capw)      # min sum_T p b
-        G_min = np.where((ninfT > 0) & (PTp > 0), -np.inf, G_min)
+        G_min = np.where((ninfT > 0) & (nT > 0), -np.inf, G_min)  # P may hold mass there (PT may underflow)
         G_max = fl * sbT + _greedy(top, nfinT, PTm - nT * fl, capw)     # max sum_T p b
         F_hi = -H + XS_hi - G_min + eH + M64
         F_lo_lin = -H + XS_lo - G_max - eH - M64
@@ -391,6 +391,16 @@ def finish(parts, records):
         W1, C1p, _ = _waterfill(qtop, top, Qb, qbT, PTm, cap)
         W2, C2p, _ = _waterfill(qtop, top, Qb, qbT, PTp, cap)
         W = np.where(PTp > 0, np.minimum(W1, W2), 0.0)
+        # Q's tail mass below float64's range with finite tail tokens left (every q_i = e^b_i
+        # rounds to 0; the water-fill would read them as none): the log-sum inequality instead,
+        # sum_T p log(p/q) >= P (log P - c), Q_T <= n e^c with c = log n_fin + Q's top tail b
+        qunder = (QT <= 0) & (Qb <= 0) & (nfinT > 0) & (PTp > 0) & np.isfinite(top[:, 0])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cq = np.log(np.maximum(nfinT, 1.0)) + np.where(np.isfinite(top[:, 0]), top[:, 0], 0.0)
+            f = lambda P: np.where(P > 0, P * (np.log(P) - cq), 0.0)  # noqa: E731
+            Wq = np.minimum(f(PTm), f(PTp))
+            Wq = np.where((np.exp(cq - 1) >= PTm) & (np.exp(cq - 1) <= PTp), np.minimum(Wq, -np.exp(cq - 1)), Wq)
+        W = np.where(qunder, Wq, W)
         F_lo_wf = gmin.sum(1) + W - M64 * (1 + np.abs(W))
         F_lo = np.maximum(np.maximum(F_lo_lin, F_lo_wf), 0.0)
         W_est, C_est, Y_est = _waterfill(qtop, top, Qb, qbT, PT, cap_pt)
@@ -408,7 +418,7 @@ def finish(parts, records):
         if "pids" in rec.dtype.names and rec["pids"].shape[1]:
             F_est, R_est, svar = _probe_estimates(rec, parts, pt, l, lf, bSf, qS, PT, QT, s2, F_est, R_est)
         # infinities: a stored token with p > 0 = q; tail mass forced onto q = 0 tokens
-        f_inf = (valid & lf & (bS == -np.inf)).any(1) | ((ninfT > 0) & (floor > 0)) | \
+        f_inf = (valid & lf & (bS == -np.inf)).any(1) | ((ninfT > 0) & (lpmin > -np.inf)) | \
             (PTm > nfinT * cap * (1 + 1e-12))
         F_lo = np.where(f_inf, np.inf, F_lo)
         F_hi = np.where(f_inf, np.inf, np.maximum(F_hi, F_lo))
@@ -436,9 +446,19 @@ def finish(parts, records):
         minC = np.where(short, np.where(QT > 0, QT * logfl, 0.0), minC)
         Z_hi = -minC
         Z_lo = -np.maximum(C1p, C2p)
+        # P's tail mass below float64's range (PT, PTm, fl are 0): the bounds in log space
+        # instead, every tail a_i in [lp_min, Tu].  A stored T of -inf with tail tokens left
+        # proves no zero mass: each e_i = exp(x_i - max) below 2^-1075 rounds to 0, so it says
+        # only a_i <= -745 (Tu = log n_T - 745)
+        Tu = np.where(T > -np.inf, T + dT, np.where(nT > 0, np.log(np.maximum(nT, 1.0)) - 745.0, -np.inf))
+        under = (Tu > -np.inf) & ~(PTm > 0)
+        Z_lo = np.where(under, -QT * Tu * (1 - 1e-12), Z_lo)
+        Z_hi = np.where(under, np.where(lpmin > -np.inf, -QT * (lpmin - dmin) * (1 + 1e-12), np.inf), Z_hi)
         R_hi = -HQ + qa_hi + np.where(QT > 0, Z_hi, 0.0) + M64
+        R_hi = np.where((lpmin == -np.inf) & (nfinT > 0), np.inf, R_hi)  # q may sit on a p = 0 tail token
         R_lo = np.maximum(-HQ + qa_lo + np.where(QT > 0, Z_lo, 0.0) - M64 * (1 + np.abs(Z_lo)), 0.0)
-        r_inf = (valid & ~lf & (qS > 0)).any(1) | ((QT > 0) & (PTp <= 0))
+        # infinities: q > 0 where p = 0, said by the log-probs (q = e^b may underflow to 0)
+        r_inf = (valid & ~lf & (bS > -np.inf)).any(1) | ((QT > 0) & (Tu == -np.inf))
         R_lo = np.where(r_inf, np.inf, R_lo)
         R_hi = np.where(r_inf | np.isnan(R_hi), np.inf, np.maximum(R_hi, R_lo))
         out["kld_reverse"] = np.clip(np.where(r_inf, np.inf, R_est), R_lo, R_hi)

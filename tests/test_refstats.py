@@ -27,8 +27,9 @@ def kl_oracle(a, b):
     p = np.exp(la)
     with np.errstate(invalid="ignore"):
         terms = np.where(p > 0, p * (la - lb), 0.0)
-    # clamped at 0 as the full-row path: a negative is the float64 rounding of a zero
-    return np.where(((p > 0) & (lb == -np.inf)).any(axis=1), np.inf, np.maximum(terms.sum(axis=1), 0.0))
+    # clamped at 0 as the full-row path: a negative is the float64 rounding of a zero; p > 0 is
+    # la > -inf (exp(la) underflows below -745, the mass does not vanish)
+    return np.where(((la > -np.inf) & (lb == -np.inf)).any(axis=1), np.inf, np.maximum(terms.sum(axis=1), 0.0))
 
 
 def check_bounds(a, b, targets, k):
@@ -632,3 +633,24 @@ def test_kernel_arguments():
         ppldelta._core.summarize_rows(np.zeros((2, 10))[:, ::2], 1, 0)
     out = ppldelta._core.summarize_rows(np.zeros((0, 5)), 3, 2)
     assert out["ids"].shape == (0, 3) and out["pids"].shape == (0, 2)
+
+
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_bounds_hold_where_the_tail_mass_underflows(k):
+    """P's tail mass below float64's range (T < -745, or a stored T of -inf from exps that all
+    rounded to 0): the reverse bounds were certified [inf, inf] against a finite truth, and the
+    forward bound finite where a q = 0 tail token with p = e^-760 > 0 makes it infinite."""
+    cases = [([0., -760.], [0., 0.]), ([0., -800., -5.], [0., 0., -5.]), ([0., -760.], [0., -np.inf]),
+             ([0., -760., -761.], [0., -np.inf, 0.]), ([0., -760., -np.inf], [0., 0., -np.inf])]
+    for a, b in cases:
+        if len(a) > k:
+            check_bounds(np.array([a]), np.array([b]), [0], k)
+    rng = np.random.default_rng(3)
+    for scale in (300.0, 1000.0, 3000.0):
+        a = rng.normal(0, scale, (300, 40))
+        b = a + rng.normal(0, scale / 10, a.shape)
+        a[rng.random(a.shape) < 0.05] = -np.inf
+        b[rng.random(b.shape) < 0.05] = -np.inf
+        a[:, 0] = b[:, 0] = 0.0
+        a[:, 0] = np.maximum(a.max(1), 0.0) + 1.0  # a finite maximum on every row
+        check_bounds(a, b, np.zeros(len(a), dtype=np.int64), k)
