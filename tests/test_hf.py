@@ -2,6 +2,7 @@
 import math
 import subprocess
 import sys
+import re
 import weakref
 
 import numpy as np
@@ -978,3 +979,24 @@ def test_row_kernels_use_the_torch_threads_with_the_same_bits(gpt2, monkeypatch)
     np.testing.assert_array_equal(one[0], ppldelta.token_log_probs(lo, ids[1:]))
     for k in one[1]:
         np.testing.assert_array_equal(one[1][k], two[1][k], err_msg=k)
+
+
+def test_token_ids_out_of_range_are_refused_before_a_forward():
+    """-100 (a label's ignore_index) as an input id gave a silent NaN for its token, a uint64
+    2**64 - 100 wrapped to it, and an id beyond the vocabulary an IndexError from the
+    embedding: each is a ValueError naming the id and where."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = np.arange(40) % 60
+    big = np.r_[ids, 0].astype(np.uint64)
+    big[-1] = np.uint64(2 ** 64 - 100)
+    for bad, msg in ((np.r_[ids, -100], "got -100 at index 40"), (big, "got 18446744073709551516 at index 40"),
+                     (np.r_[ids[:10], 70, ids], "go up to 70, beyond the model's vocabulary (64 embeddings)")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            hf.score(m, bad, progress=False)
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            hf.compare_models(m, m, bad, progress=False)
+    assert np.isfinite(hf.score(m, ids, progress=False)[0]).all()

@@ -38,7 +38,7 @@ from .. import protocols as _protocols
 from . import _load
 from ._load import is_model, model_name, tokenize, torch_module
 from . import _dist
-from ._run import _progress, as_ids, resolve, run_windows
+from ._run import _progress, as_ids, check_vocab, resolve, run_windows
 
 __all__ = ["build_reference", "evaluate_against_reference", "compare_to_reference", "load_model",
            "load_tokenizer", "reference_header", "encode_ids", "decode_ids", "config_sha256", "weights_sha256"]
@@ -413,11 +413,7 @@ def eval_windows(model, ids, windows, todo, records, offs, cols, *, batch_size=1
     the per-token results into ``cols`` (arrays over all scored tokens, window ``i``'s at
     ``offs[i]``).  (A sharded evaluation calls this with its own share of the windows.)"""
     sub = [windows[i] for i in todo]
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    n_in = getattr(emb, "num_embeddings", None)
-    if isinstance(n_in, int) and len(ids) and int(ids.max()) >= n_in:  # before a forward fails on it
-        raise ValueError(f"the reference's token ids go up to {int(ids.max())}, beyond the model's vocabulary "
-                         f"({n_in} embeddings): a different tokenizer?")
+    check_vocab(model, ids)  # also for a model with its own loop
     bar = _token_bar(sub, desc, progress)
 
     def on_rows(j, r0, r1, chunks, targets):

@@ -134,6 +134,15 @@ def _learned_positions(model) -> bool:
                for n, m in named())
 
 
+def check_vocab(model, ids):
+    """Token ids beyond the model's input embeddings are refused before a forward fails on them."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n_in = getattr(emb, "num_embeddings", None)
+    if isinstance(n_in, int) and len(ids) and int(ids.max()) >= n_in:
+        raise ValueError(f"the token ids go up to {int(ids.max())}, beyond the model's vocabulary "
+                         f"({n_in} embeddings): a different tokenizer?")
+
+
 def _check_positions(model, longest):
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -207,6 +216,7 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
         if hasattr(m, "eval"):
             m.eval()
         _check_positions(m, longest)
+        check_vocab(m, ids)
     bar = _progress(len(windows), desc, progress)
     t0 = time.perf_counter()
     done = [0]
