@@ -78,23 +78,27 @@ def as_f64(x, name: str = "input") -> np.ndarray:
     return np.asarray(a, dtype=np.float64).reshape(-1)
 
 
+KLD_ROUNDING = 1e-6  # a per-token KLD below -this is no rounding of a zero: refused
+
+
 def as_per_token(x, name: str, n: int, keep=None) -> np.ndarray:
-    """A per-token KL divergence (``kld...``: >= 0, +inf allowed) or flag (bool or 0/1) as flat
-    float64, one value per token; with ``keep``, values given per position are first reduced to
-    the scored ones.  NaN and bad values are a ValueError naming the index."""
+    """A per-token KL divergence (``kld...``: >= 0, +inf allowed; down to -1e-6 tolerated as the
+    rounding of a float32 computation of a zero) or flag (bool or 0/1) as flat float64, one value
+    per token; with ``keep``, values given per position are first reduced to the scored ones.
+    NaN and bad values are a ValueError naming the index."""
     a = as_f64(x, name)
     if keep is not None and a.size == keep.size and not keep.all():
         a = a[keep]
     if a.size != n:
         raise ValueError(f"{name} has {a.size} values for {n} tokens")
     kld = name.startswith("kld")
-    bad = np.isnan(a) | (a == -np.inf) if kld else (a != 0) & (a != 1)
+    bad = np.isnan(a) | (a < -KLD_ROUNDING) if kld else (a != 0) & (a != 1)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         if np.isnan(a[i]):
             raise ValueError(f"{name} contains NaN at index {i}")
         raise ValueError(f"{name}[{i}] = {float(a[i])!r} is not " + (
-            "a KL divergence (>= 0)" if kld else "a flag (a bool, 0 or 1)"))
+            f"a KL divergence (>= 0, or >= -{KLD_ROUNDING:g} as rounding)" if kld else "a flag (a bool, 0 or 1)"))
     return a
 
 

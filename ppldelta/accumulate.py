@@ -12,7 +12,9 @@ resampling, and groups are reported in sorted order, so nothing depends on the m
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import numpy as np
 
@@ -245,14 +247,26 @@ def _new_group():
             "blocks": [np.zeros(0), np.zeros(0)]}
 
 
+def _locked(method):
+    """One thread at a time in the accumulator (the kernels release the GIL mid-update)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Accumulator:
     """Streaming state of an analysis: ``update`` with chunks, ``merge`` with other workers'
-    accumulators, ``state_dict``/``from_state`` to ship or checkpoint, ``report`` at the end."""
+    accumulators, ``state_dict``/``from_state`` to ship or checkpoint, ``report`` at the end.
+    Safe to share between threads (each call holds the accumulator's lock; ``merge`` reads
+    ``other`` without taking its lock: do not update it meanwhile)."""
 
     def __init__(self, *, block_size: int = 256):
         if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         self.block_size = int(block_size)
+        self._lock = threading.RLock()
         self.n = 0
         self.sums = dict.fromkeys(_SUMS, 0)
         self.counts = dict.fromkeys(_COUNTS, 0)
@@ -268,7 +282,15 @@ class Accumulator:
         self.groups = {}
         self.bounds = None  # per-token KLD bounds: {key: {sum, inf, hist, minmax}} for the keys carried
 
+    def __getstate__(self):  # pickle / copy: everything but the lock
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     # ------------------------------------------------------------------ update
+    @_locked
     def update(self, original_log_probs=None, quantized_log_probs=None, *, groups=None, kld=None,
                kld_reverse=None, same_top1=None, top1_in_top5=None, top1_in_top10=None,
                original_logits=None, quantized_logits=None, targets=None, ignore_index=-100,
@@ -292,6 +314,10 @@ class Accumulator:
             raise ValueError(f"every update must carry the same per-token arrays: first had "
                              f"{sorted(k for k, v in self.has.items() if v)}, this one "
                              f"{sorted(k for k, v in has.items() if v)}")
+        if self.n and bool(self.groups) != (p.names is not None):
+            raise ValueError("every update must carry groups, or none: "
+                             + ("the first had groups, this one none" if self.groups else
+                                "the first had no groups, this one has them"))
         bx = {_BKEYS[k]: v for k, v in p.extras.items() if k in _BKEYS}
         if self.n and set(bx) != set(self.bounds or {}):
             raise ValueError("every update must carry the same KLD bounds (kld_bounds, kld_reverse_bounds)")
@@ -369,6 +395,7 @@ class Accumulator:
         blocks[1] = np.concatenate([blocks[1], den])
 
     # ------------------------------------------------------------------ merge / state
+    @_locked
     def merge(self, other: "Accumulator") -> "Accumulator":
         """Add another accumulator's tokens to this one (in place; returns self)."""
         if other.block_size != self.block_size:
@@ -379,6 +406,8 @@ class Accumulator:
             raise ValueError("the accumulators carry different per-token arrays")
         if self.n and set(self.bounds or {}) != set(other.bounds or {}):
             raise ValueError("the accumulators carry different KLD bounds")
+        if self.n and bool(self.groups) != bool(other.groups):
+            raise ValueError("one accumulator has groups and the other none")
         self.has = other.has if self.has is None else self.has
         if other.bounds:
             if not self.bounds:
@@ -413,6 +442,7 @@ class Accumulator:
             g["blocks"] = [np.concatenate([g["blocks"][i], og["blocks"][i]]) for i in range(2)]
         return self
 
+    @_locked
     def state_dict(self) -> dict:
         """JSON-serialisable state (exact integers as hex strings)."""
         extra = {} if not self.bounds else {"bounds": {
@@ -453,6 +483,7 @@ class Accumulator:
             return math.nan if pos and neg else math.inf if pos else -math.inf
         return _to_float(self.sums[key])
 
+    @_locked
     def report(self, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=None, protocol=None,
                kld_definition=None) -> Report:
         """The analysis of everything accumulated (structure of ppldelta.analyze's report;

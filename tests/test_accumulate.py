@@ -94,3 +94,49 @@ def test_distributed_all_reduce_gloo(tmp_path):
     for part in np.array_split(np.arange(o.size), 2):
         one.update(o[part], q[part], kld=kld[part], groups=labels[part])
     assert json.loads(json.dumps(one.report(seed=3).to_dict())) == r0
+
+
+def test_groups_on_every_update_or_none():
+    rng = np.random.default_rng(4)
+    o = -rng.exponential(2.0, 1000)
+    q = o - rng.normal(0.01, 0.05, 1000).clip(0)
+    acc = ppldelta.Accumulator().update(o[:500], q[:500], groups=["a"] * 500)
+    with pytest.raises(ValueError, match="the first had groups, this one none"):
+        acc.update(o[500:], q[500:])
+    assert acc.n == 500  # a refused update changes nothing
+    plain = ppldelta.Accumulator().update(o[:500], q[:500])
+    with pytest.raises(ValueError, match="the first had no groups"):
+        plain.update(o[500:], q[500:], groups=["a"] * 500)
+    with pytest.raises(ValueError, match="has groups and the other none"):
+        plain.merge(acc)
+
+
+def test_shared_between_threads_equals_one_shot():
+    """Four threads updating one accumulator (the kernels release the GIL mid-update): the exact
+    sums and the report equal the one-shot ones (they lost updates before its lock)."""
+    import copy
+    import pickle
+    import threading
+
+    from ppldelta.accumulate import exact_sum
+
+    rng = np.random.default_rng(5)
+    n, parts = 40_000, 40
+    o = -rng.exponential(2.0, n)
+    q = o - rng.normal(0.01, 0.05, n).clip(0)
+    acc = ppldelta.Accumulator()
+    chunks = np.array_split(np.arange(n), parts)
+
+    def work(k):
+        for c in chunks[k::4]:
+            acc.update(o[c], q[c])
+    ts = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert acc.n == n and acc.sums["lo"] == exact_sum(o) and acc.sums["lq"] == exact_sum(q)
+    one = ppldelta.Accumulator().update(o, q).report(n_bootstrap=0)
+    assert acc.report(n_bootstrap=0).reference == one.reference
+    twin = pickle.loads(pickle.dumps(acc))  # the lock is not state
+    assert twin.sums == acc.sums and copy.deepcopy(acc).update(o[:5], q[:5]).n == n + 5

@@ -316,3 +316,13 @@ def test_p_value_agrees_with_the_interval_on_skewed_bootstraps():
         sig = lo > 0 or hi < 0
         assert sig == r["significance"]["verdict"].startswith("significant")
         assert sig == (p < 0.05) or abs(p - 0.05) <= 2 * 2 / (B + 1), (t, lo, hi, p)
+
+
+def test_negative_kld_refused_but_rounding_kept():
+    o = -np.random.default_rng(0).exponential(2.0, 100)
+    q = o - 0.01
+    for fn in (lambda k: ppldelta.analyze(o, q, kld=k), lambda k: ppldelta.Accumulator().update(o, q, kld=k)):
+        with pytest.raises(ValueError, match=r"kld\[3\] = -5.0 is not a KL divergence"):
+            fn(np.r_[0.0, 0.0, 0.0, -5.0, np.zeros(96)])
+    r = ppldelta.analyze(o, q, kld=np.r_[-1e-8, np.zeros(99)])  # a float32 zero's rounding
+    assert r["kld"]["mean"] == pytest.approx(-1e-10, abs=1e-15)
