@@ -743,9 +743,10 @@ def _headline(r: Report) -> Verdict:
     else:
         span = f"PPL {_pct(ratio)}, {r.confidence:.0%} CI {_pct(ci[0])} to {_pct(ci[1])}, " \
                f"p {_p_eq(r.significance.p_value, r.bootstrap.n_bootstrap)}"
-        if ci[0] > 1:
+        lnlo, lnhi = r.ln_ppl_ratio.ci  # the significance's own test (exp may round a tiny CI to 1)
+        if lnlo > 0:
             loss, why = _LOSS[q], f"{span}: a real loss, '{q}' by the 1/5/10 % thresholds"
-        elif ci[1] < 1:
+        elif lnhi < 0:
             loss, why = "no loss (measurably better)", f"{span}: the quantized model predicts better"
         else:
             loss = "no measurable loss" if q in _core.QUALITIES[:2] else "inconclusive"

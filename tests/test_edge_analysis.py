@@ -326,3 +326,12 @@ def test_negative_kld_refused_but_rounding_kept():
             fn(np.r_[0.0, 0.0, 0.0, -5.0, np.zeros(96)])
     r = ppldelta.analyze(o, q, kld=np.r_[-1e-8, np.zeros(99)])  # a float32 zero's rounding
     assert r["kld"]["mean"] == pytest.approx(-1e-10, abs=1e-15)
+
+
+def test_headline_and_significance_agree_when_the_ci_rounds_to_one():
+    o = np.full(1000, -1e-3)
+    q = np.nextafter(o, -1)  # a loss of one ulp per token: ln ratio CI > 0, its exp rounds to 1.0
+    r = ppldelta.analyze(o, q)
+    assert r["significance"]["verdict"] == "significant degradation"
+    assert not r["verdict"]["headline"].startswith(("no measurable loss", "inconclusive"))
+    assert "a real loss" in r["verdict"]["reason"]
