@@ -184,8 +184,8 @@ def as_ids(input_ids) -> np.ndarray:
     if a.ndim != 1:
         raise ValueError(f"input_ids must be one sequence (1-D, or 2-D with one row), got shape {tuple(a.shape)}")
     if a.dtype.kind not in "iu":
-        kind = torch_dtype or (str(a.dtype) if not _is_torch(input_ids) else "torch." + a.dtype.name)
-        raise TypeError(f"input_ids must be integer token ids, got {kind}")
+        raise TypeError(f"input_ids must be integer token ids, got "
+                        f"{torch_dtype or ('torch.' + a.dtype.name if a.dtype.kind in 'fb' else a.dtype)}")
     if a.size and (a.min() < 0 or (a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max)):
         i = int(np.argmax(a < 0)) if a.min() < 0 else int(np.argmax(a > np.iinfo(np.int64).max))
         raise ValueError(f"input_ids must be token ids in [0, 2**63) (-100 is a label's ignore_index, not an "

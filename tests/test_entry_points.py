@@ -190,6 +190,10 @@ def _as_ids_oracle(input_ids):
         raise ValueError(f"input_ids must be one sequence (1-D, or 2-D with one row), got shape {tuple(t.shape)}")
     if t.is_floating_point() or t.dtype == torch.bool:
         raise TypeError(f"input_ids must be integer token ids, got {t.dtype}")
+    if t.numel() and (t < 0).any():  # since: a negative id (-100, an ignore_index) gave a silent NaN
+        i = int(torch.nonzero(t < 0)[0, 0])
+        raise ValueError(f"input_ids must be token ids in [0, 2**63) (-100 is a label's ignore_index, not an "
+                         f"input), got {int(t[i])} at index {i}")
     return t.to(torch.long).contiguous()
 
 
