@@ -315,16 +315,24 @@ PD_T2 static double v2_runfast(const double *p, npy_intp nb, double r, double *o
     return !bad && t < 2.0 * e2 ? t : -1.0;
 }
 
-PD_T2 static double v2_runsum(const double *p, npy_intp n, double r, double *out)
+/* The running sum by a path's block shortcut ``fast`` (v2_runfast, v5_runfast: -1 where it does
+ * not apply): the whole row's blocks at once, else block by block, else one add at a time. */
+static double pd_runsum_by(double (*fast)(const double *, npy_intp, double, double *), const double *p,
+                           npy_intp n, double r, double *out)
 {
     npy_intp nb = n / PD_RB, b;
-    double t = v2_runfast(p, nb, r, out);
+    double t = fast(p, nb, r, out);
     if (t < 0)
         for (b = 0, t = r; b < nb; b++) {
-            double u = v2_runfast(p + b * PD_RB, 1, t, out + b);
+            double u = fast(p + b * PD_RB, 1, t, out + b);
             t = u < 0 ? sc_runsum(p + b * PD_RB, PD_RB, t, out + b) : u;
         }
     return nb * PD_RB < n ? sc_runsum(p + nb * PD_RB, n - nb * PD_RB, t, out + nb) : t;
+}
+
+static double v2_runsum(const double *p, npy_intp n, double r, double *out)
+{
+    return pd_runsum_by(v2_runfast, p, n, r, out);
 }
 
 PD_T2 static void v2_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
@@ -485,16 +493,9 @@ PD_T5 static double v5_runfast(const double *p, npy_intp nb, double r, double *o
     return !bad && t < 2.0 * e2 ? t : -1.0;
 }
 
-PD_T5 static double v5_runsum(const double *p, npy_intp n, double r, double *out)
+static double v5_runsum(const double *p, npy_intp n, double r, double *out)
 {
-    npy_intp nb = n / PD_RB, b;
-    double t = v5_runfast(p, nb, r, out);
-    if (t < 0)
-        for (b = 0, t = r; b < nb; b++) {
-            double u = v5_runfast(p + b * PD_RB, 1, t, out + b);
-            t = u < 0 ? sc_runsum(p + b * PD_RB, PD_RB, t, out + b) : u;
-        }
-    return nb * PD_RB < n ? sc_runsum(p + nb * PD_RB, n - nb * PD_RB, t, out + nb) : t;
+    return pd_runsum_by(v5_runfast, p, n, r, out);
 }
 
 PD_T5 static void v5_expsum(const double *p, npy_intp n8, double m, double *e, double *s, double *w,
