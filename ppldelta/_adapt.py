@@ -67,6 +67,8 @@ def as_array(obj, name: str = "input") -> np.ndarray:
         raise TypeError(
             f"{name} must be a sequence or array of log-probabilities, not {type(obj).__name__}"
         )
+    if arr.dtype.kind == "c":  # NumPy would drop the imaginary parts with a warning
+        raise TypeError(f"{name} has complex dtype {arr.dtype}: expected real numbers")
     return arr
 
 

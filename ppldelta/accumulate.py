@@ -6,7 +6,8 @@ is an integer multiple of 2^-1127 and adding integers is exact and associative. 
 accumulators in any order therefore gives bit-for-bit the numbers of one pass, and the reference
 dict equals ppldelta.perplexity_delta on the concatenated data.  Percentiles of KLD and Δp come
 from fixed histograms (KLD: 100 log-spaced bins per decade from 1e-12 to 1e3, relative error
-< 2.4 %; Δp: bins of 1e-4), with exact minimum and maximum.  Bootstrap blocks are formed within
+< 2.4 %, and one bin [0, 1e-12) read as 0, an absolute error below 1e-12; Δp: bins of 1e-4), with
+exact minimum and maximum.  Bootstrap blocks are formed within
 each update() call (documents or windows are natural blocks) and sorted canonically before
 resampling, and groups are reported in sorted order, so nothing depends on the merge order.
 """
@@ -27,8 +28,10 @@ _SHIFT = 1127  # 2^-1127 divides every float64 (smallest subnormal 2^-1074 = 2^5
 _KLD_EDGES = np.concatenate([[0.0], np.logspace(-12, 3, 1501)])
 _DP_EDGES = np.linspace(-1.0, 1.0, 20001)
 _SUMS = ("lo", "lq", "oo", "qq", "oq", "dp", "dp2", "dp4", "kld", "kld2", "kldr", "kldr2")
-_COUNTS = ("same", "top5", "top10")
-_KEYS = dict(zip(paired.PER_TOKEN, ("kld", "kldr", "same", "top5", "top10")))  # analyze's names -> ours
+_COUNTS = ("same", "top5", "top10", "qtop5", "qtop10")
+_KEYS = dict(zip(paired.PER_TOKEN + tuple(paired.CROSS),  # analyze's names -> ours
+                 ("kld", "kldr", "same", "top5", "top10", "qtop5", "qtop10")))
+_NEW_IN_3 = ("qtop5", "qtop10")  # the quantized top-1 in the original's top 5 / 10 (from logits)
 _BKEYS = dict(zip(paired.BOUNDS, ("kldlo", "kldhi", "kldrlo", "kldrhi")))  # KLD bounds (optional)
 
 
@@ -104,16 +107,58 @@ def _blocks_of(b, what, n):
     return [num, den]
 
 
+def _float_of(v, what):
+    """A number, or one of the strings state_dict() writes for infinities ("inf", "-inf")."""
+    if isinstance(v, str) and v in ("inf", "-inf"):
+        return float(v)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) or v != v:
+        _bad(f"{what} must be a number (or 'inf' / '-inf'), got {v!r}")
+    return float(v)
+
+
+def _json_floats(values) -> list:
+    """Floats for strict JSON: infinities as the strings "inf" / "-inf" (no NaN occurs here)."""
+    return [v if math.isfinite(v) else ("inf" if v > 0 else "-inf") for v in map(float, values)]
+
+
+def _hist_of(h, what, size, want):
+    """A histogram of a state ({nonzero: bin indices, counts}) as ``size`` counts adding up to ``want``."""
+    _keys(h, what, ("nonzero", "counts"))
+    idx, cnt = h["nonzero"], h["counts"]
+    if not (isinstance(idx, (list, tuple)) and isinstance(cnt, (list, tuple)) and len(idx) == len(cnt)):
+        _bad(f"{what}: nonzero and counts must be lists of the same length")
+    idx = [_count(i, f"{what} bin index", size - 1) for i in idx]
+    cnt = [_count(c, f"{what} count", min(want, 2 ** 62)) for c in cnt]
+    if len(set(idx)) != len(idx) or 0 in cnt:
+        _bad(f"{what}: bin indices must be distinct, counts positive")
+    if sum(cnt) != want:
+        _bad(f"{what} counts add up to {sum(cnt)}, not {want}")
+    full = np.zeros(size, np.int64)
+    full[np.asarray(idx, dtype=np.intp)] = cnt
+    return full
+
+
+def _minmax_of(mm, what, want):
+    """[min, max] of the values of a histogram holding ``want`` of them ([inf, -inf] for none)."""
+    if not (isinstance(mm, (list, tuple)) and len(mm) == 2):
+        _bad(f"{what} must be [min, max]")
+    mm = [_float_of(v, what) for v in mm]
+    if want and not (mm[0] <= mm[1] and mm[0] != math.inf and mm[1] != -math.inf):
+        _bad(f"{what} = {mm} is not a [min, max] of values")
+    return mm if want else [math.inf, -math.inf]
+
+
 def _checked_state(state):
     """A copy of a state_dict() in memory form, every field checked: types, ranges, and the
     consistency updates guarantee (counts <= n, histograms summing to n, log-prob sums <= n *
     POSITIVE_TOLERANCE, sums of squares >= 0, nothing for arrays the updates did not carry)."""
     version = state.get("version") if isinstance(state, dict) else None
-    if version not in (1, 2):
+    if version not in (1, 2, 3):
         raise ValueError(f"unknown Accumulator state version {version!r}")
+    old = () if version == 3 else _NEW_IN_3  # keys a version 1 / 2 state lacks (False / 0)
     base = ("version", "block_size", "n", "has", "sums", "counts", "neginf", "hist", "minmax",
             "blocks", "groups")
-    _keys(state, "state", base + (("inf", "ignored") if version == 2 else ()), ("bounds",) if version == 2 else ())
+    _keys(state, "state", base + (("inf", "ignored") if version > 1 else ()), ("bounds",) if version > 1 else ())
     st = {"block_size": state["block_size"]}
     if isinstance(st["block_size"], bool) or not isinstance(st["block_size"], (int, np.integer)) or \
             st["block_size"] < 1:
@@ -124,10 +169,10 @@ def _checked_state(state):
         has = dict.fromkeys(_KEYS.values(), False)
         st["has"] = None
     else:
-        _keys(has, "has", _KEYS.values())
+        _keys(has, "has", [k for k in _KEYS.values() if k not in old])
         if not all(isinstance(v, (bool, np.bool_)) for v in has.values()):
             _bad("has must map to booleans")
-        st["has"] = has = {k: bool(v) for k, v in has.items()}
+        st["has"] = has = {**dict.fromkeys(old, False), **{k: bool(v) for k, v in has.items()}}
     st["ignored"] = _count(state.get("ignored", 0), "ignored")
     sums = {k: _hexint(v, f"sums[{k!r}]") for k, v in _keys(state["sums"], "sums", _SUMS).items()}
     inf = {k: [0, 0] for k in _SUMS}
@@ -149,36 +194,18 @@ def _checked_state(state):
         if not has[arr] and any(sums[k] or any(inf[k]) for k in keys):
             _bad(f"sums[{keys[0]!r}] is non-zero but the updates carried no {arr}")
     st["sums"], st["inf"] = sums, inf
-    counts = _keys(state["counts"], "counts", _COUNTS)
+    counts = {**dict.fromkeys(old, 0), **_keys(state["counts"], "counts", [k for k in _COUNTS if k not in old])}
     st["counts"] = {k: _count(v, f"counts[{k!r}]", n if has[k] else 0) for k, v in counts.items()}
     st["neginf"] = {k: _count(v, f"neginf[{k!r}]", n)
                     for k, v in _keys(state["neginf"], "neginf", ("o", "q")).items()}
     st["hist"], st["minmax"] = {}, {}
     edges = {"kld": _KLD_EDGES, "kldr": _KLD_EDGES, "dp": _DP_EDGES}
     for k, h in _keys(state["hist"], "hist", edges).items():
-        _keys(h, f"hist[{k!r}]", ("nonzero", "counts"))
-        idx, cnt = h["nonzero"], h["counts"]
-        if not (isinstance(idx, (list, tuple)) and isinstance(cnt, (list, tuple)) and len(idx) == len(cnt)):
-            _bad(f"hist[{k!r}]: nonzero and counts must be lists of the same length")
-        size = edges[k].size - 1
-        idx = [_count(i, f"hist[{k!r}] bin index", size - 1) for i in idx]
-        cnt = [_count(c, f"hist[{k!r}] count", min(n, 2 ** 62)) for c in cnt]
-        if len(set(idx)) != len(idx) or 0 in cnt:
-            _bad(f"hist[{k!r}]: bin indices must be distinct, counts positive")
         want = n if (k == "dp" or has[k]) else 0
-        if sum(cnt) != want:
-            _bad(f"hist[{k!r}] counts add up to {sum(cnt)}, not {want}")
-        full = np.zeros(size, np.int64)
-        full[np.asarray(idx, dtype=np.intp)] = cnt
-        st["hist"][k] = full
-        mm = state["minmax"].get(k) if isinstance(state["minmax"], dict) else None
-        if not (isinstance(mm, (list, tuple)) and len(mm) == 2 and all(
-                isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in mm)):
-            _bad(f"minmax[{k!r}] must be [min, max]")
-        mm = [float(v) for v in mm]
-        if want and not (mm[0] <= mm[1] and mm[0] != math.inf and mm[1] != -math.inf):
-            _bad(f"minmax[{k!r}] = {mm} is not a [min, max] of values")
-        st["minmax"][k] = mm if want else [math.inf, -math.inf]
+        st["hist"][k] = _hist_of(h, f"hist[{k!r}]", edges[k].size - 1, want)
+        mm = _minmax_of(state["minmax"].get(k) if isinstance(state["minmax"], dict) else None,
+                        f"minmax[{k!r}]", want)
+        st["minmax"][k] = mm
     _keys(state["minmax"], "minmax", edges)
     st["blocks"] = _blocks_of(state["blocks"], "blocks", n)
     if not isinstance(state["groups"], dict):
@@ -188,7 +215,7 @@ def _checked_state(state):
         what = f"groups[{name!r}]"
         if not isinstance(name, str):
             _bad(f"{what}: group names are strings")
-        _keys(g, what, ("n", "lo", "lq", "kld", "same", "blocks") + (("inf",) if version == 2 else ()))
+        _keys(g, what, ("n", "lo", "lq", "kld", "same", "blocks") + (("inf",) if version > 1 else ()))
         gn = _count(g["n"], f"{what}['n']", n)
         if gn == 0:
             _bad(f"{what} has no tokens")
@@ -224,21 +251,12 @@ def _checked_bounds(b, n, has):
     for k, e in b.items():
         what = f"bounds[{k!r}]"
         _keys(e, what, ("sum", "inf", "hist", "minmax"))
-        h = _keys(e["hist"], f"{what}['hist']", ("nonzero", "counts"))
-        idx = [_count(i, f"{what} bin index", size - 1) for i in h["nonzero"]]
-        cnt = [_count(c, f"{what} count", n) for c in h["counts"]]
-        if len(idx) != len(cnt) or len(set(idx)) != len(idx) or sum(cnt) != n:
-            _bad(f"{what}: histogram counts must add up to n = {n}")
-        full = np.zeros(size, np.int64)
-        full[np.asarray(idx, dtype=np.intp)] = cnt
+        full = _hist_of(e["hist"], f"{what}['hist']", size, n)
         inf = e["inf"]
         if not (isinstance(inf, (list, tuple)) and len(inf) == 2):
             _bad(f"{what}['inf'] must be [count of +inf, count of -inf]")
-        mm = e["minmax"]
-        if not (isinstance(mm, (list, tuple)) and len(mm) == 2):
-            _bad(f"{what}['minmax'] must be [min, max]")
         out[k] = {"sum": _hexint(e["sum"], f"{what}['sum']"), "inf": [_count(c, f"{what}['inf']", n) for c in inf],
-                  "hist": full, "minmax": [float(v) for v in mm]}
+                  "hist": full, "minmax": _minmax_of(e["minmax"], f"{what}['minmax']", n)}
     return out
 
 
@@ -444,29 +462,30 @@ class Accumulator:
 
     @_locked
     def state_dict(self) -> dict:
-        """JSON-serialisable state (exact integers as hex strings)."""
+        """The state as strict JSON data (RFC 8259: exact integers as hex strings, infinities as
+        the strings "inf" / "-inf"), for from_state(): any JSON parser reads it back."""
         extra = {} if not self.bounds else {"bounds": {
-            k: {"sum": hex(e["sum"]), "inf": list(e["inf"]), "minmax": list(e["minmax"]),
+            k: {"sum": hex(e["sum"]), "inf": list(e["inf"]), "minmax": _json_floats(e["minmax"]),
                 "hist": {"nonzero": np.flatnonzero(e["hist"]).tolist(), "counts": e["hist"][e["hist"] != 0].tolist()}}
             for k, e in self.bounds.items()}}
         return {**extra,
-            "version": 2, "block_size": self.block_size, "n": self.n, "has": self.has,
+            "version": 3, "block_size": self.block_size, "n": self.n, "has": self.has,
             "sums": {k: hex(v) for k, v in self.sums.items()}, "counts": dict(self.counts),
             "neginf": dict(self.neginf), "inf": {k: list(v) for k, v in self.inf.items()},
             "ignored": self.ignored,
             "hist": {k: {"nonzero": np.flatnonzero(v).tolist(), "counts": v[v != 0].tolist()}
                      for k, v in self.hist.items()},
-            "minmax": {k: list(v) for k, v in self.minmax.items()},
-            "blocks": [b.tolist() for b in self.blocks],
+            "minmax": {k: _json_floats(v) for k, v in self.minmax.items()},
+            "blocks": [_json_floats(b) for b in self.blocks],
             "groups": {name: {"n": g["n"], "lo": hex(g["lo"]), "lq": hex(g["lq"]), "kld": hex(g["kld"]),
                               "same": g["same"], "inf": dict(g["inf"]),
-                              "blocks": [b.tolist() for b in g["blocks"]]}
+                              "blocks": [_json_floats(b) for b in g["blocks"]]}
                        for name, g in self.groups.items()},
         }
 
     @classmethod
     def from_state(cls, state: dict) -> "Accumulator":
-        """The accumulator of a ``state_dict()`` (version 1 or 2); ValueError for a state that
+        """The accumulator of a ``state_dict()`` (version 1, 2 or 3); ValueError for a state that
         is malformed or inconsistent (it could not have come from updates)."""
         st = _checked_state(state)
         acc = cls(block_size=st["block_size"])
@@ -491,7 +510,7 @@ class Accumulator:
         n = self.n
         if n == 0:
             raise ValueError("the accumulator is empty")
-        check_confidence(confidence)
+        check_confidence(confidence, n_bootstrap)
         has = self.has
         groups = None
         if self.groups:
@@ -507,7 +526,8 @@ class Accumulator:
             *(DistMoments(self._sum(k), self._sum(k + "2"), self._percentiles(k, _KLD_EDGES, True)) if has[k] else None
               for k in ("kld", "kldr")),
             {name: self.counts[k] for name, k in (("same_top1", "same"), ("top1_in_top5", "top5"),
-                                                 ("top1_in_top10", "top10")) if has[k]},
+                                                 ("top1_in_top10", "top10"), ("q_top1_in_base_top5", "qtop5"),
+                                                 ("q_top1_in_base_top10", "qtop10")) if has[k]},
             groups, self.ignored, *(self._bound_pair(lo, hi) for lo, hi in (("kldlo", "kldhi"), ("kldrlo", "kldrhi"))),
             kld_definition), confidence=confidence, n_bootstrap=n_bootstrap, seed=seed,
             expected=expected, protocol=protocol)

@@ -44,7 +44,7 @@ def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_lo
     bounds on the mean and each percentile; ``kld_definition`` names what ``kld`` measures
     (default 'full vocabulary', or 'reference top-K estimate' with bounds).
     """
-    check_confidence(confidence)
+    check_confidence(confidence, n_bootstrap)
     p = paired.read(original_log_probs, quantized_log_probs, groups=groups,
                     per_token=dict(zip(paired.PER_TOKEN, (kld, kld_reverse, same_top1, top1_in_top5,
                                                           top1_in_top10)),

@@ -194,24 +194,39 @@ class LogitsFile:
                 f"n_vocab={self.n_vocab}, n_chunk={self.n_chunk} implies {expected} bytes, "
                 f"the file has {size}"
             )
-        self.tokens = np.memmap(self.path, dtype="=i4", mode="r", offset=tokens_offset,
-                                shape=(self.n_chunk, self.n_ctx))
+        tokens = np.memmap(self.path, dtype="=i4", mode="r", offset=tokens_offset,
+                           shape=(self.n_chunk, self.n_ctx))
+        self._maps = (tokens, None)
         if self.tokens.size and (self.tokens.min() < 0 or self.tokens.max() >= self.n_vocab):
             chunk, pos = np.argwhere((self.tokens < 0) | (self.tokens >= self.n_vocab))[0]
             raise ValueError(
                 f"{self.path}: token id {int(self.tokens[chunk, pos])} at chunk {chunk}, position "
                 f"{pos} is outside [0, n_vocab={self.n_vocab})"
             )
-        self._rows = np.memmap(self.path, dtype="=u2", mode="r", offset=rows_offset,
-                               shape=(self.n_chunk, self.rows_per_chunk, self._nv))
+        self._maps = (tokens, np.memmap(self.path, dtype="=u2", mode="r", offset=rows_offset,
+                                        shape=(self.n_chunk, self.rows_per_chunk, self._nv)))
         st = os.stat(self.path)
         self._inode = (st.st_dev, st.st_ino)
         _OPEN.add(self)
 
     def close(self) -> None:
-        """Drop this object's memory maps (arrays taken from it keep theirs)."""
-        self.tokens = self._rows = None
+        """Drop this object's memory maps (arrays taken from it keep theirs); reading the
+        closed file afterwards is a ValueError."""
+        self._maps = None
         _OPEN.discard(self)
+
+    def _open_maps(self):
+        if self._maps is None:
+            raise ValueError(f"{self.path}: this LogitsFile is closed (read_logits_file opens it again)")
+        return self._maps
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self._open_maps()[0]
+
+    @property
+    def _rows(self) -> np.ndarray:
+        return self._open_maps()[1]
 
     def __enter__(self):
         return self
@@ -302,6 +317,8 @@ def write_logits_file(
     that an open :class:`LogitsFile` maps is refused (ValueError).
     """
     raw = np.asarray(tokens).reshape(-1)
+    if raw.dtype.kind not in "iu":  # floats were truncated (3.7 -> 3), NaN cast to garbage
+        raise TypeError(f"tokens must be integer token ids, got {raw.dtype}")
     if n_ctx < 2:
         raise ValueError(f"n_ctx must be >= 2, got {n_ctx}")
     n_chunk = raw.size // n_ctx
@@ -337,6 +354,11 @@ def write_logits_file(
                 )
             if chunk.shape[0] == n_ctx:
                 chunk = chunk[first : n_ctx - 1]
+            hi = chunk.max(axis=1)  # NaN anywhere in a row, +inf, or a row of -inf: no log-softmax
+            bad = np.flatnonzero(~np.isfinite(hi))
+            if bad.size:
+                raise ValueError(f"chunk {written}: scored row {bad[0]} (position {first + bad[0]}) of the logits "
+                                 f"is not finite (NaN, +inf, or every value -inf: max {hi[bad[0]]})")
             for block in _row_blocks(rows, n_vocab):
                 f.write(_encode_rows(chunk[block]).tobytes())
             written += 1

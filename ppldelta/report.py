@@ -96,8 +96,8 @@ class Sample:
 
 class Histogram:
     """Percentiles (numpy 'linear' ranks) from counts in fixed bins, interpolated within the bin
-    (geometrically with ``log``), with the exact minimum and maximum; the ``n_inf`` largest of
-    the ``n`` values are +inf."""
+    (geometrically with ``log``, where a rank in the first bin, [0, its upper edge), reads as 0),
+    clamped to the exact minimum and maximum; the ``n_inf`` largest of the ``n`` values are +inf."""
 
     def __init__(self, counts, edges, n, lo, hi, log, n_inf=0):
         self.counts, self.edges, self.n, self.lo, self.hi, self.log, self.n_inf = \
@@ -113,7 +113,10 @@ class Histogram:
             b = min(int(np.searchsorted(cum, k, side="right")), self.counts.size - 1)
             frac = (k - (cum[b - 1] if b > 0 else 0) + 0.5) / max(self.counts[b], 1)
             a, z = self.edges[b], self.edges[b + 1]
-            v = (a * (z / a) ** frac) if (self.log and a > 0) else a + (z - a) * frac
+            if self.log:  # the first log bin [0, its first edge) reads as 0: exact zeros are the
+                v = a * (z / a) ** frac if a > 0 else 0.0  # common case (a model against itself)
+            else:
+                v = a + (z - a) * frac
             out[key] = float(min(max(v, self.lo), self.hi))
         return out
 
@@ -509,15 +512,29 @@ def _from_dict(d: dict) -> dict:
 
 # ============================================================================ the builder
 
-def check_confidence(confidence):
+def check_confidence(confidence, n_bootstrap=0):
+    """confidence in (0, 1); n_bootstrap 0 (no bootstrap) or enough replicates for a test at
+    that confidence.
+
+    The percentile test's smallest p is 2 / (n_bootstrap + 1) (no replicate beyond 0), so fewer
+    than 2 / (1 - confidence) - 1 replicates (39 at 95 %) could never show a change at that level,
+    while the interval's end points, interpolated between the few extreme replicates, could still
+    exclude 0: a verdict of 'significant' beside a p above 1 - confidence.  Refused."""
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
+    if isinstance(n_bootstrap, (bool, np.bool_)) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be an integer >= 0 (0: no bootstrap), got {n_bootstrap!r}")
+    need = math.ceil(2 / (1 - confidence) - 1 - 1e-9)
+    if 0 < n_bootstrap < need:
+        raise ValueError(f"n_bootstrap={int(n_bootstrap)} is too few replicates for a {confidence:.4g} confidence "
+                         f"interval: its smallest p would be 2/(n_bootstrap + 1) = {2 / (n_bootstrap + 1):.3g}, "
+                         f"above {1 - confidence:.3g}; use at least {need} (1000 is the default), or 0 for none")
 
 
 def build(m: Moments, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=None,
           protocol=None) -> Report:
     """The report of the moments ``m`` (the one place a report is assembled)."""
-    check_confidence(confidence)
+    check_confidence(confidence, n_bootstrap)
     n = m.n
     ref = reference(m.sum_o, m.sum_q, n)  # perplexity_delta's ValueError if PPL(base) is inf
     boot = _bootstrap(m.blocks, n_bootstrap, seed, confidence)

@@ -67,6 +67,32 @@ def test_report_agrees_with_analyze():
     assert r["delta_p"]["median"] == pytest.approx(a["delta_p"]["median"], abs=0.02)
 
 
+def test_from_logits_every_top_k_rate_of_analyze():
+    """Fed logits, analyze reports both directions of the top-k agreement; the Accumulator had
+    dropped the quantized top-1 in the original's top 5 / 10.  Oracle: NumPy's argsort here.
+    Updates in parts, merged through JSON states, give analyze's counts exactly."""
+    rng = np.random.default_rng(11)
+    a = rng.normal(0, 2, (300, 64))
+    b = a + rng.normal(0, 0.8, a.shape)
+    t = rng.integers(0, 64, 300)
+    want = ppldelta.analyze(None, None, original_logits=a, quantized_logits=b, targets=t, n_bootstrap=0)
+    parts = [ppldelta.Accumulator().update(None, None, original_logits=a[i:j], quantized_logits=b[i:j],
+                                           targets=t[i:j]) for i, j in ((0, 100), (100, 300))]
+    acc = ppldelta.Accumulator()
+    for p in parts:
+        acc.merge(ppldelta.Accumulator.from_state(json.loads(json.dumps(p.state_dict(), allow_nan=False))))
+    got = acc.report(n_bootstrap=0)
+    order_a, order_b = np.argsort(-a, axis=1), np.argsort(-b, axis=1)
+    for k in (5, 10):
+        fwd = np.mean([order_a[i, 0] in order_b[i, :k] for i in range(300)]) * 100
+        rev = np.mean([order_b[i, 0] in order_a[i, :k] for i in range(300)]) * 100
+        assert got[f"top1_in_top{k}"] == want[f"top1_in_top{k}"] == pytest.approx(fwd, abs=1e-12)
+        assert got[f"q_top1_in_base_top{k}"] == want[f"q_top1_in_base_top{k}"] == pytest.approx(rev, abs=1e-12)
+    assert 0 < rev < 100 and fwd != rev  # the two directions differ on these data
+    with pytest.raises(ValueError, match="same per-token arrays"):  # log-probs alone carry neither
+        acc.update(np.full(3, -1.0), np.full(3, -1.0), top1_in_top5=[1, 1, 0])
+
+
 def test_errors_and_consistency():
     acc = ppldelta.Accumulator()
     with pytest.raises(ValueError, match="empty"):

@@ -284,7 +284,7 @@ def test_torch_float64_log_probs_keep_their_precision():
 
     o = torch.tensor([-1.0000000001, -2.0], dtype=torch.float64)
     q = torch.tensor([-1.0, -2.0000000003], dtype=torch.float64)
-    r = ppldelta.analyze(o, q, n_bootstrap=10)
+    r = ppldelta.analyze(o, q, n_bootstrap=40)
     assert r["ln_ppl_ratio"]["value"] == pytest.approx(((2.0000000003 - 2.0) - (1.0000000001 - 1.0)) / 2,
                                                        rel=1e-6)
 
@@ -293,7 +293,7 @@ def test_a_chunk_whose_original_mean_overflows_is_fine_when_the_total_is_not():
     o = [-2000.0] + [-1.0] * 20
     q = [-2000.5] + [-1.2] * 20
     acc = ppldelta.Accumulator(block_size=4).update(o[:1], q[:1]).update(o[1:], q[1:])
-    assert acc.report(n_bootstrap=10)["reference"] == ppldelta.perplexity_delta(o, q) == fsum_delta(o, q)
+    assert acc.report(n_bootstrap=40)["reference"] == ppldelta.perplexity_delta(o, q) == fsum_delta(o, q)
     with pytest.raises(ValueError, match="original model's perplexity overflows"):
         ppldelta.Accumulator().update([-math.inf, -1.0], [-1.0, -1.0])
 
@@ -316,6 +316,29 @@ def test_p_value_agrees_with_the_interval_on_skewed_bootstraps():
         sig = lo > 0 or hi < 0
         assert sig == r["significance"]["verdict"].startswith("significant")
         assert sig == (p < 0.05) or abs(p - 0.05) <= 2 * 2 / (B + 1), (t, lo, hi, p)
+
+
+def test_too_few_bootstrap_replicates_refused():
+    """With B replicates the dual test's smallest p is 2/(B + 1): below 2/(1 - c) - 1 replicates a
+    change could never be shown at confidence c, yet the interpolated interval could exclude 0 (B = 1
+    gave a one-point "CI" and "significant degradation" beside p = 1).  Refused, on every entry
+    point that bootstraps; the boundary is exact (39 at 95 %, 199 at 99 %); 0 means none."""
+    o = -np.random.default_rng(0).exponential(2.0, 200)
+    q = o - 0.05
+    acc = ppldelta.Accumulator(block_size=10).update(o, q)
+    for fn in (lambda **kw: ppldelta.analyze(o, q, **kw), lambda **kw: acc.report(**kw)):
+        for b, c in ((1, 0.95), (38, 0.95), (198, 0.99), (18, 0.9)):
+            with pytest.raises(ValueError, match=rf"n_bootstrap={b} is too few .* at least {round(2 / (1 - c) - 1)}"):
+                fn(n_bootstrap=b, confidence=c)
+        for b in (-1, True, 2.5, "100"):
+            with pytest.raises(ValueError, match="n_bootstrap must be an integer >= 0"):
+                fn(n_bootstrap=b)
+        for b, c in ((39, 0.95), (199, 0.99), (19, 0.9), (np.int64(40), 0.95)):
+            r = fn(n_bootstrap=b, confidence=c)
+            assert r["significance"]["p_value"] >= 2 / (int(b) + 1) and r["ln_ppl_ratio"]["ci"][0] > 0
+            assert r["significance"]["p_value"] <= 1 - c + 1e-12  # the floor can show the change
+        r = fn(n_bootstrap=0)
+        assert r["ln_ppl_ratio"]["ci"] == [None, None] and r["significance"]["p_value"] is None
 
 
 def test_negative_kld_refused_but_rounding_kept():

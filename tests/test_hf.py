@@ -488,8 +488,49 @@ def test_loading_from_local_paths(gpt2, tokenizer, tmp_path):
     assert res_q.perplexity == pytest.approx(ref_q.perplexity, rel=1e-6)
     assert res_q.protocol.notes["model"] == str(quant_dir)
     table = hf.quantization_report(str(orig), {"q": str(quant_dir)}, texts, max_length=32, stride=16,
-                                   progress=False, n_bootstrap=20)
+                                   progress=False, n_bootstrap=40)
     assert table["q"]["ratio"] == pytest.approx(res_q.perplexity / res.perplexity, rel=1e-6)
+
+
+def test_an_encoder_loaded_as_a_causal_lm_is_refused(tmp_path, capsys):
+    """transformers loads a BERT checkpoint through AutoModelForCausalLM as a BertLMHeadModel
+    whose attention is bidirectional (it only warns): it sees the tokens it is scored on, and
+    its "perplexity" is meaningless.  Refused, from an object and from a saved folder (the
+    CLI's exit 2, one line); the same architecture with is_decoder=True is causal and scores.
+    Oracle for causality: the earlier positions' logits with the last token changed."""
+    import torch
+    from transformers import BertConfig, BertLMHeadModel
+
+    from ppldelta.cli import main
+
+    ids = np.arange(2, 40) % 50
+    for decoder in (False, True):
+        torch.manual_seed(0)
+        m = BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, max_position_embeddings=64, initializer_range=0.3,
+                                       is_decoder=decoder)).eval()  # weights of a trained model's scale
+        x = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]])
+        with torch.no_grad():
+            lg = m(input_ids=x).logits
+        causal = bool(torch.equal(lg[0, :3], lg[1, :3]))
+        assert causal == decoder
+        if decoder:
+            lp, _ = hf.score(m, ids, protocol="sliding", max_length=16, stride=8, progress=False)
+            assert lp.size == ids.size - 1 and np.isfinite(lp).all()
+            continue
+        with pytest.raises(ValueError, match=r"BertLMHeadModel \(bert\) is not a causal language model"):
+            hf.score(m, ids, protocol="sliding", max_length=16, stride=8, progress=False)
+        m.save_pretrained(tmp_path / "bert")
+        (tmp_path / "t.txt").write_text("hello world " * 20)
+        tok = tmp_path / "bert"
+        from _models import word_tokenizer
+        word_tokenizer(["hello", "world"]).save_pretrained(tok)
+        capsys.readouterr()  # save_pretrained's own progress bar
+        assert main(["reference", "build", str(tmp_path / "bert"), "--text", str(tmp_path / "t.txt"),
+                     "--max-length", "16", "-o", str(tmp_path / "b.ppldref"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is not a causal language model" in err[0], err
+        assert not (tmp_path / "b.ppldref").exists()
 
 
 def test_evaluate_perplexity_chunked_protocols(llama, tokenizer):
@@ -545,7 +586,7 @@ def test_llama_cpp_bos_follows_the_tokenizer(llama, add_bos, monkeypatch):
     lp, proto = hf.score(llama, ids, max_length=n_ctx, protocol="llama.cpp", tokenizer=tok, progress=False)
     seen = _capture_analyze(monkeypatch)
     rep = hf.compare_models(llama, llama, ids, max_length=n_ctx, protocol="llama.cpp", tokenizer=tok,
-                            progress=False, n_bootstrap=20)
+                            progress=False, n_bootstrap=40)
     for p in (res.protocol, proto):
         assert p.bos == expect and p.notes["bos_replaced"] is add_bos and p.notes["bos_from"] == "tokenizer"
     assert rep["protocol"]["bos"] == expect
@@ -714,7 +755,7 @@ def test_every_entry_point_gives_the_same_float64_log_probs(llama, tokenizer, mo
     lp_t = hf.token_log_probs(llama, ids, **kw)
     lq_t = hf.token_log_probs(quant, ids, **kw)
     seen = _capture_analyze(monkeypatch)
-    rep = hf.compare_models(llama, quant, ids, n_bootstrap=20, **kw)
+    rep = hf.compare_models(llama, quant, ids, n_bootstrap=40, **kw)
     for got in (lp_s, lp_t, seen["lo"]):
         np.testing.assert_array_equal(got, res.log_probs)
     np.testing.assert_array_equal(seen["lq"], lq_t)
@@ -780,11 +821,11 @@ def test_compare_torch_path_equals_c_kernels(gpt2, monkeypatch):
     ids = _ids(70, V_GPT2)
     quant = _perturbed(gpt2)
     seen_c = _capture_analyze(monkeypatch)
-    hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=20)
+    hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=40)
     seen_c = dict(seen_c)
     seen_t = _capture_analyze(monkeypatch)
     monkeypatch.setattr(hf._kl_torch, "kl_stats", hf._kl_torch.kl_stats_torch)
-    hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=20)
+    hf.compare_models(gpt2, quant, ids, max_length=24, stride=8, progress=False, n_bootstrap=40)
     for k in ("kld", "lo", "lq"):
         np.testing.assert_allclose(seen_t[k], seen_c[k], atol=1e-5, rtol=0)
     for k in ("same_top1", "top1_in_top5", "top1_in_top10"):
@@ -801,7 +842,7 @@ def test_half_precision_logits_are_upcast(dtype):
     assert logits.dtype == dtype
     ref = torch.log_softmax(logits.double(), -1).gather(-1, ids[1:, None])[:, 0].numpy()
     np.testing.assert_allclose(lp, ref, atol=1e-6, rtol=0)
-    rep = hf.compare_models(m, m, ids, max_length=64, progress=False, n_bootstrap=20)
+    rep = hf.compare_models(m, m, ids, max_length=64, progress=False, n_bootstrap=40)
     assert rep["kld"]["max"] < 1e-6 and rep["same_top1"]["pct"] == 100.0
 
 
@@ -927,14 +968,14 @@ def test_overlap_gives_the_same_bits_with_two_batches_alive_at_most(gpt2, monkey
             for w in windows])
     np.testing.assert_allclose(lp, ref, atol=1e-5, rtol=0)  # batching changes the matmuls' last bits
     seen = _capture_analyze(monkeypatch)
-    hf.compare_models(gpt2, quant, ids, n_bootstrap=20, **kw)
+    hf.compare_models(gpt2, quant, ids, n_bootstrap=40, **kw)
     before = dict(seen)
     _with_overlap(monkeypatch)
     rec = _Recorder(gpt2)
     np.testing.assert_array_equal(hf.token_log_probs(rec, ids, **kw), lp)
     assert rec.calls == -(-len(windows) // 2) and max(rec.alive_at_call) <= 1  # one batch in the worker's hands
     seen = _capture_analyze(monkeypatch)
-    hf.compare_models(gpt2, quant, ids, n_bootstrap=20, **kw)
+    hf.compare_models(gpt2, quant, ids, n_bootstrap=40, **kw)
     for k in ("kld", "lo", "lq", "same_top1", "top1_in_top5", "top1_in_top10"):
         np.testing.assert_array_equal(seen[k], before[k], err_msg=k)
 

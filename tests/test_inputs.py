@@ -398,8 +398,8 @@ def _entry_points():
     """(name, call(original, quantized)) for every function that takes per-token log-probs."""
     yield "perplexity", lambda o, q: ppldelta.perplexity(q)
     yield "perplexity_delta", lambda o, q: ppldelta.perplexity_delta(o, q)
-    yield "analyze", lambda o, q: ppldelta.analyze(o, q, n_bootstrap=20)["reference"]
-    yield "Accumulator", lambda o, q: ppldelta.Accumulator().update(o, q).report(n_bootstrap=20)["reference"]
+    yield "analyze", lambda o, q: ppldelta.analyze(o, q, n_bootstrap=40)["reference"]
+    yield "Accumulator", lambda o, q: ppldelta.Accumulator().update(o, q).report(n_bootstrap=40)["reference"]
 
 
 @pytest.mark.parametrize("name,call", list(_entry_points()), ids=[n for n, _ in _entry_points()])

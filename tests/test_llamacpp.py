@@ -174,6 +174,37 @@ def test_writer_accepts_chunk_iterable_and_scored_rows_only(tmp_path):
         write(tmp_path, "long.kld", tokens[:16], logits, n_ctx)
 
 
+def test_writer_refuses_bad_tokens_and_non_finite_logits(tmp_path):
+    """Float token ids were truncated (3.7 -> 3) and NaN ids cast to garbage; NaN / +inf logits and
+    a row of -inf were quantized into a file llama.cpp would read as numbers.  Each is refused,
+    nothing is left at the path; a row with some -inf (masked tokens) is kept."""
+    n_ctx, n_vocab, n_chunk = 8, 6, 2
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, n_vocab, size=n_chunk * n_ctx)
+    logits = make_logits(rng, n_chunk, n_ctx, n_vocab)
+    for bad, err, msg in ((tokens + 0.7, TypeError, "tokens must be integer token ids, got float64"),
+                          (np.where(np.arange(tokens.size) == 3, np.nan, tokens), TypeError, "integer token ids"),
+                          (tokens > 2, TypeError, "integer token ids, got bool"),
+                          (np.where(np.arange(tokens.size) == 3, -1, tokens), ValueError, r"token 3 is -1, outside \[0, n_vocab=6\)")):
+        with pytest.raises(err, match=msg):
+            write(tmp_path, "bad.kld", bad, logits, n_ctx)
+    for value, row in ((np.nan, 5), (np.inf, 4), (None, 6)):
+        x = logits.copy()
+        if value is None:
+            x[1, row] = -np.inf
+        else:
+            x[1, row, 2] = value
+        with pytest.raises(ValueError, match=rf"chunk 1: scored row {row - 4} \(position {row}\) .* not finite"):
+            write(tmp_path, "bad.kld", tokens, x, n_ctx)
+    assert not (tmp_path / "bad.kld").exists()
+    x = logits.copy()
+    x[:, :, 0] = -np.inf
+    tokens[tokens == 0] = 1
+    f = llamacpp.read_logits_file(write(tmp_path, "masked.kld", tokens, x, n_ctx))
+    assert np.isfinite(f.target_log_probs()).all()
+    del f
+
+
 # ----------------------------------------------------------------- validation
 
 
@@ -402,3 +433,15 @@ def test_token_log_probs_without_llama_cpp(monkeypatch):
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # makes `import llama_cpp` fail
     with pytest.raises(ImportError, match="pip install llama-cpp-python"):
         llamacpp.token_log_probs(FakeLlama(), np.arange(40) % 13, n_ctx=8)
+
+
+def test_reading_a_closed_logits_file_says_so(small_file):
+    """After close() (or its with-block) every read said "'NoneType' object is not subscriptable"."""
+    with llamacpp.read_logits_file(small_file) as f:
+        want = f.target_log_probs()
+    for read in (f.target_log_probs, f.scored_targets, lambda: f.chunk_log_probs(0), lambda: f.tokens,
+                 lambda: list(f.iter_chunks())):
+        with pytest.raises(ValueError, match="this LogitsFile is closed"):
+            read()
+    assert f.n_scored == want.size and "small.kld" in repr(f)
+    np.testing.assert_array_equal(llamacpp.read_logits_file(small_file).target_log_probs(), want)

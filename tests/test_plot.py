@@ -125,7 +125,7 @@ def test_group_deltas(tmp_path, report):
     else:  # no group is singled out when the CIs overlap
         assert not any("suffers most" in t for t in ticks) and len(set(colors)) == 1
     with pytest.raises(ValueError, match="no groups"):
-        plot.group_deltas(ppldelta.analyze(*_pair(200)[:2], n_bootstrap=10))
+        plot.group_deltas(ppldelta.analyze(*_pair(200)[:2], n_bootstrap=40))
 
 
 def test_expected_bands(tmp_path, report):

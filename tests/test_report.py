@@ -100,6 +100,28 @@ def test_histogram_percentiles_are_close_to_the_sample_ones():
     assert approx["min"] == x.min() and approx["max"] == x.max()
 
 
+def test_histogram_percentiles_of_exact_zeros_are_zero():
+    """Exact zeros (tokens whose distributions a quantizer left unchanged) are the first log bin's
+    common case: its percentiles read 0 (they had interpolated to 5e-13 for 0), within 1e-12 of
+    the sample's in any case, through the Accumulator too."""
+    rng = np.random.default_rng(6)
+    edges = np.concatenate([[0.0], np.logspace(-12, 3, 1501)])
+    for x in (np.r_[np.zeros(90), np.full(10, 0.01)], np.r_[np.zeros(50), rng.uniform(0, 1e-12, 50)],
+              np.r_[rng.uniform(2e-13, 8e-13, 99), 0.5]):
+        h = report.Histogram(np.histogram(x, edges)[0], edges, x.size, float(x.min()), float(x.max()), True)
+        exact = report.Sample(x).percentiles(report.PCTS_KLD)
+        approx = h.percentiles(report.PCTS_KLD)
+        for k, v in exact.items():
+            if v < 1e-12:
+                assert abs(approx[k] - v) < 1e-12 and x.min() <= approx[k] <= x.max(), k
+    o = -np.ones(100)
+    k = np.r_[np.zeros(90), np.full(10, 0.01)]
+    got = ppldelta.Accumulator().update(o, o - 0.01, kld=k).report(n_bootstrap=0)["kld"]
+    want = ppldelta.analyze(o, o - 0.01, kld=k, n_bootstrap=0)["kld"]
+    for key in ("p0.1", "p1", "p5", "p10", "median"):
+        assert got[key] == want[key] == 0.0, key
+
+
 def test_one_home_for_the_reference_formula_and_the_bands():
     assert report.reference(-30.0, -33.0, 10) == _core.reference(-30.0, -33.0, 10) == \
         ppldelta.perplexity_delta([-3.0] * 10, [-3.3] * 10)
@@ -150,4 +172,4 @@ def test_no_overflow_warnings_where_infinities_are_expected():
         acc.update([-1e300] * 3 + [-1.0], [-1e300] * 4, kld=[0.0] * 4, groups=["a"] * 4)
         with pytest.raises(ValueError, match="overflows"):
             acc.report()
-        ppldelta.analyze([-2.0] * 30, [-2.0] * 29 + [-math.inf], groups=["a", "b"] * 15, n_bootstrap=20)
+        ppldelta.analyze([-2.0] * 30, [-2.0] * 29 + [-math.inf], groups=["a", "b"] * 15, n_bootstrap=40)

@@ -7,6 +7,7 @@ import inspect
 import math
 import time
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -143,6 +144,44 @@ def check_vocab(model, ids):
                          f"({n_in} embeddings): a different tokenizer?")
 
 
+_CAUSAL = weakref.WeakSet()  # models that passed check_causal (one small forward each, once)
+
+
+def check_causal(model, device):
+    """A causal LM's logits at a position do not depend on later tokens.  An encoder loaded as a
+    causal LM (transformers gives a BERT / RoBERTa checkpoint a ``BertLMHeadModel`` whose
+    attention is bidirectional unless ``is_decoder``) sees every token of its window, the
+    targets included: its perplexity would be near 1 and every number meaningless.  Refused
+    after one forward of two 8-token inputs that differ in their last 4 tokens: the first 4
+    positions' logits must not move by more than 1 % of what the last 4 move (a causal model
+    moves them by exactly 0, even in half precision; a trained encoder by about as much; the
+    1 % leaves room for a device's nondeterministic kernels)."""
+    torch = torch_module()
+    if not isinstance(model, torch.nn.Module) or model in _CAUSAL:
+        return
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    n_in = getattr(emb, "num_embeddings", None)
+    if not isinstance(n_in, int) or n_in < 2:
+        return
+    a = [(7 * i + 3) % n_in for i in range(8)]
+    x = torch.tensor([a, a[:4] + [(t + 1 + i) % n_in for i, t in enumerate(a[4:])]], device=device)
+    kwargs = {"use_cache": False} if _accepts(model, "use_cache") else {}
+    with torch.no_grad():
+        out = model(input_ids=x, **kwargs)
+    lg = (out.logits if hasattr(out, "logits") else out[0]).float()
+    if lg.dim() == 3 and lg.shape[:2] == x.shape:
+        early = float((lg[0, :4] - lg[1, :4]).abs().max())
+        late = float((lg[0, 4:] - lg[1, 4:]).abs().max())
+        if early > 0.01 * late or early != early:  # NaN: not a causal model's logits either
+            name = getattr(getattr(model, "config", None), "model_type", None) or "?"
+            raise ValueError(f"{type(model).__name__} ({name}) is not a causal language model: its logits at a "
+                             f"position move with later tokens (by {early:.3g}, against {late:.3g} where the "
+                             "tokens changed), so it sees the tokens it would be scored on (an encoder such "
+                             "as BERT loaded as a causal LM: transformers makes it causal only with "
+                             "is_decoder=True)")
+    _CAUSAL.add(model)
+
+
 def _check_positions(model, longest):
     cfg = getattr(model, "config", None)
     if cfg is None:
@@ -217,6 +256,8 @@ def run_windows(models, ids, windows, *, batch_size, device, progress, desc, on_
             m.eval()
         _check_positions(m, longest)
         check_vocab(m, ids)
+    for m, d in zip(models, devs):
+        check_causal(m, d)
     bar = _progress(len(windows), desc, progress)
     t0 = time.perf_counter()
     done = [0]
