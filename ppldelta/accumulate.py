@@ -503,7 +503,7 @@ class Accumulator:
         return _to_float(self.sums[key])
 
     @_locked
-    def report(self, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=None, protocol=None,
+    def report(self, *, confidence=0.95, n_bootstrap=None, seed=0, expected=None, protocol=None,
                kld_definition=None) -> Report:
         """The analysis of everything accumulated (structure of ppldelta.analyze's report;
         ``kld_definition`` as in analyze)."""

@@ -25,7 +25,7 @@ def _default_block(n):
 def analyze(original_log_probs, quantized_log_probs, *, groups=None, original_logits=None,
             quantized_logits=None, targets=None, ignore_index=-100, kld=None, kld_reverse=None,
             same_top1=None, top1_in_top5=None, top1_in_top10=None, reverse_kld=False,
-            confidence=0.95, n_bootstrap=1000, block_size=None, seed=0, expected=None,
+            confidence=0.95, n_bootstrap=None, block_size=None, seed=0, expected=None,
             protocol=None, kld_bounds=None, kld_reverse_bounds=None, kld_definition=None) -> Report:
     """Analyse paired per-token log-probs of an original and a quantized model.
 

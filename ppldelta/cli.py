@@ -8,6 +8,7 @@ Exit codes: 0 success (gate passed); 1 the quality gate failed (one line on stde
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -175,14 +176,17 @@ def _model_parsers(sub):
     _load_args(e)
 
 
-def _gate(result: dict, args) -> str | None:
-    """Why the quality gate fails for the reference dict ``result`` (None: it passes)."""
-    q = result["quality"]
+def _gate(report, args) -> str | None:
+    """Why the quality gate fails for ``report`` (None: it passes).  The threshold is compared
+    with the unrounded relative delta, as the quality band is (the reference dict's is rounded
+    to 4 decimals: 5.00004 % read 5.0 and passed --max-relative-delta 5)."""
+    q = report.reference["quality"]
+    o, qq = report.ppl.original.value, report.ppl.quantized.value
+    rel = (qq - o) / o * 100 if math.isfinite(qq) else math.inf
     if args.fail_on and QUALITIES.index(q) >= QUALITIES.index(args.fail_on):
-        return f"quality is {q!r} (relative perplexity delta {result['relative_delta_pct']}%), fail-on {args.fail_on!r}"
-    if args.max_relative_delta is not None and result["relative_delta_pct"] > args.max_relative_delta:
-        return (f"relative perplexity delta {result['relative_delta_pct']}% exceeds "
-                f"--max-relative-delta {args.max_relative_delta}%")
+        return f"quality is {q!r} (relative perplexity delta {rel:.6g}%), fail-on {args.fail_on!r}"
+    if args.max_relative_delta is not None and rel > args.max_relative_delta:
+        return f"relative perplexity delta {rel:.6g}% exceeds --max-relative-delta {args.max_relative_delta}%"
     return None
 
 
@@ -196,7 +200,8 @@ def _inputs(args):
     logits = [is_logits_file(p) for p in (args.original, args.quantized)]
     if all(logits):
         c = compare_logits_files(args.original, args.quantized)
-        return c["base_log_probs"], c["quant_log_probs"], {"kld": c["kld"], "same_top1": c["same_top1"]}
+        return c["base_log_probs"], c["quant_log_probs"], {"kld": c["kld"], "same_top1": c["same_top1"],
+                                                            "kld_definition": c["kld_definition"]}
     if any(logits):
         a, b = (args.original, args.quantized) if logits[0] else (args.quantized, args.original)
         raise ValueError(f"{a} is a llama.cpp logits file and {b} is not: compare two logits "
@@ -231,8 +236,11 @@ def _token_file(path):
     col = lambda key: read_values(f"{path}:{key}")  # noqa: E731
     extra = {kw: col(key) for kw, key in _TOKEN_FILE_KWARGS.items() if key in have}
     if "groups" in have:  # the reference's text groups (str), one per token
-        with np.load(path, allow_pickle=False) as z:
-            extra["groups"] = z["groups"]
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                extra["groups"] = z["groups"]
+        except ValueError as exc:  # an object array (pickled): not read
+            raise ValueError(f"{path}:groups: {exc}") from None
     for kw in ("kld", "kld_reverse"):
         if {kw + "_lo", kw + "_hi"} <= have:
             extra[kw + "_bounds"] = (col(kw + "_lo"), col(kw + "_hi"))
@@ -241,8 +249,16 @@ def _token_file(path):
 
 def _compare(args) -> int:
     from .analysis import analyze
+    from .bands import expected_band
     from .io import _one_line, read_labels
 
+    if not 0 < args.confidence < 1:  # the options first, before the data is read, and named as options
+        raise ValueError(f"--confidence must be in (0, 1), got {args.confidence}")
+    if args.expected is not None:
+        try:
+            expected_band(args.expected)
+        except ValueError as exc:
+            raise ValueError(f"--expected: {_one_line(exc)}") from None
     orig, quant, extra = _inputs(args)
     stored = extra.pop("groups", None)  # a --save-tokens file's text groups; --groups overrides them
     groups = read_labels(args.groups) if args.groups else stored
@@ -256,7 +272,7 @@ def _compare(args) -> int:
         kind = "" if isinstance(exc, (ValueError, TypeError)) else f"{type(exc).__name__}: "
         raise ValueError(f"{', '.join(named)}: {kind}{msg}") from None
     _emit(report, args.format)
-    reason = _gate(report.reference, args)
+    reason = _gate(report, args)
     if reason:
         print(f"ppldelta: FAIL: {reason}", file=sys.stderr)
         return 1
@@ -339,8 +355,7 @@ def _demo(args) -> int:
         print(f"\n{h2}Multiple-choice cloze ({len(data.mc_answers)} items): flips vs original")
         for v, fl in flips.items():
             print(f"{'- ' if md else '  '}{v:<13} acc {fl.original_accuracy:.1%} -> {fl.quantized_accuracy:.1%}, "
-                  f"flips {fl.flips} ({fl.right_to_wrong} right->wrong, {fl.wrong_to_right} wrong->right), "
-                  f"McNemar p {_p_eq(fl.mcnemar_p)}")
+                  f"flips {fl.flips} ({fl.breakdown}),{' ' if md else chr(10) + ' ' * 16}McNemar p {_p_eq(fl.mcnemar_p)}")
     print(f"\n{h2}" + (OWN_MODEL_NOTE.replace("\n  ", "\n\n    ") if md else OWN_MODEL_NOTE))
     return 0
 
@@ -796,7 +811,7 @@ def _eval(args) -> int:
             msg = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
             raise ValueError(msg if msg.startswith(q) else f"{q}: {msg}") from None
         per_token = rep.__dict__.pop("per_token", None) or {}  # saved now, not kept per variant
-        row = {"name": name, "source": q, "report": rep, "gate": _gate(rep.reference, args),
+        row = {"name": name, "source": q, "report": rep, "gate": _gate(rep, args),
                "size": _size(q, per_token.get("n_weights"), args.gguf_file), "flips": flips}
         if files:
             row["tokens_file"] = _save_tokens(files[name], per_token)
@@ -1040,6 +1055,7 @@ def _emit_eval(rows, ref, ref_path, fmt):
     import textwrap
 
     from .io import to_json
+    from .report import md_cell
 
     h = ref.header
     p = h.get("protocol") or {}
@@ -1064,7 +1080,7 @@ def _emit_eval(rows, ref, ref_path, fmt):
             text = _eval_html("ppldelta eval", line, head, body, doc)
         else:
             text = "\n".join([line, "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-                             + ["| " + " | ".join(str(c).replace("|", "\\|") for c in x) + " |" for x in body])
+                             + ["| " + " | ".join(md_cell(c) for c in x) + " |" for x in body])
             text += "".join(f"\n\nper-token results of {r['name']}: {r['tokens_file']}" for r in rows
                             if "tokens_file" in r)
     else:

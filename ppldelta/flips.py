@@ -42,11 +42,18 @@ class FlipReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def breakdown(self) -> str:
+        """The flips by kind; for choice_flips a changed answer can also go from one wrong choice
+        to another ("wrong->wrong": a flip, but neither right->wrong nor wrong->right)."""
+        other = self.flips - self.right_to_wrong - self.wrong_to_right
+        return (f"{self.right_to_wrong} right->wrong, {self.wrong_to_right} wrong->right"
+                + (f", {other} wrong->wrong" if other else ""))
+
     def summary(self) -> str:
         return (f"acc {self.original_accuracy:.1%} -> {self.quantized_accuracy:.1%} "
                 f"({self.accuracy_delta * 100:+.1f} pts), flips {self.flips}/{self.n} "
-                f"({self.flip_pct:.1f} %: {self.right_to_wrong} right->wrong, "
-                f"{self.wrong_to_right} wrong->right), McNemar p = {self.mcnemar_p:.3g}"
+                f"({self.flip_pct:.1f} %: {self.breakdown}), McNemar p = {self.mcnemar_p:.3g}"
                 + (" (significant)" if self.significant else ""))
 
     def __str__(self) -> str:
@@ -54,6 +61,9 @@ class FlipReport:
 
 
 def _report(co, cq, changed, alpha) -> FlipReport:
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, (int, float, np.integer, np.floating)) or \
+            not 0 < alpha < 1:
+        raise ValueError(f"alpha must be a significance level in (0, 1), got {alpha!r}")
     n = int(co.size)
     if n == 0:
         raise ValueError("no items")
@@ -105,7 +115,7 @@ def _integers(x, name) -> np.ndarray:
         return a.astype(object) if a.dtype == np.uint64 else a.astype(np.int64)
     if a.dtype.kind != "f":
         raise TypeError(f"{name} must be integers, not {a.dtype}")
-    bad = ~np.isfinite(a) | (a != np.round(a))
+    bad = ~np.isfinite(a) | (a != np.round(a)) | (np.abs(a) >= 2.0 ** 63)  # int64 would wrap
     if bad.any():
         i = int(np.flatnonzero(bad.reshape(-1))[0])
         where = f"[{i}]" if a.ndim else ""
@@ -134,12 +144,22 @@ def choice_flips(original_scores, quantized_scores, answers, *, alpha=0.05) -> F
         raise ValueError(f"scores must both be (items, choices); got {so.shape} and {sq.shape}")
     if ans.shape[0] != so.shape[0]:
         raise ValueError(f"{ans.shape[0]} answers for {so.shape[0]} items")
-    if np.isnan(so).any() or np.isnan(sq).any():
-        raise ValueError("scores contain NaN")
+    for name, sc in (("original_scores", so), ("quantized_scores", sq)):
+        bad = np.isnan(sc) | (sc == np.inf)
+        if bad.any():
+            i, j = (int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(f"{name}[{i}, {j}] = {sc[i, j]}: not a log-likelihood (NaN or +inf)")
     bad = (ans < 0) | (ans >= so.shape[1])
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"answers[{i}] = {int(ans[i])} is not a choice index in [0, {so.shape[1]})")
+    rows = np.arange(so.shape[0])
+    idx = ans.astype(np.int64)  # in range now (uint64 ids came as Python ints)
+    pad = (so[rows, idx] == -np.inf) & (sq[rows, idx] == -np.inf)
+    if pad.any():
+        i = int(np.flatnonzero(pad)[0])
+        raise ValueError(f"answers[{i}] = {int(ans[i])} points at a padding column (-inf in both models' "
+                         "scores): not one of that item's choices")
     po, pq = so.argmax(axis=1), sq.argmax(axis=1)
     return _report(po == ans, pq == ans, po != pq, alpha)
 
@@ -147,7 +167,10 @@ def choice_flips(original_scores, quantized_scores, answers, *, alpha=0.05) -> F
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), for n samples of which c
     passed; vectorised over arrays of n and c.  Computed as a stable product."""
-    k = int(_integers(k, "k"))
+    kk = _integers(k, "k")
+    if kk.size != 1:
+        raise ValueError(f"k must be one integer, got {kk.size} values")
+    k = int(kk.reshape(-1)[0])
     n_arr, c_arr = np.broadcast_arrays(_integers(n, "n"), _integers(c, "c"))
     out = np.empty(n_arr.shape, dtype=np.float64)
     for idx in np.ndindex(n_arr.shape):

@@ -161,12 +161,29 @@ def _read_safetensors(path, key):
         return f.get_tensor(_choose(f.keys(), key, path))
 
 
+def _json_numbers(vals, path, dtype):
+    """JSON values as an array of dtype: numbers only (strings such as "-1.5" and nulls were cast,
+    where every other entry point refuses them)."""
+    if np.dtype(dtype).kind not in "iuf":  # labels (object): as they are
+        return np.asarray(vals, dtype=dtype)
+    try:
+        a = np.asarray(vals)
+    except ValueError as exc:  # ragged nesting
+        raise ValueError(f"{path}: not an array of numbers ({exc})") from None
+    if a.dtype.kind not in "biuf" and a.size:
+        bad = next((v for v in a.reshape(-1).tolist() if not isinstance(v, (int, float)) or isinstance(v, bool)),
+                   a.reshape(-1)[0])
+        raise ValueError(f"{path}: holds {'null' if bad is None else type(bad).__name__} values such as "
+                         f"{bad!r}, not numbers")
+    return a.astype(dtype)
+
+
 def _read_json(path, data, dtype):
     try:
         obj = json.loads(data)
     except RecursionError:
         raise ValueError(f"{path}: JSON nested too deeply") from None
-    return np.asarray(_from_json_obj(obj, path), dtype=dtype)
+    return _json_numbers(_from_json_obj(obj, path), path, dtype)
 
 
 def _read_jsonl(path, data, dtype):
@@ -182,7 +199,7 @@ def _read_jsonl(path, data, dtype):
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}:{i}: not JSON ({exc})") from None
         vals.extend(v if isinstance(v, list) else [v])
-    return np.asarray(vals, dtype=dtype)
+    return _json_numbers(vals, path, dtype)
 
 
 def _read_text(path, data, dtype):

@@ -381,6 +381,10 @@ def _floored_kld(lb: np.ndarray, lq: np.ndarray) -> np.ndarray:
     return np.where(lb > np.float32(KLD_FLOOR), terms, 0.0).sum(axis=1)
 
 
+#: What ``compare_logits_files``' KLD measures (a report's ``kld_definition``).
+KLD_DEFINITION = "llama.cpp logits files (both rows decoded from uint16; base log-probs <= -16 skipped)"
+
+
 def compare_logits_files(base_path: str | os.PathLike, quant_path: str | os.PathLike) -> dict:
     """Per-token comparison of two llama.cpp logits files of the same text.
 
@@ -403,6 +407,8 @@ def compare_logits_files(base_path: str | os.PathLike, quant_path: str | os.Path
         model's exact logits for ``log q``; here both sides are decoded from
         their files, so quant entries below their own floor read as the floor
         (a slight underestimate, only in terms weighted by base p > e^-16).
+    ``kld_definition``
+        ``KLD_DEFINITION``, for the report (not a full-vocabulary KLD).
     ``same_top1``
         argmax of the base row equals argmax of the quant row (first index on
         ties, like llama.cpp; decoding can tie logits within ``scale/2`` of the
@@ -437,6 +443,7 @@ def compare_logits_files(base_path: str | os.PathLike, quant_path: str | os.Path
     out["p_base"] = np.exp(out["base_log_probs"])
     out["p_quant"] = np.exp(out["quant_log_probs"])
     out["delta_p"] = out["p_quant"] - out["p_base"]
+    out["kld_definition"] = KLD_DEFINITION
     return out
 
 

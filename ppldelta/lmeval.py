@@ -78,11 +78,21 @@ class PairedRolling(NamedTuple):
 
 
 def sample_files(directory: str | os.PathLike) -> dict[str, Path]:
-    """``{task: newest samples_<task>_<date_id>.jsonl}`` found anywhere under ``directory``."""
+    """``{task: newest samples_<task>_<date_id>.jsonl}`` found anywhere under ``directory``.
+
+    The harness writes one folder per model (``<output>/<model name>/``): a task found in two
+    folders is two models' runs, and mixing them would pair a model with another, so it is a
+    ValueError naming both (pass the model's own folder)."""
     found: dict[str, tuple[str, Path]] = {}
     for path in sorted(Path(directory).rglob("samples_*.jsonl")):
         m = _SAMPLES_NAME.match(path.name)
-        if m and (m["task"] not in found or m["date"] > found[m["task"]][0]):
+        if not m:
+            continue
+        if m["task"] in found and found[m["task"]][1].parent != path.parent:
+            raise ValueError(f"{directory}: task {m['task']!r} has samples in two folders, "
+                             f"{found[m['task']][1].parent} and {path.parent} (two models' runs?): "
+                             "pass the folder of one run")
+        if m["task"] not in found or m["date"] > found[m["task"]][0]:
             found[m["task"]] = (m["date"], path)
     return {task: path for task, (_, path) in sorted(found.items())}
 
@@ -109,10 +119,20 @@ def read_samples(
             raise ValueError(f"{path}: pass {wanted}; samples files found for {sorted(files)}")
         path = files[task]
     text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        records = json.loads(text)
-    else:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        if text.lstrip().startswith("["):
+            records = json.loads(text)
+        else:
+            records = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    records.append(json.loads(line))
+    except json.JSONDecodeError as exc:
+        where = f"line {lineno}" if not text.lstrip().startswith("[") else f"line {exc.lineno}"
+        raise ValueError(f"{path}: {where} is not valid JSON ({exc.msg})") from None
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: record {bad} is a {type(records[bad]).__name__}, not a JSON object")
     if filter_name is not None:
         records = [r for r in records if r.get("filter") == filter_name]
     return records
@@ -120,6 +140,10 @@ def read_samples(
 
 def _by_doc(records: list[dict]) -> list[dict]:
     """Records sorted by doc_id; ValueError on repeated doc_ids (several filters)."""
+    for i, r in enumerate(records):
+        d = r.get("doc_id") if isinstance(r, dict) else None
+        if isinstance(d, bool) or not isinstance(d, (int, str)) or not str(d).strip().isdigit():
+            raise ValueError(f"record {i}: no integer doc_id (got {d!r}): not a --log_samples record")
     records = sorted(records, key=lambda r: int(r["doc_id"]))
     ids = [int(r["doc_id"]) for r in records]
     dup = sorted({i for i, j in zip(ids, ids[1:]) if i == j})
@@ -134,14 +158,19 @@ def _by_doc(records: list[dict]) -> list[dict]:
 
 def _number(value) -> float:
     """First scalar of a response: ``[[ll, greedy]]``, ``[ll, greedy]`` or ``ll``, str or number."""
-    while isinstance(value, (list, tuple)):
+    while isinstance(value, (list, tuple)) and value:
         value = value[0]
-    return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"response {value!r} is not a loglikelihood") from None
 
 
 def _requests(record: dict) -> list[tuple[float, str, str]]:
     """(loglikelihood, context, continuation) per request, in request order."""
     resps = record.get("filtered_resps", record.get("resps"))
+    if not isinstance(resps, list):
+        raise ValueError(f"doc_id {record.get('doc_id')}: no responses logged (resps / filtered_resps)")
     args = record.get("arguments") or [[""]] * len(resps)
     if isinstance(args, dict):  # {"gen_args_<i>": {"arg_<j>": ...}}
         args = [[a[k] for k in sorted(a, key=lambda k: int(k.rsplit("_", 1)[1]))]
@@ -149,7 +178,14 @@ def _requests(record: dict) -> list[tuple[float, str, str]]:
     if len(args) != len(resps):
         raise ValueError(f"doc_id {record.get('doc_id')}: {len(resps)} responses "
                          f"for {len(args)} requests")
-    return [(_number(r), str(a[0]), a[1] if len(a) > 1 else "") for r, a in zip(resps, args)]
+    if any(len(a) > 1 and not isinstance(a[1], str) for a in args):
+        raise ValueError(f"doc_id {record.get('doc_id')}: a request whose second argument is not a continuation "
+                         f"({type(next(a[1] for a in args if len(a) > 1 and not isinstance(a[1], str))).__name__}): "
+                         "a generate_until task, not a loglikelihood one")
+    try:
+        return [(_number(r), str(a[0]), a[1] if len(a) > 1 else "") for r, a in zip(resps, args)]
+    except ValueError as exc:
+        raise ValueError(f"doc_id {record.get('doc_id')}: {exc}") from None
 
 
 def _gold(record: dict, choices: list[str]) -> int:
@@ -246,7 +282,13 @@ def rolling_loglikelihoods(records: list[dict]) -> tuple[np.ndarray, np.ndarray,
         if pairs:
             ll.append(_number(next(iter(pairs.values()))))
         elif record.get("filtered_resps", record.get("resps")) is not None:
-            ll.append(_requests(record)[0][0])
+            reqs = _requests(record)
+            if len(reqs) != 1 or reqs[0][2] or reqs[0][0] > 0:  # one request: the whole document
+                raise ValueError(f"doc_id {record.get('doc_id')}: {len(reqs)} requests"
+                                 f"{' with a continuation' if reqs and reqs[0][2] else ''}"
+                                 f"{', a positive loglikelihood' if reqs and reqs[0][0] > 0 else ''}: "
+                                 "not a loglikelihood_rolling task (perplexity of whole documents)")
+            ll.append(reqs[0][0])
         else:
             raise ValueError(f"doc_id {record.get('doc_id')}: no rolling loglikelihood logged")
         words.append(int(pairs["word_perplexity"][1]) if "word_perplexity" in pairs else -1)
@@ -295,6 +337,11 @@ def paired_multiple_choice(
     s_q, ans_q, _ = multiple_choice_scores(quant, normalize=normalize)
     if not np.array_equal(ans, ans_q):
         raise ValueError(f"gold answers differ for doc_ids {ids[ans != ans_q][:10].tolist()}")
+    n_o, n_q = ((s > -np.inf).sum(1) for s in (s_o, s_q))  # -inf only pads
+    if not np.array_equal(n_o, n_q):
+        bad = np.flatnonzero(n_o != n_q)[:10]
+        raise ValueError(f"the runs score different numbers of choices for doc_ids {ids[bad].tolist()} "
+                         f"({n_o[bad].tolist()} against {n_q[bad].tolist()}): different task versions?")
     width = max(s_o.shape[1], s_q.shape[1])
     pad = [np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-np.inf) for s in (s_o, s_q)]
     return PairedMultipleChoice(pad[0], pad[1], ans, ids)

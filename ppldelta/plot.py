@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._adapt import as_f64
+from ._adapt import as_f64, as_per_token
 from ._core import QUALITIES
 from .bands import expected_band
 from .bands import formats as band_formats
-from .report import Report
+from .report import Report, Sample, conf_label
 
 # the quality word of a band's high end (the reference's 1/5/10 % thresholds) -> band colour
 _ACCEPTABLE_COLOR = dict(zip(QUALITIES, ("#59a14f", "#edc948", "#f28e2b", "#e15759")))
@@ -99,9 +99,12 @@ def delta_histogram(original_log_probs, quantized_log_probs, ax=None, bins=100):
     _marks(ax, [(mean, f"mean {mean:+.4f}", "#e15759", "-"), (median, f"median {median:+.4f}", "black", "--")],
            log=True)
     dropped = lo.size - d.size
+    with np.errstate(invalid="ignore", over="ignore"):  # the ratio of all tokens, as analyze's
+        ratio = float(np.exp(np.mean(lo) - np.mean(lq)))
     ax.set_title(f"Per-token log-prob change, {d.size:,} tokens"
                  + (f" ({dropped:,} non-finite left out)" if dropped else "")
-                 + f"; exp(−mean) = PPL ratio {np.exp(-mean):.4g}")
+                 + f"; PPL ratio {ratio:.4g}"
+                 + (f" (drawn tokens alone: {np.exp(-mean):.4g})" if dropped else ""))
     ax.set_xlabel("Δ log-prob = quantized − original (nats; < 0: the quantized model is worse)")
     ax.set_ylabel("tokens")
     return ax
@@ -111,10 +114,12 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
     """Histogram of per-token KL divergence on a log x axis, with the percentiles (linear
     interpolation, as in analyze()) marked and labelled.  Values at or below the smallest
     positive value shown (exact zeros, rounding) are counted in the first bin."""
-    k = as_f64(kld, "kld")
-    k = k[np.isfinite(k)]
+    k_all = as_f64(kld, "kld")
+    k_all = as_per_token(k_all, "kld", k_all.size)  # NaN and negatives refused, as analyze does
+    k = k_all[np.isfinite(k_all)]
     if k.size == 0:
         raise ValueError("no finite KL divergence values to plot")
+    n_inf = k_all.size - k.size
     pos = k[k > 0]
     top = float(k.max()) if pos.size else 1.0
     floor = max(float(pos.min()), top * 1e-9) if pos.size else 1e-9
@@ -124,9 +129,14 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
     ax.set_xscale("log")
     ax.set_xlim(edges[0], edges[-1])
     colors = ("#4e79a7", "#f28e2b", "#e15759", "#b07aa1", "#9c755f", "#59a14f")
+    # percentiles of every token, as analyze's (an infinite one is named, not drawn)
+    pv = list(Sample(k_all).percentiles([(p, p) for p in percentiles]).values())
     _marks(ax, [(max(float(v), floor), f"p{p:g} = {v:.3g}", colors[i % len(colors)], "--")
-                for i, (p, v) in enumerate(zip(percentiles, np.percentile(k, percentiles)))])
-    ax.set_title(f"Per-token KL divergence, {k.size:,} tokens (mean {k.mean():.4g} nats)")
+                for i, (p, v) in enumerate(zip(percentiles, pv)) if v < np.inf])
+    beyond = [f"p{p:g}" for p, v in zip(percentiles, pv) if v == np.inf]
+    ax.set_title(f"Per-token KL divergence, {k_all.size:,} tokens (mean {k_all.mean():.4g} nats)"
+                 + (f"; {n_inf:,} infinite, not drawn" + (f" ({', '.join(beyond)} = inf)" if beyond else "")
+                    if n_inf else ""))
     ax.set_xlabel("KL(P_original ‖ P_quantized) per token, nats (log scale)")
     ax.set_ylabel("tokens")
     return ax
@@ -149,11 +159,8 @@ def group_deltas(report, ax=None):
     worst = r.suffers_most if apart else None
     x = np.arange(len(names))
     ax = _new_axes(ax, (2 + 1.3 * len(names), 4))
-    ax.bar(x, rel, width=0.6, color="#4e79a7", alpha=0.85, label="relative PPL delta")
-    if worst is not None:
-        ax.patches[names.index(worst)].set_facecolor("#e15759")
-        ax.bar([np.nan], [np.nan], color="#e15759", alpha=0.85, label="suffers most: its CI lies above the others'")
-    _ci_errorbar(ax, x, cis, color="black", label=f"{r.confidence:.0%} CI (block bootstrap)")
+    ax.bar(x, rel, width=0.6, color=["#e15759" if g == worst else "#4e79a7" for g in names], alpha=0.85)
+    _ci_errorbar(ax, x, cis, color="black", label=f"{conf_label(r.confidence)} CI (block bootstrap)")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, [f"{g}\n{v:+.2f} %\n{groups[g].n_tokens:,} tokens"
                       + ("\nsuffers most" if g == worst else "") for g, v in zip(names, rel)])
@@ -166,7 +173,11 @@ def group_deltas(report, ax=None):
     pad = (hi - lo) * 0.05 or 1.0
     ax.set_ylim(lo - pad if lo < 0 else 0, hi + pad)
     _headroom(ax, 3 if worst is not None else 2)
-    ax.legend(loc="upper left", fontsize=8)
+    from matplotlib.patches import Patch  # swatches of their own: a bar legend entry takes its
+    swatches = [Patch(color="#4e79a7", alpha=0.85, label="relative PPL delta")]  # first bar's colour
+    if worst is not None:
+        swatches.append(Patch(color="#e15759", alpha=0.85, label="suffers most: its CI lies above the others'"))
+    ax.legend(handles=swatches + ax.get_legend_handles_labels()[0], loc="upper left", fontsize=8)
     return ax
 
 
@@ -174,9 +185,8 @@ def _measured(value, fmt):
     """(ratio, (lo, hi) | None, format | None) from a Report/dict or a (ratio, (lo, hi)) pair."""
     if isinstance(value, Report):
         return value.ppl_ratio.value, value.ppl_ratio.ci, fmt or (value.expected.format if value.expected else None)
-    if hasattr(value, "to_dict") or isinstance(value, dict):  # a report's dict (only these keys are read)
-        d = value.to_dict() if hasattr(value, "to_dict") else value
-        return d["ppl_ratio"]["value"], d["ppl_ratio"]["ci"], fmt or (d.get("expected") or {}).get("format")
+    if hasattr(value, "to_dict") or isinstance(value, dict):  # a report's dict, or its strict JSON
+        return _measured(value if hasattr(value, "to_dict") else Report(value), fmt)
     if isinstance(value, (tuple, list)):
         ratio, ci = value
         return float(ratio), ci, fmt
@@ -308,14 +318,21 @@ def quality_vs_size(reports, sizes=None, ax=None):
               for _, r in items]
     positive = [v for v in y + [b for bb in bounds if bb for b in bb] if np.isfinite(v) and v > 0]
     floor = min(positive) / 10 if positive else 1e-6
-    ys = [max(v, floor) for v in y]
+    ceil = max(positive) * 10 if positive else 1.0  # an infinite mean: a triangle up here, said so
+    inf = [not np.isfinite(v) for v in y]
+    ys = [ceil if i else max(v, floor) for v, i in zip(y, inf)]
     ax = _new_axes(ax, (7, 4.5))
     ax.set_yscale("log")
     _ci_errorbar(ax, x, [None if b is None else (max(b[0], floor), max(b[1], floor)) for b in bounds],
                  color="black", linewidth=1.2, label="certified bounds of the mean")
-    ax.plot(x, ys, "o", color="#4e79a7", markersize=6, label="KLD mean")
-    for name, xi, yi in zip((n for n, _ in items), x, ys):
-        ax.annotate(name.replace("$", r"\$"), (xi, yi), xytext=(6, 4), textcoords="offset points", fontsize=8)
+    ax.plot([xi for xi, i in zip(x, inf) if not i], [yi for yi, i in zip(ys, inf) if not i], "o",
+            color="#4e79a7", markersize=6, label="KLD mean")
+    if any(inf):
+        ax.plot([xi for xi, i in zip(x, inf) if i], [yi for yi, i in zip(ys, inf) if i], "^",
+                color="#e15759", markersize=8, label="KLD mean infinite (a token the variant deems impossible)")
+    for name, xi, yi, i in zip((n for n, _ in items), x, ys, inf):
+        ax.annotate(name.replace("$", r"\$") + (" (inf)" if i else ""), (xi, yi), xytext=(6, 4),
+                    textcoords="offset points", fontsize=8)
     if xlabel.startswith("variant"):
         ax.set_xticks(x, [n.replace("$", r"\$") for n, _ in items], rotation=30, ha="right", fontsize=8)
     ax.set_xlabel(xlabel)

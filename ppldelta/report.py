@@ -379,7 +379,7 @@ class Report:
         yield ("tokens", f"{self.n_tokens:,}")
         rb, ci, sig = self.ppl_ratio, self.ppl_ratio.ci, self.significance
         if ci[0] is not None:
-            yield (f"PPL ratio {self.confidence:.0%} CI (block bootstrap)",
+            yield (f"PPL ratio {conf_label(self.confidence)} CI (block bootstrap)",
                    f"[{ci[0]:.6f}, {ci[1]:.6f}]  ({sig.verdict}, p {_p_eq(sig.p_value, self.bootstrap.n_bootstrap)})")
         if self.expected:
             e = self.expected
@@ -440,7 +440,8 @@ class Report:
     def to_markdown(self) -> str:
         out = []
         for k, v in self._lines():
-            out.append(f"\n**{k}**\n\n| statistic | value |\n|---|---|" if v is None else f"| {k} | {v} |")
+            out.append(f"\n**{k}**\n\n| statistic | value |\n|---|---|" if v is None else
+                       f"| {md_cell(k)} | {md_cell(v)} |")
         return "\n".join(out).lstrip("\n")
 
     def _repr_html_(self):
@@ -451,6 +452,11 @@ class Report:
             else:
                 rows.append(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>")
         return "<table>" + "".join(rows) + "</table>"
+
+
+def md_cell(x) -> str:
+    """A markdown table cell: a '|' in it (a group label, a model's path) escaped."""
+    return str(x).replace("|", "\\|")
 
 
 def _plain(x):
@@ -487,8 +493,50 @@ def _dist_from(d, cls=Distribution):
     return cls(percentiles={k: v for k, v in d.items() if k not in named}, **{k: d[k] for k in named})
 
 
+def _restore_nonfinite(d: dict) -> dict:
+    """A to_dict() as strict JSON wrote it (io.to_json: NaN and infinities as null, their dotted
+    paths in a top-level "nonfinite" map) with those values put back (a copy; keys may hold dots)."""
+    marks = d.get("nonfinite")
+    if not isinstance(marks, dict):
+        return d
+
+    def copied(x):
+        return {k: copied(v) for k, v in x.items()} if isinstance(x, dict) else \
+            [copied(v) for v in x] if isinstance(x, list) else x
+
+    d = copied({k: v for k, v in d.items() if k != "nonfinite"})
+
+    def put(obj, rest, value):
+        if isinstance(obj, list):
+            head, _, tail = rest.partition(".")
+            if head.isdigit() and int(head) < len(obj):
+                if tail:
+                    return put(obj[int(head)], tail, value)
+                obj[int(head)] = value
+                return True
+            return False
+        if isinstance(obj, dict):
+            for k in sorted(obj, key=len, reverse=True):  # the longest key first: "a.b" before "a"
+                if rest == k:
+                    obj[k] = value
+                    return True
+                if rest.startswith(f"{k}.") and put(obj[k], rest[len(k) + 1:], value):
+                    return True
+        return False
+
+    for path, text in marks.items():
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"report dict: nonfinite[{path!r}] = {text!r} is not 'inf', '-inf' or 'nan'") from None
+        if not put(d, path, value):
+            raise ValueError(f"report dict: nonfinite path {path!r} names no value of the report")
+    return d
+
+
 def _from_dict(d: dict) -> dict:
-    """Report fields from a to_dict() (or an older report dict)."""
+    """Report fields from a to_dict() (or an older report dict, or its strict JSON)."""
+    d = _restore_nonfinite(d)
     v = {k: d.get(k) for k in ("reference", "n_tokens", "n_ignored", "confidence", "protocol", "correlation",
                                "top1_in_top5", "top1_in_top10", "q_top1_in_base_top5", "q_top1_in_base_top10",
                                "suffers_most", "suffers_most_significant", "kld_definition")}
@@ -512,29 +560,39 @@ def _from_dict(d: dict) -> dict:
 
 # ============================================================================ the builder
 
-def check_confidence(confidence, n_bootstrap=0):
-    """confidence in (0, 1); n_bootstrap 0 (no bootstrap) or enough replicates for a test at
-    that confidence.
+def check_confidence(confidence, n_bootstrap=None) -> int:
+    """confidence in (0, 1); returns the bootstrap replicates to use: ``n_bootstrap``, or for
+    None the default, max(1000, 50 / (1 - confidence)) (at least 25 replicates beyond each end
+    of the interval: 1000 at 95 %, 5000 at 99 %).
 
-    The percentile test's smallest p is 2 / (n_bootstrap + 1) (no replicate beyond 0), so fewer
-    than 2 / (1 - confidence) - 1 replicates (39 at 95 %) could never show a change at that level,
-    while the interval's end points, interpolated between the few extreme replicates, could still
-    exclude 0: a verdict of 'significant' beside a p above 1 - confidence.  Refused."""
+    0 means no bootstrap.  The percentile test's smallest p is 2 / (n_bootstrap + 1) (no
+    replicate beyond 0), so fewer than 2 / (1 - confidence) - 1 replicates (39 at 95 %) could
+    never show a change at that level, while the interval's end points, interpolated between the
+    few extreme replicates, could still exclude 0: a verdict of 'significant' beside a p above
+    1 - confidence.  Refused."""
     if not 0 < confidence < 1:
         raise ValueError("confidence must be in (0, 1)")
+    if n_bootstrap is None:
+        return max(1000, math.ceil(50 / (1 - confidence) - 1e-9))
     if isinstance(n_bootstrap, (bool, np.bool_)) or not isinstance(n_bootstrap, (int, np.integer)) or n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be an integer >= 0 (0: no bootstrap), got {n_bootstrap!r}")
     need = math.ceil(2 / (1 - confidence) - 1 - 1e-9)
     if 0 < n_bootstrap < need:
         raise ValueError(f"n_bootstrap={int(n_bootstrap)} is too few replicates for a {confidence:.4g} confidence "
                          f"interval: its smallest p would be 2/(n_bootstrap + 1) = {2 / (n_bootstrap + 1):.3g}, "
-                         f"above {1 - confidence:.3g}; use at least {need} (1000 is the default), or 0 for none")
+                         f"above {1 - confidence:.3g}; use at least {need} (None: the default), or 0 for none")
+    return int(n_bootstrap)
 
 
-def build(m: Moments, *, confidence=0.95, n_bootstrap=1000, seed=0, expected=None,
+def conf_label(confidence) -> str:
+    """A confidence as a percent label: '95%', '99.8%' (never rounded up to '100%')."""
+    return f"{float(confidence) * 100:.10g}%"
+
+
+def build(m: Moments, *, confidence=0.95, n_bootstrap=None, seed=0, expected=None,
           protocol=None) -> Report:
     """The report of the moments ``m`` (the one place a report is assembled)."""
-    check_confidence(confidence, n_bootstrap)
+    n_bootstrap = check_confidence(confidence, n_bootstrap)
     n = m.n
     ref = reference(m.sum_o, m.sum_q, n)  # perplexity_delta's ValueError if PPL(base) is inf
     boot = _bootstrap(m.blocks, n_bootstrap, seed, confidence)
@@ -636,7 +694,7 @@ def _bootstrap(blocks, n_boot, seed, confidence):
     if num.size < 2 or n_boot < 1 or np.isnan(num).any():
         return {"ci": [None, None], "stderr": None, "p_value": None, "n_blocks": int(num.size)}
     if not np.isfinite(num).all():  # +inf: a token the quantized model gives probability 0
-        return {"ci": [math.inf, math.inf], "stderr": None, "p_value": 1 / (int(n_boot) + 1),
+        return {"ci": [math.inf, math.inf], "stderr": None, "p_value": 2 / (int(n_boot) + 1),  # no replicate <= 0
                 "n_blocks": int(num.size)}
     reps = _core.block_bootstrap(num, den, int(n_boot), int(seed) & (2 ** 64 - 1))
     a = (1 - confidence) / 2
@@ -758,7 +816,7 @@ def _headline(r: Report) -> Verdict:
     if ci[0] is None:
         loss, why = f"{q} (no confidence interval)", f"PPL {_pct(ratio)}, too few tokens for a confidence interval"
     else:
-        span = f"PPL {_pct(ratio)}, {r.confidence:.0%} CI {_pct(ci[0])} to {_pct(ci[1])}, " \
+        span = f"PPL {_pct(ratio)}, {conf_label(r.confidence)} CI {_pct(ci[0])} to {_pct(ci[1])}, " \
                f"p {_p_eq(r.significance.p_value, r.bootstrap.n_bootstrap)}"
         lnlo, lnhi = r.ln_ppl_ratio.ci  # the significance's own test (exp may round a tiny CI to 1)
         if lnlo > 0:

@@ -1,6 +1,7 @@
 """The ppldelta command: file formats, output formats, the CI quality gate and its exit codes,
 and the demo on the bundled data."""
 import json
+import math
 import subprocess
 import sys
 
@@ -66,6 +67,49 @@ def test_compare_formats_and_gate(files, capsys):
     assert main(["compare", o, q, "--max-relative-delta", "1"]) == 1
     assert "exceeds --max-relative-delta 1.0%" in capsys.readouterr().err
     assert main(["compare", o, q, "--max-relative-delta", "10"]) == 0
+
+
+def test_the_gate_compares_the_unrounded_delta(tmp_path, capsys):
+    """The reference dict's relative delta is rounded to 4 decimals: a true 5.00004 % read 5.0
+    and passed --max-relative-delta 5 while its quality band said 'acceptable' (>= 5 %), and a
+    true 4.99996 % failed --max-relative-delta 4.99999 as '5.0% exceeds'.  Oracle: the delta
+    from the perplexities written out here."""
+    o = np.full(100, -2.0)
+    for ratio, limit, want in ((1.0500004, "5", 1), (1.0499996, "4.99999", 0), (1.0499996, "5", 0)):
+        np.save(tmp_path / "o.npy", o)
+        np.save(tmp_path / "q.npy", o - math.log(ratio))
+        assert main(["compare", str(tmp_path / "o.npy"), str(tmp_path / "q.npy"), "--max-relative-delta", limit]) == want
+        err = capsys.readouterr().err
+        assert (f"relative perplexity delta {(ratio - 1) * 100:.6g}% exceeds" in err) == bool(want)
+    assert main(["compare", str(tmp_path / "o.npy"), str(tmp_path / "q.npy"), "--fail-on", "acceptable"]) == 0
+
+
+def test_compare_checks_its_options_before_the_data(tmp_path, capsys):
+    """A misspelt --expected or a bad --confidence was reported only after the data had been read
+    and analysed, prefixed with the input files' names as if they were at fault.  The inputs here
+    do not exist: the option's own error must come first."""
+    o, q = str(tmp_path / "none_o.npy"), str(tmp_path / "none_q.npy")
+    for argv, msg in ((["--expected", "gguf-q4km"], "ppldelta: error: --expected: unknown quantization format 'gguf-q4km'"),
+                      (["--confidence", "1.5"], "ppldelta: error: --confidence must be in (0, 1), got 1.5")):
+        assert main(["compare", o, q, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(msg) and "none_o" not in err and err.count("\n") == 1
+    groups = np.array(["a", {"b": 1}], dtype=object)  # an object array would need pickle to load
+    np.savez(tmp_path / "t.npz", original_log_probs=np.full(2, -1.0), quantized_log_probs=np.full(2, -1.1),
+             groups=groups)
+    assert main(["compare", str(tmp_path / "t.npz")]) == 2
+    assert capsys.readouterr().err.startswith(f"ppldelta: error: {tmp_path / 't.npz'}:groups: Object arrays")
+
+
+def test_markdown_escapes_pipes_in_group_labels(files, tmp_path, capsys):
+    """A group label 'code|py' split its markdown row into an extra column."""
+    o, q = map(str, files["npy"])
+    labels = tmp_path / "g.json"
+    labels.write_text(json.dumps(["code|py"] * 300 + ["prose"] * 200))
+    assert main(["compare", o, q, "--groups", str(labels), "--format", "markdown"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    cells = lambda ln: ln.replace("\\|", "\0").split("|")[1:-1]  # noqa: E731
+    assert any("code\\|py" in r for r in rows) and all(len(cells(r)) == 2 for r in rows)
 
 
 def test_compare_groups(files, tmp_path, capsys):

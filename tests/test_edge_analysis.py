@@ -341,6 +341,40 @@ def test_too_few_bootstrap_replicates_refused():
         assert r["ln_ppl_ratio"]["ci"] == [None, None] and r["significance"]["p_value"] is None
 
 
+def test_default_replicates_follow_the_confidence(tmp_path, capsys):
+    """The default n_bootstrap grows with the confidence (at least 25 replicates beyond each end):
+    after the floor above was enforced, confidence=0.999 with a fixed default of 1000 was refused
+    everywhere, `ppldelta compare --confidence 0.999` included, which has no replicates option.
+    The label of a 99.8 % interval is '99.8%', not '100%'."""
+    from ppldelta.cli import main
+
+    o = -np.random.default_rng(2).exponential(2.0, 400)
+    q = o - np.random.default_rng(3).exponential(0.05, 400)
+    for c, b in ((0.9, 1000), (0.95, 1000), (0.99, 5000), (0.998, 25000), (0.999, 50000)):
+        r = ppldelta.analyze(o, q, confidence=c)
+        assert r["bootstrap"]["n_bootstrap"] == b and r["ln_ppl_ratio"]["ci"][0] is not None
+        assert ppldelta.Accumulator(block_size=20).update(o, q).report(confidence=c)["bootstrap"]["n_bootstrap"] == b
+    assert "99.8% CI" in str(ppldelta.analyze(o, q, confidence=0.998)) and "100%" not in str(
+        ppldelta.analyze(o, q, confidence=0.998))
+    np.save(tmp_path / "o.npy", o)
+    np.save(tmp_path / "q.npy", q)
+    assert main(["compare", str(tmp_path / "o.npy"), str(tmp_path / "q.npy"), "--confidence", "0.999"]) == 0
+    assert "99.9% CI" in capsys.readouterr().out
+
+
+def test_an_infinite_loss_has_the_floor_p_of_the_dual_test():
+    """A -inf quantized token makes every replicate +inf: no replicate at or below 0, so the dual
+    test's p is its floor 2/(B + 1), as for any finite loss that no replicate crosses (it was
+    1/(B + 1), below the floor the README states)."""
+    o = np.full(300, -1.0)
+    q = o - 0.01
+    finite = ppldelta.analyze(o, q, n_bootstrap=200)["significance"]["p_value"]
+    q[7] = -np.inf
+    r = ppldelta.analyze(o, q, n_bootstrap=200)
+    assert r["significance"]["p_value"] == finite == 2 / 201
+    assert r["ln_ppl_ratio"]["ci"] == [math.inf, math.inf]
+
+
 def test_negative_kld_refused_but_rounding_kept():
     o = -np.random.default_rng(0).exponential(2.0, 100)
     q = o - 0.01

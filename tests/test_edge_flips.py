@@ -105,3 +105,37 @@ def test_uint64_near_2_64_is_not_ignore_index():
 def test_non_integer_targets_are_a_type_error(t):
     with pytest.raises(TypeError, match="targets must be integers"):
         ppldelta.token_log_probs(np.zeros((2, 10), np.float32), t)
+
+
+def test_alpha_scores_answers_and_k_are_checked():
+    """alpha=2 printed "McNemar p = 1 (significant)"; +inf scores won every argmax; an answer on
+    a -inf padding column was scored as a wrong choice; answers of 1e20 wrapped to -2**63 in the
+    message; k as a list raised NumPy's "only 0-dimensional arrays" TypeError."""
+    so = np.array([[-1.0, -2.0, -np.inf], [-2.0, -1.0, -3.0]])
+    for alpha in (2, 0, -1, math.nan, True):
+        with pytest.raises(ValueError, match="alpha must be a significance level in"):
+            ppldelta.choice_flips(so, so, [0, 1], alpha=alpha)
+        with pytest.raises(ValueError, match="alpha must be a significance level in"):
+            ppldelta.paired_outcomes([1, 0], [1, 1], alpha=alpha)
+    assert ppldelta.choice_flips(so, so, [0, 1], alpha=0.01).alpha == 0.01
+    inf = so.copy()
+    inf[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"quantized_scores\[1, 2\] = inf: not a log-likelihood"):
+        ppldelta.choice_flips(so, inf, [0, 1])
+    with pytest.raises(ValueError, match=r"answers\[0\] = 2 points at a padding column"):
+        ppldelta.choice_flips(so, so, [2, 1])
+    with pytest.raises(ValueError, match=r"answers\[0\] = 1e\+20 is not an integer"):
+        ppldelta.choice_flips(so, so, [1e20, 1.0])
+    with pytest.raises(ValueError, match="k must be one integer, got 2 values"):
+        ppldelta.pass_at_k(10, 3, [1, 2])
+
+
+def test_flips_say_how_answers_changed():
+    """choice_flips counts every changed answer, wrong->other wrong included, while the breakdown
+    named only right->wrong and wrong->right (the demo's '21 (15 right->wrong, 3 wrong->right)')."""
+    so = np.array([[0.0, -1, -2], [-1, 0.0, -2], [0.0, -1, -2], [0.0, -1, -2]])
+    sq = np.array([[-1, 0.0, -2], [0.0, -1, -2], [-1, -2, 0.0], [0.0, -1, -2]])
+    r = ppldelta.choice_flips(so, sq, [0, 0, 1, 0])  # right->wrong, wrong->right, wrong->wrong, kept
+    assert (r.flips, r.right_to_wrong, r.wrong_to_right) == (3, 1, 1)
+    assert r.breakdown == "1 right->wrong, 1 wrong->right, 1 wrong->wrong" and r.breakdown in r.summary()
+    assert ppldelta.paired_outcomes([1, 0, 1], [0, 1, 1]).breakdown == "1 right->wrong, 1 wrong->right"

@@ -326,3 +326,21 @@ def test_to_json_property(obj):
     assert _strict(to_json(obj)) == want
     assert _strict(to_json({"a": np.float32("nan"), "b": np.array([1.0, np.inf])})) == \
         {"a": None, "b": [1.0, None], "nonfinite": {"a": "nan", "b.1": "inf"}}
+
+
+
+def test_json_strings_and_nulls_are_not_numbers(tmp_path, capsys):
+    """["-1.5", "-2"] in a .json / .jsonl was cast to numbers (the README: strings are refused at
+    every entry point); a null became NaN.  Refused naming the file; numbers still read."""
+    from ppldelta.cli import main
+
+    txt = tmp_path / "q.txt"
+    txt.write_text("-1\n-2\n")
+    for name, body, what in (("s.json", '["-1.5", "-2"]', "str values such as '-1.5'"),
+                             ("n.json", "[-1.5, null]", "null values such as None"),
+                             ("s.jsonl", '"-1.5"\n-2\n', "str values such as '-1.5'")):
+        (tmp_path / name).write_text(body)
+        assert main(["compare", str(tmp_path / name), str(txt)]) == 2
+        assert capsys.readouterr().err.strip() == f"ppldelta: error: {tmp_path / name}: holds {what}, not numbers"
+    (tmp_path / "ok.json").write_text("[-1.5, -2]")
+    assert main(["compare", str(tmp_path / "ok.json"), str(txt)]) == 0

@@ -176,8 +176,12 @@ def test_compare_two_logits_files(tmp_path, capsys):
     assert out["n_tokens"] == N_CHUNK * (N_CTX - 1 - N_CTX // 2)
     assert out["kld"]["mean"] == pytest.approx(float(np.mean(bf["kld"])), rel=1e-9, abs=1e-12)
     assert out["same_top1"]["pct"] == pytest.approx(100.0 * float(np.mean(bf["top1"])), rel=1e-12)
+    # llama.cpp's truncated definition (base entries <= -16 skipped, rows decoded from uint16),
+    # which the report had called 'full vocabulary'
+    assert out["kld_definition"] == llamacpp.KLD_DEFINITION and "-16 skipped" in out["kld_definition"]
     assert main(["compare", str(base), str(quant)]) == 0
-    assert "KLD" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "KLD" in text and "KLD definition" in text and "uint16" in text
 
 
 def test_compare_logits_files_refusals(tmp_path, capsys):

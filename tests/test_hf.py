@@ -933,6 +933,19 @@ def test_quantization_report_rows(gpt2, tokenizer):
     assert rep.protocol.notes["tokens_sha256"] == hf._load.ids_sha256(ids)
     with pytest.raises(ValueError):
         hf.quantization_report(gpt2, {"q": quant}, texts, tokenizer=tokenizer, groups=["a"], progress=False)
+    # the band as the ratio is shown (4 decimals: 1.02-1.06 had read as excluding a 1.0601 'within')
+    assert f"gptq-4: {band.low:.4f}-{band.high:.4f}" in md
+
+
+def test_quantization_report_checks_its_formats_before_any_model_runs(tmp_path):
+    """A misspelt format failed only after the original and the first variant had been scored;
+    a name that is no variant's was ignored (no band, no verdict).  Both are refused first: the
+    original here is a path that does not exist, so any model work would fail differently."""
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match="unknown"):
+        hf.quantization_report(missing, {"q4": missing}, ["a b c"], expected="gguf-q4km", progress=False)
+    with pytest.raises(ValueError, match=r"expected names \['q4_gptq'\], which are not variants \(\['q4'\]\)"):
+        hf.quantization_report(missing, {"q4": missing}, ["a b c"], expected={"q4_gptq": "gptq-4"}, progress=False)
 
 
 # ---------------------------------------------------------------------------- packaging

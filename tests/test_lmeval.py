@@ -226,3 +226,34 @@ def test_per_task_pairs_common_tasks():
     np.testing.assert_array_equal(tasks["arc_easy"].quant_scores, ARC_QUANT)
     normalized = lmeval.per_task(ORIG, QUANT, normalize=True)["arc_easy"]
     np.testing.assert_allclose(normalized.orig_scores[1, :3], [-1 / 4, -2 / 4, -3 / 4])
+
+
+def test_records_of_the_wrong_kind_are_refused_not_read_as_numbers(tmp_path):
+    """A generate_until task's answer "5" had been read as a rolling loglikelihood of +5 and a
+    multiple-choice task's first choice as a document's; broken records gave AttributeError,
+    TypeError, KeyError or a JSONDecodeError without a file; runs of two models under one folder
+    were mixed silently; runs scoring different numbers of choices were padded silently."""
+    for task, msg in (("gsm8k", "a generate_until task"), ("arc_easy", "not a loglikelihood_rolling task")):
+        with pytest.raises(ValueError, match=msg):
+            lmeval.rolling_loglikelihoods(lmeval.read_samples(ORIG, task))
+    with pytest.raises(ValueError, match="a generate_until task"):
+        lmeval.paired_multiple_choice(ORIG, QUANT, "gsm8k")
+    mc = {"doc_id": 0, "target": "0", "arguments": [["q", " a"], ["q", " b"]]}
+    for rec, msg in ((mc, "no responses logged"), ({**mc, "doc_id": None}, "no integer doc_id"),
+                     ({**mc, "resps": [[["x"]], [["-2"]]]}, "'x' is not a loglikelihood")):
+        with pytest.raises(ValueError, match=msg):
+            lmeval.multiple_choice_scores([rec])
+    bad = tmp_path / "samples_t_2024-01-01T00-00-00.000000.jsonl"
+    bad.write_text(json.dumps({**mc, "resps": [[["-1"]], [["-2"]]]}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=rf"{bad.name}: line 2 is not valid JSON"):
+        lmeval.read_samples(bad)
+    assert lmeval.rolling_loglikelihoods([{"doc_id": 0, "arguments": [["a whole page"]], "resps": [[["-7.5"]]]}])[0][0] == -7.5
+    with pytest.raises(ValueError, match="two folders"):  # the test data's root holds two models' runs
+        lmeval.sample_files(DATA)
+    three = {**mc, "arguments": [["q", " a"], ["q", " b"], ["q", " c"]], "resps": [[["-1"]], [["-2"]], [["-3"]]]}
+    (tmp_path / "o").mkdir()
+    (tmp_path / "q").mkdir()
+    (tmp_path / "o" / bad.name).write_text(json.dumps({**mc, "resps": [[["-1"]], [["-2"]]]}) + "\n")
+    (tmp_path / "q" / bad.name).write_text(json.dumps(three) + "\n")
+    with pytest.raises(ValueError, match=r"different numbers of choices for doc_ids \[0\] \(\[2\] against \[3\]\)"):
+        lmeval.paired_multiple_choice(tmp_path / "o", tmp_path / "q", "t")

@@ -80,6 +80,9 @@ def test_delta_histogram(tmp_path):
     assert len(ax.patches) == 50
     assert sum(p.get_height() for p in ax.patches) == d.size
     assert "1 non-finite left out" in ax.get_title()
+    # the title's PPL ratio is analyze's, over every token (it was the drawn tokens' 1.05 for inf)
+    assert ppldelta.analyze(o, q, n_bootstrap=0)["ppl_ratio"]["value"] == np.inf
+    assert "PPL ratio inf (drawn tokens alone: " in ax.get_title()
     assert ax.get_yscale() == "log"
     with pytest.raises(ValueError, match="length mismatch"):
         plot.delta_histogram(o, q[:-1])
@@ -98,6 +101,21 @@ def test_kld_distribution(tmp_path):
     texts = [t.get_text() for t in ax.texts]
     assert all(ln.get_label() in texts for ln in lines)  # written beside each line, not only in a legend
     assert sum(p.get_height() for p in ax.patches) == kld.size  # zeros counted in the first bin
+
+
+def test_kld_distribution_names_what_it_cannot_draw():
+    """+inf KLDs were dropped without a word (the title's mean and the percentiles were of the
+    finite ones: 0.1 beside analyze's inf); NaN and -5 were drawn.  Oracle: analyze."""
+    k = np.full(1000, 0.1)
+    k[:10] = np.inf
+    ax = plot.kld_distribution(k, percentiles=(50, 99, 99.9))
+    r = ppldelta.analyze(np.full(1000, -1.0), np.full(1000, -1.1), kld=k, n_bootstrap=0)["kld"]
+    assert r["mean"] == r["p99"] == r["p99.9"] == np.inf and r["median"] == 0.1
+    assert ax.get_title().endswith("1,000 tokens (mean inf nats); 10 infinite, not drawn (p99, p99.9 = inf)")
+    assert [ln.get_label() for ln in ax.get_lines()] == ["p50 = 0.1"]
+    for bad, msg in ((np.r_[0.1, np.nan], "kld contains NaN at index 1"), (np.r_[0.1, -5.0], r"kld\[1\] = -5.0")):
+        with pytest.raises(ValueError, match=msg):
+            plot.kld_distribution(bad)
 
 
 def test_group_deltas(tmp_path, report):
@@ -262,3 +280,48 @@ def test_group_deltas_legend_clear_and_red_only_when_significant():
             assert not any(reds) and not any("suffers most" in t for t in legend)
             assert "no group differs significantly" in ax.get_title()
     assert far["suffers_most_significant"] and not close["suffers_most_significant"]
+
+
+def test_group_deltas_legend_swatch_stays_blue_when_the_first_group_is_worst():
+    """The legend's "relative PPL delta" swatch took the first bar's colour: red when the worst
+    group came first."""
+    o, q, _ = _pair()
+    q2 = q.copy()
+    q2[:2000] -= 0.3  # the first group ("a") suffers most
+    r = ppldelta.analyze(o, q2, groups=np.repeat(["a", "b"], 2000), n_bootstrap=300)
+    assert r["suffers_most"] == "a" and r["suffers_most_significant"]
+    ax = plot.group_deltas(r)
+    bars = [c for c in ax.containers if isinstance(c, matplotlib.container.BarContainer)][0]
+    assert matplotlib.colors.to_hex(bars.patches[0].get_facecolor()) == "#e15759"
+    swatch = {t.get_text(): h for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+    assert matplotlib.colors.to_hex(swatch["relative PPL delta"].get_facecolor()) == "#4e79a7"
+
+
+def test_reports_read_back_from_strict_json_plot_and_print():
+    """`ppldelta compare --format json` writes infinities as null plus a "nonfinite" map; a Report
+    built from that dict crashed on str() and in every plot (TypeError deep in matplotlib), and
+    quality_vs_size drew an infinite mean nowhere.  Oracle: the report the JSON came from."""
+    import json
+
+    from ppldelta.io import to_json
+
+    o = np.full(1000, -2.0)
+    q = o - 0.05
+    q[5] = -np.inf
+    k = np.full(1000, 0.01)
+    k[5] = np.inf
+    r = ppldelta.analyze(o, q, kld=k, groups=["a.b", "c"] * 500, expected="gptq-4")
+    d = json.loads(to_json(r.to_dict()))
+    assert d["ppl_ratio"]["value"] is None and d["nonfinite"]["groups.c.ppl_ratio.value"] == "inf"
+    back = ppldelta.Report(d)
+    assert back.to_dict() == r.to_dict() and str(back) == str(r)
+    plot.expected_bands({"q": d})
+    plot.group_deltas(d)
+    fine = ppldelta.analyze(o, o - 0.05, kld=np.full(1000, 0.01))
+    ax = plot.quality_vs_size({"q": d, "ok": fine})
+    texts = [t.get_text() for t in ax.texts]
+    assert "q (inf)" in texts and "ok" in texts
+    (up,) = [ln for ln in ax.get_lines() if ln.get_marker() == "^"]
+    assert up.get_ydata()[0] == pytest.approx(0.1)  # ten times the largest finite value drawn
+    with pytest.raises(ValueError, match="names no value"):
+        ppldelta.Report({**d, "nonfinite": {"no.such.path": "inf"}})

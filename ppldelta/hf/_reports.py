@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import analysis
+from ..bands import expected_band
 from .. import protocols as _protocols
 from .._core import perplexity
 from . import _dist, _kl_torch
@@ -168,7 +169,7 @@ class QuantizationReport:
                      "baseline" if r["baseline"] else f"{r['relative_delta_pct']:+.2f} %",
                      f"{r['ratio']:.4f}",
                      f"{ci[0]:.4f}-{ci[1]:.4f}" if ci[0] is not None else "",
-                     (f"{r['expected']}: {band[0]:.2f}-{band[1]:.2f}{'+' if band[2] else ''}" if band else ""),
+                     (f"{r['expected']}: {band[0]:.4f}-{band[1]:.4f}{'+' if band[2] else ''}" if band else ""),  # as the ratio
                      r.get("verdict") or ""]
             if self.groups:
                 gd = r.get("group_deltas_pct") or {}
@@ -202,7 +203,7 @@ def _variant_row(name, fmt, lp_q, rep):
 
 def quantization_report(model, variants, texts, *, tokenizer=None, groups=None, max_length=1024,
                         stride=512, expected=None, progress=True, join="\n\n", batch_size=1,
-                        device=None, torch_dtype=None, n_bootstrap=1000) -> QuantizationReport:
+                        device=None, torch_dtype=None, n_bootstrap=None) -> QuantizationReport:
     """Evaluate ``model`` and every ``variants[name]`` (a model or a path, loaded one at a time)
     on the same tokens (sliding protocol) and return the quantization table with measured ratios.
 
@@ -213,6 +214,14 @@ def quantization_report(model, variants, texts, *, tokenizer=None, groups=None, 
     quality (as ``ppldelta.perplexity_delta``), ratio PPL(Q)/PPL(orig) with a block-bootstrap CI,
     the band and verdict, group_deltas_pct, and the full ``report`` (ppldelta.analyze).
     """
+    # the formats first: a misspelt one failed after the original and a variant had run, and a
+    # name that is not a variant's was ignored (no band, no verdict, no word)
+    if isinstance(expected, dict):
+        unknown = sorted(set(expected) - set(variants))
+        if unknown:
+            raise ValueError(f"expected names {unknown}, which are not variants ({sorted(variants)})")
+    for fmt in (expected.values() if isinstance(expected, dict) else [] if expected is None else [expected]):
+        expected_band(fmt)  # ValueError naming the known formats
     base = model if is_model(model) else load_model(model, torch_dtype)
     tok = load_tokenizer(tokenizer, model)
     texts_list, _, joinable = load_texts(texts)
