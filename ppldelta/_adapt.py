@@ -35,6 +35,10 @@ def _is_torch(obj) -> bool:
     return (type(obj).__module__ or "").startswith("torch") and hasattr(obj, "detach")
 
 
+def _noun(name: str) -> str:
+    return "log-probabilities" if "log_prob" in name else "values"
+
+
 def as_array(obj, name: str = "input") -> np.ndarray:
     """An ndarray view of ``obj`` (TypeError for things that are not real numbers, and for
     masked arrays, whose mask would otherwise be ignored)."""
@@ -42,7 +46,7 @@ def as_array(obj, name: str = "input") -> np.ndarray:
         isinstance(obj, (int, float)) and not isinstance(obj, np.generic)
     ):
         raise TypeError(
-            f"{name} must be a sequence or array of log-probabilities, not {type(obj).__name__}"
+            f"{name} must be a sequence or array of {_noun(name)}, not {type(obj).__name__}"
         )
     if isinstance(obj, np.ma.MaskedArray):  # one rule for every entry point: masks are not applied
         raise TypeError(
@@ -65,7 +69,7 @@ def as_array(obj, name: str = "input") -> np.ndarray:
         raise TypeError(f"{name}: cannot read {type(obj).__name__} as an array: {exc}") from None
     if arr.dtype == object and arr.ndim == 0:
         raise TypeError(
-            f"{name} must be a sequence or array of log-probabilities, not {type(obj).__name__}"
+            f"{name} must be a sequence or array of {_noun(name)}, not {type(obj).__name__}"
         )
     if arr.dtype.kind == "c":  # NumPy would drop the imaginary parts with a warning
         raise TypeError(f"{name} has complex dtype {arr.dtype}: expected real numbers")

@@ -188,10 +188,18 @@ def _requests(record: dict) -> list[tuple[float, str, str]]:
         raise ValueError(f"doc_id {record.get('doc_id')}: {exc}") from None
 
 
-def _gold(record: dict, choices: list[str]) -> int:
+def _gold(record: dict, choices: list[str], lls=None) -> int:
     target = record.get("target")
     if isinstance(target, str) and re.fullmatch(r"\s*\d+\s*", target):
-        target = int(target)
+        as_text = choices.index(target) if target in choices else None
+        target = int(target)  # the harness's reading of a templated digit target: an index
+        if as_text is not None and as_text != target and lls is not None and record.get("acc") is not None:
+            # choices that are digits themselves ("1".."4"): the logged acc (argmax == gold) tells
+            # which reading the harness took when only one of them agrees with it
+            hit = float(record["acc"]) == 1.0
+            pred = int(np.argmax(lls))
+            if (pred == as_text) == hit and (pred == target) != hit:
+                target = as_text
     elif isinstance(target, str) and target in choices:
         target = choices.index(target)
     if not isinstance(target, int) or isinstance(target, bool) or not 0 <= target < len(choices):
@@ -251,7 +259,7 @@ def multiple_choice_scores(
             choices = [ctx for _, ctx, _ in reqs]
             answers.append(_gold_from_acc(record, lls))
         else:
-            answers.append(_gold(record, choices))
+            answers.append(_gold(record, choices, lls))
         if normalize:
             lengths = [len(c.encode("utf-8")) if normalize == "bytes" else len(c) for c in choices]
             with np.errstate(divide="ignore", invalid="ignore"):

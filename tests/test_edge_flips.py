@@ -139,3 +139,8 @@ def test_flips_say_how_answers_changed():
     assert (r.flips, r.right_to_wrong, r.wrong_to_right) == (3, 1, 1)
     assert r.breakdown == "1 right->wrong, 1 wrong->right, 1 wrong->wrong" and r.breakdown in r.summary()
     assert ppldelta.paired_outcomes([1, 0, 1], [0, 1, 1]).breakdown == "1 right->wrong, 1 wrong->right"
+
+
+def test_bare_values_are_named_as_outcomes_not_log_probabilities():
+    with pytest.raises(TypeError, match="original_correct must be a sequence or array of values, not bool"):
+        ppldelta.paired_outcomes(True, False)

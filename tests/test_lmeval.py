@@ -257,3 +257,19 @@ def test_records_of_the_wrong_kind_are_refused_not_read_as_numbers(tmp_path):
     (tmp_path / "q" / bad.name).write_text(json.dumps(three) + "\n")
     with pytest.raises(ValueError, match=r"different numbers of choices for doc_ids \[0\] \(\[2\] against \[3\]\)"):
         lmeval.paired_multiple_choice(tmp_path / "o", tmp_path / "q", "t")
+
+
+def test_digit_choices_read_by_the_logged_acc():
+    """Choices that are digits ("1".."4") with target "2": read as an index (the harness's rule
+    for templated targets) unless the logged acc agrees only with the choice text."""
+    def rec(acc):
+        return {"doc_id": 0, "target": "2", "acc": acc,
+                "arguments": {f"gen_args_{i}": {"arg_0": "Legs of a bird?", "arg_1": " " + c} for i, c in enumerate("1234")},
+                "filtered_resps": [["-4.0", "False"], ["-1.0", "False"], ["-3.0", "False"], ["-5.0", "False"]]}
+    # argmax is choice 1 (text "2"): acc 1.0 says the gold was the text "2", index 1
+    assert lmeval.multiple_choice_scores([rec(1.0)])[1].tolist() == [1]
+    # acc 0.0 agrees with the index reading (index 2 is not the argmax) and not with the text
+    assert lmeval.multiple_choice_scores([rec(0.0)])[1].tolist() == [2]
+    no_acc = rec(1.0)
+    del no_acc["acc"]
+    assert lmeval.multiple_choice_scores([no_acc])[1].tolist() == [2]
