@@ -53,7 +53,11 @@ READ_VERSIONS = (1, 2)
 SUFFIX = ".ppldref"
 ALIGN = 64
 MAX_K = 1 << 16
-MAX_JSON = 32 << 20  # header and footer: at most 32 MiB each (millions of windows)
+MAX_JSON = 32 << 20  # the footer: at most 32 MiB (millions of windows)
+# the header: at most 1 GiB; it holds the token stream (base64 int32, 5.3 bytes a token), so this
+# is about 200 M tokens (32 MiB had refused texts beyond 6.3 M tokens); a reader also checks it
+# against the file's size, so a damaged length never allocates more than the file holds
+MAX_HEADER = 1 << 30
 _PREFIX = struct.Struct("<8sII")   # magic, version, header length
 _TRAILER = struct.Struct("<Q8s")   # footer length, end magic
 _RESERVED = ("k", "probes", "n_windows", "record_dtype", "record_size", "shard")
@@ -448,8 +452,8 @@ class ReferenceWriter:
         self._expected = h.get("window_records")
         self.header = h
         hb = _canonical(h)
-        if len(hb) > MAX_JSON:
-            raise ValueError(f"header: {len(hb)} bytes of JSON, more than the {MAX_JSON} a reader accepts")
+        if len(hb) > MAX_HEADER:
+            raise ValueError(f"header: {len(hb)} bytes of JSON, more than the {MAX_HEADER} a reader accepts")
         self.data_offset = _aligned(_PREFIX.size + len(hb))
         self._prefix = (_PREFIX.pack(MAGIC, FORMAT_VERSION, len(hb)) + hb).ljust(self.data_offset, b"\0")
         self._header_sha = hashlib.sha256(self._prefix).hexdigest()
@@ -595,7 +599,7 @@ class ReferenceWriter:
             theirs = None
             with contextlib.suppress(ValueError, struct.error):
                 magic, _, hlen = _PREFIX.unpack(_pread(self._fd, _PREFIX.size, 0))
-                if magic == MAGIC and hlen <= MAX_JSON:
+                if magic == MAGIC and hlen <= MAX_HEADER:
                     raw = _pread(self._fd, hlen, _PREFIX.size)
                     if len(raw) == hlen:
                         theirs = _parse_json(raw, self.part_path)
@@ -741,9 +745,9 @@ class ReferenceFile:
                 raise ValueError(f"{p}: reference format version {version}; this version of ppldelta "
                                  f"reads versions {', '.join(map(str, READ_VERSIONS))}")
             data_offset = _aligned(_PREFIX.size + hlen)
-            if hlen > MAX_JSON or data_offset > size:
+            if hlen > MAX_HEADER or data_offset > size:
                 raise ValueError(f"{p}: header length {hlen} is more than the file's {size} bytes "
-                                 f"(or the {MAX_JSON}-byte limit) allow: truncated or damaged")
+                                 f"(or the {MAX_HEADER}-byte limit) allow: truncated or damaged")
             hb = f.read(hlen)
             header = _parse_json(hb, f"{p}: header")
             k, dtype, n_windows, windows = _check_header(header, f"{p}: header")
@@ -1000,7 +1004,7 @@ def read_header(path):
         try:
             with open(p, "rb") as f:
                 magic, version, hlen = _PREFIX.unpack(f.read(_PREFIX.size))
-                if magic != MAGIC or version not in READ_VERSIONS or hlen > MAX_JSON:
+                if magic != MAGIC or version not in READ_VERSIONS or hlen > MAX_HEADER:
                     continue
                 return _parse_json(f.read(hlen), f"{p}: header")
         except (OSError, struct.error, ValueError):

@@ -499,3 +499,20 @@ def test_check_compatible(tmp_path):
         R.check_compatible(HEADER, tokenizer_sha256=HEADER["tokenizer_sha256"], tokens_sha256="0" * 64,
                            protocol="hf")
     assert all(w in str(e.value) for w in ("evaluated tokens differ", "protocol"))
+
+
+def test_a_text_of_millions_of_tokens_fits_the_header(tmp_path):
+    """The header holds the token stream (base64 int32): a 32 MiB cap refused any text beyond
+    6.3 M tokens, before scoring.  6.4 M tokens now make a writer, and its .part is taken up
+    again by a resumed build (the reader's side of the limit)."""
+    from ppldelta.hf._reference import encode_ids
+
+    n = 6_400_000
+    header = {"tokens": encode_ids(np.zeros(n, np.int32)), "window_records": [255] * (n // 512)}
+    out = tmp_path / "big.ppldref"
+    with R.ReferenceWriter(out, header, 24, n_windows=n // 512, resume=False):
+        pass  # left unfinished: a .part to resume
+    part = tmp_path / "big.ppldref.part"
+    assert part.stat().st_size > R.MAX_JSON  # a header beyond the footer's limit
+    with R.ReferenceWriter(out, header, 24, n_windows=n // 512, resume=True) as w:
+        assert w.done == set()
