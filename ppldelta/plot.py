@@ -130,7 +130,7 @@ def kld_distribution(kld, ax=None, percentiles=(50, 90, 99, 99.9), bins=80):
     ax.set_xlim(edges[0], edges[-1])
     colors = ("#4e79a7", "#f28e2b", "#e15759", "#b07aa1", "#9c755f", "#59a14f")
     # percentiles of every token, as analyze's (an infinite one is named, not drawn)
-    pv = list(Sample(k_all).percentiles([(p, p) for p in percentiles]).values())
+    pv = list(Sample(k_all).percentiles(list(enumerate(percentiles))).values())
     _marks(ax, [(max(float(v), floor), f"p{p:g} = {v:.3g}", colors[i % len(colors)], "--")
                 for i, (p, v) in enumerate(zip(percentiles, pv)) if v < np.inf])
     beyond = [f"p{p:g}" for p, v in zip(percentiles, pv) if v == np.inf]
