@@ -128,8 +128,10 @@ def paired_outcomes(original_correct, quantized_correct, *, alpha=0.05) -> FlipR
     instruction checks): accuracy of each, the delta, flips and McNemar's exact test."""
     co = _outcomes(original_correct, "original_correct")
     cq = _outcomes(quantized_correct, "quantized_correct")
-    if co.shape != cq.shape:
-        raise ValueError(f"length mismatch: {co.size} original outcomes, {cq.size} quantized")
+    so, sq = (as_array(x, n).shape for x, n in ((original_correct, "original_correct"),
+                                                 (quantized_correct, "quantized_correct")))
+    if co.shape != cq.shape or so != sq:  # (2, 2) against (4,): not the same items
+        raise ValueError(f"shape mismatch: original outcomes {so}, quantized {sq}")
     return _report(co, cq, co != cq, alpha)
 
 

@@ -307,6 +307,11 @@ def _check_header(h, where: str):
     if wr is not None and not (isinstance(wr, list) and len(wr) == n
                                and all(_is_int(c) and c >= 0 for c in wr)):
         raise ValueError(f"{where}: header 'window_records' is not a list of n_windows={n} counts")
+    if h.get("groups"):  # checked on reading too, not only when a report uses them
+        try:
+            scored_groups(h, ())
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
     return k, dtype, n, windows
 
 

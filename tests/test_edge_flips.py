@@ -144,3 +144,12 @@ def test_flips_say_how_answers_changed():
 def test_bare_values_are_named_as_outcomes_not_log_probabilities():
     with pytest.raises(TypeError, match="original_correct must be a sequence or array of values, not bool"):
         ppldelta.paired_outcomes(True, False)
+
+
+def test_paired_outcomes_need_the_same_shape():
+    """(2, 2) against (4,) had passed the length check: the items are not paired that way."""
+    with pytest.raises(ValueError, match=r"shape mismatch: original outcomes \(2, 2\), quantized \(4,\)"):
+        ppldelta.paired_outcomes([[1, 0], [1, 1]], [1, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"shape mismatch: original outcomes \(3,\), quantized \(2,\)"):
+        ppldelta.paired_outcomes([1, 0, 1], [1, 0])
+    assert ppldelta.paired_outcomes([[1, 0], [1, 1]], [[1, 1], [0, 1]]).n == 4

@@ -190,6 +190,9 @@ def test_header_validation(tmp_path):
         R.ReferenceWriter(p, {}, 2, n_windows=3, windows=[0, 0])
     with pytest.raises(ValueError, match="outside"):
         R.ReferenceWriter(p, {}, 2, n_windows=3, windows=[3])
+    for runs in ([[5, 0]], [[0, 0], [0, 1]], [[0, 2]]):  # not from token 0, not ascending, no such group
+        with pytest.raises(ValueError, match="groups entry is malformed"):  # was checked only when used
+            R.ReferenceWriter(p, {"groups": {"names": ["a", "b"], "runs": runs}}, 2, n_windows=1)
     assert not os.listdir(tmp_path)
     # NumPy values become plain JSON; the reserved keys may be passed if they agree
     h = {"n": np.int64(3), "x": np.float32(0.5), "a": np.arange(2), "t": (1, 2), "k": 2}
