@@ -126,12 +126,10 @@ def _integers(x, name) -> np.ndarray:
 def paired_outcomes(original_correct, quantized_correct, *, alpha=0.05) -> FlipReport:
     """Pass/fail of each item under both models (HumanEval problems, exact-match answers,
     instruction checks): accuracy of each, the delta, flips and McNemar's exact test."""
-    co = _outcomes(original_correct, "original_correct")
-    cq = _outcomes(quantized_correct, "quantized_correct")
-    so, sq = (as_array(x, n).shape for x, n in ((original_correct, "original_correct"),
-                                                 (quantized_correct, "quantized_correct")))
-    if co.shape != cq.shape or so != sq:  # (2, 2) against (4,): not the same items
-        raise ValueError(f"shape mismatch: original outcomes {so}, quantized {sq}")
+    ao, aq = as_array(original_correct, "original_correct"), as_array(quantized_correct, "quantized_correct")
+    co, cq = _outcomes(ao, "original_correct"), _outcomes(aq, "quantized_correct")
+    if ao.shape != aq.shape:  # (2, 2) against (4,): not the same items
+        raise ValueError(f"shape mismatch: original outcomes {ao.shape}, quantized {aq.shape}")
     return _report(co, cq, co != cq, alpha)
 
 

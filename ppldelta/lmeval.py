@@ -119,17 +119,15 @@ def read_samples(
             raise ValueError(f"{path}: pass {wanted}; samples files found for {sorted(files)}")
         path = files[task]
     text = path.read_text(encoding="utf-8")
-    try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    records.append(json.loads(line))
-    except json.JSONDecodeError as exc:
-        where = f"line {lineno}" if not text.lstrip().startswith("[") else f"line {exc.lineno}"
-        raise ValueError(f"{path}: {where} is not valid JSON ({exc.msg})") from None
+    array = text.lstrip().startswith("[")  # the JSON array of harness <= 0.4.2, else JSON lines
+    lines = [text] if array else text.splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            if line.strip():
+                records.extend(json.loads(line) if array else [json.loads(line)])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {exc.lineno if array else lineno} is not valid JSON ({exc.msg})") from None
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"{path}: record {bad} is a {type(records[bad]).__name__}, not a JSON object")
@@ -178,10 +176,10 @@ def _requests(record: dict) -> list[tuple[float, str, str]]:
     if len(args) != len(resps):
         raise ValueError(f"doc_id {record.get('doc_id')}: {len(resps)} responses "
                          f"for {len(args)} requests")
-    if any(len(a) > 1 and not isinstance(a[1], str) for a in args):
+    odd = next((a[1] for a in args if len(a) > 1 and not isinstance(a[1], str)), None)
+    if odd is not None:
         raise ValueError(f"doc_id {record.get('doc_id')}: a request whose second argument is not a continuation "
-                         f"({type(next(a[1] for a in args if len(a) > 1 and not isinstance(a[1], str))).__name__}): "
-                         "a generate_until task, not a loglikelihood one")
+                         f"({type(odd).__name__}): a generate_until task, not a loglikelihood one")
     try:
         return [(_number(r), str(a[0]), a[1] if len(a) > 1 else "") for r, a in zip(resps, args)]
     except ValueError as exc:

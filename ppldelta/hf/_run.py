@@ -135,11 +135,17 @@ def _learned_positions(model) -> bool:
                for n, m in named())
 
 
-def check_vocab(model, ids):
-    """Token ids beyond the model's input embeddings are refused before a forward fails on them."""
+def _n_embeddings(model):
+    """The size of the model's input embedding table (None when it has no such table)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     n_in = getattr(emb, "num_embeddings", None)
-    if isinstance(n_in, int) and len(ids) and int(ids.max()) >= n_in:
+    return n_in if isinstance(n_in, int) else None
+
+
+def check_vocab(model, ids):
+    """Token ids beyond the model's input embeddings are refused before a forward fails on them."""
+    n_in = _n_embeddings(model)
+    if n_in is not None and len(ids) and int(ids.max()) >= n_in:
         raise ValueError(f"the token ids go up to {int(ids.max())}, beyond the model's vocabulary "
                          f"({n_in} embeddings): a different tokenizer?")
 
@@ -159,9 +165,8 @@ def check_causal(model, device):
     torch = torch_module()
     if not isinstance(model, torch.nn.Module) or model in _CAUSAL:
         return
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    n_in = getattr(emb, "num_embeddings", None)
-    if not isinstance(n_in, int) or n_in < 2:
+    n_in = _n_embeddings(model)
+    if n_in is None or n_in < 2:
         return
     a = [(7 * i + 3) % n_in for i in range(8)]
     x = torch.tensor([a, a[:4] + [(t + 1 + i) % n_in for i, t in enumerate(a[4:])]], device=device)
